@@ -1,0 +1,1 @@
+"""Crier's API service: REST commands in, events out, queries over projections."""

@@ -1,0 +1,67 @@
+"""The composition root: builds the Litestar app and everything it uses from Settings."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from api_service.auth import auth_middleware
+from api_service.background import start_background_tasks, stop_background_tasks
+from api_service.problems import exception_handlers, problem_details_plugin
+from api_service.routes.broadcasts import BroadcastController
+from api_service.routes.contacts import ContactController
+from api_service.routes.lists import ListController
+from api_service.routes.providers import ProviderController
+from api_service.routes.health import healthz, readyz
+from api_service.services import Services
+from shared import bus, db
+from shared.logging import get_logger
+from shared.settings import Settings
+
+log = get_logger(__name__)
+MAX_BODY = 32 * 1024 * 1024  # a 10,000-contact import fits; more is a 413
+
+
+def create_app(settings: Settings) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await db.migrate(settings.database_url)
+        pool = await db.create_pool(settings.database_url, max_size=settings.db_pool_size)
+        nc = await bus.connect(settings.nats_url, name="crier-api")
+        js = nc.jetstream()
+        names = await bus.ensure_streams(js, settings)
+        services = Services(settings=settings, pool=pool, nats=nc, js=js, names=names)
+        app.state.services = services
+        tasks = start_background_tasks(services) if settings.run_background else []
+        log.info("api ready", host=settings.api_host, port=settings.api_port)
+        try:
+            yield
+        finally:
+            await stop_background_tasks(tasks)
+            await nc.drain()
+            await pool.close()
+
+    return Litestar(
+        route_handlers=[healthz, readyz, BroadcastController, ContactController, ListController, ProviderController],
+        lifespan=[lifespan],
+        middleware=[auth_middleware()],
+        plugins=[problem_details_plugin()],
+        exception_handlers=exception_handlers,
+        request_max_body_size=MAX_BODY,
+        openapi_config=OpenAPIConfig(
+            title="Crier",
+            version="0.1.0",
+            description="Broadcasts to whole audiences, every recipient tracked. Errors are RFC 9457 problem details.",
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
+            ),
+            security=[{"bearer": []}],
+        ),
+        debug=False,
+    )

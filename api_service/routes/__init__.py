@@ -1,0 +1,1 @@
+"""HTTP controllers: parse the request, call a handler, shape the response."""

@@ -1,0 +1,108 @@
+"""/v1/providers: the tenant's provider accounts (SMTP servers, null), their pacing; secrets are write-only."""
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from litestar import Controller, Request, delete, get, patch, post
+from litestar.datastructures import State
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+
+from api_service.auth import require_write
+from api_service.problems import problem
+from api_service.schemas import Page
+from api_service.schemas_providers import Provider, ProviderCreate, ProviderPatch, patched, to_response, validated
+from shared import providers_repo as repo
+
+Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
+Offset = Annotated[int, QueryParameter(ge=0)]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        max_length=200,
+        description="a retried POST with the same key returns the provider the first one created",
+    ),
+]
+NOT_FOUND = "provider not found"
+
+
+class ProviderController(Controller):
+    path = "/v1/providers"
+    tags = ["providers"]
+
+    @post("/", guards=[require_write], summary="Create a provider (kind smtp or null)")
+    async def create(
+        self, request: Request, state: State, data: JSONBody[ProviderCreate], idempotency_key: IdempotencyKey = None
+    ) -> Provider:
+        new = validated(data)
+        async with state.services.pool.acquire() as con:
+            row = await repo.create(
+                con,
+                tenant_id=request.user.tenant_id,
+                name=new.name,
+                channel=new.channel,
+                kind=new.kind,
+                config=new.config,
+                batch_size=new.batch_size,
+                batch_delay_ms=new.batch_delay_ms,
+                max_retries=new.max_retries,
+                idempotency_key=idempotency_key,
+                at=state.services.clock(),
+            )
+        return to_response(row)
+
+    @get("/", summary="List providers")
+    async def list_providers(
+        self,
+        request: Request,
+        state: State,
+        channel: Annotated[str | None, QueryParameter(description="only providers of this channel")] = None,
+        kind: Annotated[str | None, QueryParameter(description="only providers of this kind (smtp, null)")] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> Page[Provider]:
+        async with state.services.pool.acquire() as con:
+            rows, total = await repo.page(con, request.user.tenant_id, limit, offset, channel=channel, kind=kind)
+        return Page(items=[to_response(r) for r in rows], total=total, limit=limit, offset=offset)
+
+    @get("/{provider_id:uuid}", summary="Get a provider")
+    async def get_provider(self, request: Request, state: State, provider_id: FromPath[uuid.UUID]) -> Provider:
+        async with state.services.pool.acquire() as con:
+            row = await repo.get(con, request.user.tenant_id, provider_id)
+        if row is None:
+            raise problem(404, NOT_FOUND)
+        return to_response(row)
+
+    @patch("/{provider_id:uuid}", guards=[require_write], summary="Change some settings of a provider")
+    async def edit(
+        self, request: Request, state: State, provider_id: FromPath[uuid.UUID], data: JSONBody[ProviderPatch]
+    ) -> Provider:
+        tenant_id = request.user.tenant_id
+        # Locked so two concurrent PATCHes of different fields both land (the config is merged, not replaced).
+        async with state.services.pool.acquire() as con, con.transaction():
+            row = await repo.get(con, tenant_id, provider_id, for_update=True)
+            if row is None:
+                raise problem(404, NOT_FOUND)
+            changes = patched(row, data)
+            if changes:
+                row = await repo.update(con, tenant_id, provider_id, changes, at=state.services.clock())
+        assert row is not None
+        return to_response(row)
+
+    @delete("/{provider_id:uuid}", guards=[require_write], summary="Delete a provider (not while a broadcast uses it)")
+    async def delete_provider(self, request: Request, state: State, provider_id: FromPath[uuid.UUID]) -> None:
+        tenant_id = request.user.tenant_id
+        async with state.services.pool.acquire() as con, con.transaction():
+            if await repo.get(con, tenant_id, provider_id, for_update=True) is None:
+                raise problem(404, NOT_FOUND)
+            # Running jobs load the provider for every batch: deleting it would strand them.
+            active = await repo.active_broadcasts(con, tenant_id, provider_id)
+            if active:
+                raise problem(
+                    409,
+                    f"provider is in use by {len(active)} broadcast(s) that are queued, sending or paused",
+                    "provider_in_use",
+                    broadcasts=[str(b) for b in active],
+                )
+            await repo.delete(con, tenant_id, provider_id, at=state.services.clock())

@@ -1,0 +1,122 @@
+"""Request and response bodies of the REST API (msgspec structs: unknown input fields are a 422)."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+T = TypeVar("T")
+
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Subject = Annotated[str, Meta(min_length=1, max_length=998)]  # RFC 5322 line limit
+
+
+class Input(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of request bodies: a field the API does not know (or only returns) is an error."""
+
+
+class ContentIn(Input, kw_only=True):
+    subject: Subject
+    html: str = ""
+    text: str = ""
+    from_email: str | None = None
+    reply_to: str | None = None
+
+
+class ContentPatch(Input, kw_only=True):
+    subject: Subject | UnsetType = UNSET
+    html: str | UnsetType = UNSET
+    text: str | UnsetType = UNSET
+    from_email: str | None | UnsetType = UNSET
+    reply_to: str | None | UnsetType = UNSET
+
+
+class BroadcastCreate(Input, kw_only=True):
+    name: Name
+    list_id: uuid.UUID | None = None
+    provider_id: uuid.UUID | None = None
+    content: ContentIn
+
+
+class BroadcastPatch(Input, kw_only=True):
+    name: Name | UnsetType = UNSET
+    list_id: uuid.UUID | None | UnsetType = UNSET
+    provider_id: uuid.UUID | None | UnsetType = UNSET
+    content: ContentPatch | UnsetType = UNSET
+
+
+class Content(msgspec.Struct, kw_only=True):
+    subject: str
+    html: str
+    text: str
+    from_email: str | None
+    reply_to: str | None
+
+
+class Counters(msgspec.Struct, kw_only=True):
+    total: int = 0
+    queued: int = 0
+    sent: int = 0
+    failed: int = 0
+
+
+class Broadcast(msgspec.Struct, kw_only=True):
+    id: uuid.UUID
+    name: str
+    status: str
+    channel: str
+    list_id: uuid.UUID | None
+    provider_id: uuid.UUID | None
+    content: Content
+    counters: Counters
+    run: int
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class SendAccepted(msgspec.Struct, kw_only=True):
+    status: str
+    queued: int
+    run: int
+
+
+class Message(msgspec.Struct, kw_only=True):
+    """One recipient's record: queued until its batch is attempted, then sent or failed."""
+
+    run: int
+    contact_id: int
+    channel: str
+    address: str
+    status: str
+    attempts: int
+    error: str | None
+    provider_message_id: str | None
+    sent_at: datetime | None
+
+
+class Page(msgspec.Struct, Generic[T], kw_only=True):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+class HistoryEvent(msgspec.Struct, kw_only=True):
+    """One entry of a broadcast's history: what happened, with which data, by whom, when."""
+
+    position: int
+    id: uuid.UUID
+    type: str
+    data: dict[str, Any]
+    actor: str | None
+    correlation_id: str | None
+    created_at: datetime
+
+
+class Health(msgspec.Struct):
+    status: str
+    checks: dict[str, str] = {}

@@ -1,0 +1,27 @@
+"""What request handlers need from the outside world, built once by the composition root."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import asyncpg
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from shared.bus import Names
+from shared.settings import Settings
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    pool: asyncpg.Pool
+    nats: NATS
+    js: JetStreamContext
+    names: Names
+    clock: Callable[[], datetime] = utc_now

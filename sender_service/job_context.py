@@ -1,0 +1,87 @@
+"""What a worker needs besides the job: the broadcast's compiled content and a provider session.
+
+Content is compiled once per broadcast version (not per recipient, not per job); provider rows
+are cached briefly so a PATCH reaches running senders within seconds.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+
+from sender_service.providers.base import OutgoingMessage, Provider
+from sender_service.providers.factory import build_provider
+from shared.jobs import Job, Recipient
+from shared.templates import CompiledContent
+
+PROVIDER_TTL_S = 5.0
+
+
+class JobContext:
+    def __init__(
+        self, content: CompiledContent, from_email: str, reply_to: str | None, provider: Provider, max_retries: int
+    ) -> None:
+        self.content, self.from_email, self.reply_to = content, from_email, reply_to
+        self.provider, self.max_retries = provider, max_retries
+
+    def message(self, job: Job, recipient: Recipient) -> OutgoingMessage:
+        subject, html, text = self.content.render(recipient.variables())
+        return OutgoingMessage(
+            contact_id=recipient.contact_id,
+            to=recipient.address,
+            subject=subject,
+            html=html,
+            text=text,
+            from_email=self.from_email,
+            reply_to=self.reply_to,
+            idempotency_key=f"{job.broadcast_id}:{job.run}:{recipient.contact_id}:{job.channel}",
+        )
+
+
+class JobContextLoader:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._content: dict[tuple[uuid.UUID, int], CompiledContent] = {}
+        self._providers: dict[uuid.UUID, tuple[float, asyncpg.Record]] = {}
+
+    async def load(self, job: Job) -> JobContext:
+        async with self.pool.acquire() as con:
+            broadcast = await con.fetchrow(
+                "SELECT content, version FROM broadcasts WHERE id = $1", job.broadcast_id
+            )
+            provider = await self._provider(con, job.provider_id)
+        if broadcast is None:
+            raise LookupError(f"broadcast {job.broadcast_id} has no view row yet")
+        if provider is None:
+            raise LookupError(f"provider {job.provider_id} is gone")
+        content: dict[str, Any] = broadcast["content"]
+        compiled = self._compiled(job.broadcast_id, broadcast["version"], content)
+        config: dict[str, Any] = provider["config"]
+        from_email = content.get("from_email") or config.get("from_email") or "crier@localhost"
+        return JobContext(
+            compiled, from_email, content.get("reply_to"), build_provider(provider["kind"], config),
+            provider["max_retries"],
+        )
+
+    def _compiled(self, broadcast_id: uuid.UUID, version: int, content: dict[str, Any]) -> CompiledContent:
+        key = (broadcast_id, version)
+        compiled = self._content.get(key)
+        if compiled is None:
+            if len(self._content) > 256:
+                self._content.clear()
+            compiled = CompiledContent.compile(content["subject"], content.get("html", ""), content.get("text", ""))
+            self._content[key] = compiled
+        return compiled
+
+    async def _provider(self, con: asyncpg.Connection, provider_id: uuid.UUID) -> asyncpg.Record | None:
+        cached = self._providers.get(provider_id)
+        if cached and time.monotonic() - cached[0] < PROVIDER_TTL_S:
+            return cached[1]
+        row = await con.fetchrow(
+            "SELECT kind, config, max_retries FROM providers WHERE id = $1 AND NOT deleted", provider_id
+        )
+        if row is not None:
+            self._providers[provider_id] = (time.monotonic(), row)
+        return row

@@ -1,0 +1,50 @@
+"""The sender service entrypoint: connects, sets up streams and consumers, runs planner and workers."""
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from sender_service.job_context import JobContextLoader
+from sender_service.planner import Planner, consume_starts
+from sender_service.worker import JobProcessor, consume
+from shared import bus, db
+from shared.logging import get_logger
+from shared.settings import Settings
+
+log = get_logger(__name__)
+
+
+async def run_sender(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or SIGINT/SIGTERM when run as a process)."""
+    stop = stop or _stop_on_signals()
+    await db.migrate(settings.database_url)
+    pool = await db.create_pool(settings.database_url, max_size=settings.sender_concurrency + 4)
+    nc = await bus.connect(settings.nats_url, name="crier-sender")
+    js = nc.jetstream(publish_async_max_pending=4000)
+    names = await bus.ensure_streams(js, settings)
+    await bus.ensure_sender_consumers(js, names, settings.job_ack_wait_s)
+    processor = JobProcessor(pool, JobContextLoader(pool), heartbeat_every_s=settings.job_ack_wait_s / 4)
+    tasks = [
+        asyncio.create_task(consume_starts(js, names, Planner(pool, js, names), stop), name="planner"),
+        asyncio.create_task(consume(js, names, processor, stop, settings.sender_concurrency), name="workers"),
+    ]
+    log.info("sender ready", concurrency=settings.sender_concurrency)
+    try:
+        await stop.wait()
+    finally:
+        # Let in-flight jobs finish (their fetch loops end at `stop`); unacked ones are redelivered anyway.
+        await asyncio.wait(tasks, timeout=15)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await nc.drain()
+        await pool.close()
+        log.info("sender stopped")
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -1,0 +1,295 @@
+"""Workers: pull batch jobs, render, send through the provider, write the ledger, then ack.
+
+The ledger decides, not the ack. A job is redelivered after a crash or a lost ack; recipients
+with a final ledger row are skipped. Providers that dedupe by idempotency key (or have no side
+effects) get unrecorded recipients again with the same key. For the others each recipient is
+claimed (`sending`) before the provider call, so a crash leaves at most the in-flight ones
+ambiguous, and those are marked failed with an "outcome unknown" error rather than sent twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+import asyncpg
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from sender_service.job_context import JobContext, JobContextLoader
+from sender_service.providers.base import OutgoingMessage, Provider, ProviderUnavailable, SendResult
+from shared import eventstore
+from shared.bus import WORKERS_CONSUMER, Names
+from shared.domain import batch as batch_events
+from shared.domain import codec
+from shared.jobs import Job, Recipient, decode_job
+from shared.logging import get_logger
+from shared.templates import TemplateError
+
+log = get_logger(__name__)
+UNKNOWN_OUTCOME = "outcome unknown: the sender stopped while sending; not resent to avoid a duplicate"
+_LEDGER_COLUMNS = ["broadcast_id", "run", "contact_id", "channel", "batch_seq", "address", "status", "attempts",
+                   "error", "provider_message_id", "sent_at"]
+
+
+class _Heartbeat:
+    """Tells JetStream the job is still being worked on, at most every `every_s`."""
+
+    def __init__(self, msg: Msg | None, every_s: float = 10.0) -> None:
+        self.msg, self.every_s, self.last = msg, every_s, time.monotonic()
+
+    async def __call__(self) -> None:
+        if self.msg is not None and time.monotonic() - self.last > self.every_s:
+            self.last = time.monotonic()
+            await self.msg.in_progress()
+
+
+class Outcome(msgspec.Struct):
+    contact_id: int
+    address: str
+    status: str  # sent | failed
+    attempts: int
+    error: str | None = None
+    provider_message_id: str | None = None
+    sent_at: datetime | None = None
+
+
+def _outcome(r: Recipient, result: SendResult, attempts: int, now: datetime) -> Outcome:
+    if result.ok:
+        return Outcome(r.contact_id, r.address, "sent", attempts, None, result.provider_message_id, now)
+    return Outcome(r.contact_id, r.address, "failed", attempts, result.error or "failed")
+
+
+class JobProcessor:
+    """Processes one job to completion; used by the consumer loop and directly by tests."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, contexts: JobContextLoader, backoff_s: float = 0.5, heartbeat_every_s: float = 10.0
+    ) -> None:
+        self.pool, self.contexts, self.backoff_s = pool, contexts, backoff_s
+        self.heartbeat_every_s = heartbeat_every_s
+
+    async def process(self, job: Job, heartbeat: _Heartbeat | None = None) -> bool:
+        """Returns False when the batch was already done (nothing sent)."""
+        heartbeat = heartbeat or _Heartbeat(None)
+        async with self.pool.acquire() as con:
+            attempt = await con.fetchval(
+                """UPDATE batches SET attempts = attempts + 1, status = 'sending'
+                   WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING attempts""",
+                job.broadcast_id, job.run, job.seq,
+            )
+            if attempt is None:
+                return False
+            previous = await self._ledger(con, job) if attempt > 1 else {}
+        ctx = await self.contexts.load(job)
+        done = {cid for cid, status in previous.items() if status in ("sent", "failed")}
+        in_flight = {cid for cid, status in previous.items() if status == "sending"}
+        todo = [r for r in job.recipients if r.contact_id not in done]
+        try:
+            await ctx.provider.open()
+        except ProviderUnavailable as exc:
+            if exc.retryable:
+                raise  # the job is redelivered later
+            # Retrying cannot help without a change of settings (bad login, TLS): fail the batch now.
+            failure = SendResult(contact_id=0, ok=False, error=f"provider unavailable: {exc}")
+            await self._record(job, todo, {r.contact_id: failure for r in todo}, {}, attempt == 1)
+            return await self._complete(job)
+        try:
+            if ctx.provider.dedupes:
+                await self._send_deduped(job, ctx, todo, first_attempt=attempt == 1, heartbeat=heartbeat)
+            else:
+                await self._send_claimed(job, ctx, todo, in_flight, heartbeat)
+        finally:
+            await ctx.provider.close()
+        return await self._complete(job)
+
+    async def _ledger(self, con: asyncpg.Connection, job: Job) -> dict[int, str]:
+        rows = await con.fetch(
+            """SELECT contact_id, status FROM messages
+               WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[]) AND channel = $4""",
+            job.broadcast_id, job.run, [r.contact_id for r in job.recipients], job.channel,
+        )
+        return {r["contact_id"]: r["status"] for r in rows}
+
+    @staticmethod
+    def _render(
+        job: Job, ctx: JobContext, recipients: list[Recipient]
+    ) -> tuple[list[OutgoingMessage], dict[int, SendResult]]:
+        """Messages to send, and failures of recipients whose template failed to render (one bad
+        value fails that recipient, not the batch)."""
+        messages, failures = [], {}
+        for r in recipients:
+            try:
+                messages.append(ctx.message(job, r))
+            except TemplateError as exc:
+                failures[r.contact_id] = SendResult(contact_id=r.contact_id, ok=False, error=f"template: {exc}")
+        return messages, failures
+
+    async def _send_with_retries(
+        self, provider: Provider, messages: list[OutgoingMessage], max_retries: int, heartbeat: _Heartbeat
+    ) -> tuple[dict[int, SendResult], dict[int, int]]:
+        """Send, then resend the transient failures up to max_retries times with exponential backoff."""
+        results: dict[int, SendResult] = {}
+        attempts: dict[int, int] = {}
+        pending = messages
+        for retry in range(max_retries + 1):
+            if not pending:
+                break
+            if retry:
+                await asyncio.sleep(min(self.backoff_s * 2 ** (retry - 1), 30.0))
+            for message, result in zip(pending, await provider.send(pending)):
+                results[message.contact_id] = result
+                attempts[message.contact_id] = retry + 1
+            await heartbeat()
+            pending = [m for m in pending if not results[m.contact_id].ok and results[m.contact_id].retryable]
+        return results, attempts
+
+    async def _send_deduped(
+        self, job: Job, ctx: JobContext, todo: list[Recipient], first_attempt: bool, heartbeat: _Heartbeat
+    ) -> None:
+        messages, results = self._render(job, ctx, todo)
+        sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
+        results.update(sent)
+        await self._record(job, todo, results, attempts, first_attempt)
+
+    async def _record(
+        self, job: Job, todo: list[Recipient], results: dict[int, SendResult], attempts: dict[int, int],
+        first_attempt: bool,
+    ) -> None:
+        """Write the outcomes of a whole batch at once (COPY on a first attempt)."""
+        now = datetime.now(timezone.utc)
+        outcomes = [_outcome(r, results[r.contact_id], attempts.get(r.contact_id, 1), now) for r in todo]
+        records = [
+            (job.broadcast_id, job.run, o.contact_id, job.channel, job.seq, o.address, o.status, o.attempts,
+             o.error, o.provider_message_id, o.sent_at)
+            for o in outcomes
+        ]
+        async with self.pool.acquire() as con, con.transaction():
+            if first_attempt:
+                await con.copy_records_to_table("messages", records=records, columns=_LEDGER_COLUMNS)
+            else:  # rows of a crashed attempt may exist: the same key was resent, overwrite them
+                await _upsert_ledger(con, records)
+
+    async def _send_claimed(
+        self, job: Job, ctx: JobContext, todo: list[Recipient], in_flight: set[int], heartbeat: _Heartbeat
+    ) -> None:
+        async with self.pool.acquire() as con:
+            if in_flight:
+                await con.execute(
+                    """UPDATE messages SET status = 'failed', error = $5
+                       WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[]) AND channel = $4
+                         AND status = 'sending'""",
+                    job.broadcast_id, job.run, list(in_flight), job.channel, UNKNOWN_OUTCOME,
+                )
+                log.warning("recipients left in sending by a crashed attempt marked unknown",
+                            broadcast_id=str(job.broadcast_id), seq=job.seq, count=len(in_flight))
+            for recipient in todo:
+                if recipient.contact_id not in in_flight:
+                    await self._send_one_claimed(con, job, ctx, recipient, heartbeat)
+
+    async def _send_one_claimed(
+        self, con: asyncpg.Connection, job: Job, ctx: JobContext, recipient: Recipient, heartbeat: _Heartbeat
+    ) -> None:
+        claimed = await con.fetchval(
+            """INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
+               VALUES ($1, $2, $3, $4, $5, $6, 'sending', 1) ON CONFLICT DO NOTHING RETURNING true""",
+            job.broadcast_id, job.run, recipient.contact_id, job.channel, job.seq, recipient.address,
+        )
+        if not claimed:  # another attempt holds or finished this recipient
+            return
+        messages, results = self._render(job, ctx, [recipient])
+        sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
+        results.update(sent)
+        o = _outcome(recipient, results[recipient.contact_id], attempts.get(recipient.contact_id, 1),
+                     datetime.now(timezone.utc))
+        await con.execute(
+            """UPDATE messages SET status = $5, attempts = $6, error = $7, provider_message_id = $8, sent_at = $9
+               WHERE broadcast_id = $1 AND run = $2 AND contact_id = $3 AND channel = $4 AND status = 'sending'""",
+            job.broadcast_id, job.run, recipient.contact_id, job.channel, o.status, o.attempts, o.error,
+            o.provider_message_id, o.sent_at,
+        )
+
+    async def _complete(self, job: Job) -> bool:
+        """Mark the batch done and append its outcome, counted from the ledger, in one transaction."""
+        ids = [r.contact_id for r in job.recipients]
+        async with self.pool.acquire() as con, con.transaction():
+            counts = await con.fetchrow(
+                """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+                          count(*) FILTER (WHERE status = 'failed') AS failed
+                   FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
+                     AND channel = $4""",
+                job.broadcast_id, job.run, ids, job.channel,
+            )
+            updated = await con.fetchval(
+                """UPDATE batches SET status = 'done', sent = $4, failed = $5, completed_at = now()
+                   WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING true""",
+                job.broadcast_id, job.run, job.seq, counts["sent"], counts["failed"],
+            )
+            if not updated:
+                return False  # a concurrent attempt completed it first
+            event = batch_events.BatchCompleted(
+                broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=counts["sent"],
+                failed=counts["failed"], at=datetime.now(timezone.utc),
+            )
+            await eventstore.append(
+                con,
+                batch_events.stream_name(job.broadcast_id, job.run, job.seq),
+                [codec.to_new_event(event, {"tenant_id": str(job.tenant_id), "actor": "sender:worker"})],
+                expected_version=eventstore.NO_STREAM,
+            )
+        return True
+
+
+async def _upsert_ledger(con: asyncpg.Connection, records: list[tuple]) -> None:
+    if not records:
+        return
+    columns = list(zip(*records))
+    await con.execute(
+        """INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts,
+                                 error, provider_message_id, sent_at)
+           SELECT * FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::text[], $5::int[], $6::text[], $7::text[],
+                                $8::smallint[], $9::text[], $10::text[], $11::timestamptz[])
+           ON CONFLICT (broadcast_id, run, contact_id, channel) DO UPDATE
+           SET status = excluded.status, attempts = messages.attempts + excluded.attempts, error = excluded.error,
+               provider_message_id = excluded.provider_message_id, sent_at = excluded.sent_at
+           WHERE messages.status NOT IN ('sent', 'failed')""",
+        *[list(c) for c in columns],
+    )
+
+
+async def consume(
+    js: JetStreamContext, names: Names, processor: JobProcessor, stop: asyncio.Event, concurrency: int
+) -> None:
+    """Pull jobs from the shared durable consumer with `concurrency` tasks until `stop` is set."""
+
+    async def loop() -> None:
+        sub = await js.pull_subscribe_bind(durable=WORKERS_CONSUMER, stream=names.jobs_stream)
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch=1, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                await _handle(msg, processor)
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+
+
+async def _handle(msg: Msg, processor: JobProcessor) -> None:
+    try:
+        job = decode_job(msg.data)
+    except msgspec.DecodeError:
+        log.error("undecodable job terminated", subject=msg.subject)
+        await msg.term()
+        return
+    try:
+        await processor.process(job, _Heartbeat(msg, processor.heartbeat_every_s))
+    except Exception as exc:  # Postgres down, provider unreachable ...: try again later
+        log.warning("job failed, will be redelivered", broadcast_id=str(job.broadcast_id), seq=job.seq,
+                    error=repr(exc))
+        await msg.nak(delay=2.0)
+        return
+    # After the commit: an ack lost here only causes a redelivery that finds the batch done.
+    await msg.ack()

@@ -1,0 +1,1 @@
+"""Crier's shared core: domain, event store, bus, settings and logging used by both services."""

@@ -1,0 +1,57 @@
+"""Postgres adapter plumbing: connection pools and the numbered .sql migrations."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import asyncpg
+
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+_MIGRATION_LOCK = 0x43726965_72000001  # advisory lock key: one migrator at a time across replicas
+
+
+async def _init_connection(con: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await con.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    con = await asyncpg.connect(dsn)
+    await _init_connection(con)
+    return con
+
+
+def migration_files() -> list[tuple[str, str]]:
+    folder = resources.files("shared") / "migrations"
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    return [(p.name, p.read_text(encoding="utf-8")) for p in files]
+
+
+async def migrate(dsn: str) -> list[str]:
+    """Apply the migrations not applied yet, each in its own transaction; returns their names."""
+    con = await asyncpg.connect(dsn)
+    applied_now: list[str] = []
+    try:
+        await con.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        await con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["name"] for r in await con.fetch("SELECT name FROM schema_migrations")}
+        for name, sql in migration_files():
+            if name in done:
+                continue
+            async with con.transaction():
+                await con.execute(sql)
+                await con.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+            applied_now.append(name)
+            log.info("migration applied", migration=name)
+    finally:
+        await con.close()  # closing the session releases the advisory lock
+    return applied_now

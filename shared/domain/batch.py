@@ -1,0 +1,29 @@
+"""Batch outcomes: one event per finished batch job, in a stream of its own.
+
+A stream per batch (`batch-<broadcast>:<run>:<seq>`) appended with NO_STREAM means a batch can
+complete only once, and concurrent workers never contend for one stream's version.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import msgspec
+
+CATEGORY = "batch"
+
+
+def stream_name(broadcast_id: uuid.UUID, run: int, seq: int) -> str:
+    return f"{CATEGORY}-{broadcast_id}:{run}:{seq}"
+
+
+class BatchCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    broadcast_id: uuid.UUID
+    run: int
+    seq: int
+    sent: int  # counted from the ledger rows written in the same transaction
+    failed: int
+    at: datetime
+
+
+Event = BatchCompleted

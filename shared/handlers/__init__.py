@@ -1,0 +1,1 @@
+"""The service layer: command handlers that load, fold, decide and append."""

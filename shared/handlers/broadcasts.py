@@ -1,0 +1,156 @@
+"""Broadcast command handlers: build the domain command, run it, return the fresh view row."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from shared import service
+from shared.domain import broadcast as b
+from shared.domain.errors import Invalid, NotFound
+from shared.views import broadcasts as view
+from shared.views.broadcasts import BroadcastsView
+
+DECIDER = service.Decider(event_union=b.Event, initial=b.INITIAL, evolve=b.evolve, decide=b.decide)
+INLINE = (BroadcastsView(),)
+
+
+class Actor:
+    """Who issued a command, recorded in every event's metadata."""
+
+    def __init__(self, tenant_id: uuid.UUID, actor: str, correlation_id: str | None = None) -> None:
+        self.tenant_id, self.actor, self.correlation_id = tenant_id, actor, correlation_id
+
+    def metadata(self) -> dict[str, object]:
+        meta: dict[str, object] = {"tenant_id": str(self.tenant_id), "actor": self.actor}
+        if self.correlation_id:
+            meta["correlation_id"] = self.correlation_id
+        return meta
+
+
+async def _check_owner(con: asyncpg.Connection, actor: Actor, broadcast_id: uuid.UUID) -> None:
+    """Another tenant's broadcast is reported exactly like a missing one."""
+    owner = await con.fetchval("SELECT tenant_id FROM broadcasts WHERE id = $1", broadcast_id)
+    if owner != actor.tenant_id:
+        raise NotFound("broadcast not found")
+
+
+async def run(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.Command) -> view.BroadcastRow | None:
+    """Run a command on one of the actor's broadcasts; returns its view row (None once deleted)."""
+    if not isinstance(command, b.CreateBroadcast):
+        async with pool.acquire() as con:
+            await _check_owner(con, actor, broadcast_id)
+    await service.handle(pool, DECIDER, b.stream_name(broadcast_id), command, actor.metadata(), INLINE)
+    async with pool.acquire() as con:
+        return await view.get(con, actor.tenant_id, broadcast_id)
+
+
+async def check_references(
+    con: asyncpg.Connection, tenant_id: uuid.UUID, channel: str, list_id: uuid.UUID | None, provider_id: uuid.UUID | None
+) -> None:
+    """The list and provider a broadcast names must be the tenant's own (and the provider of its channel)."""
+    if list_id is not None and not await con.fetchval(
+        "SELECT true FROM lists WHERE id = $1 AND tenant_id = $2", list_id, tenant_id
+    ):
+        raise Invalid("list_id", f"no list {list_id}")
+    if provider_id is not None:
+        provider_channel = await con.fetchval(
+            "SELECT channel FROM providers WHERE id = $1 AND tenant_id = $2 AND NOT deleted", provider_id, tenant_id
+        )
+        if provider_channel is None:
+            raise Invalid("provider_id", f"no provider {provider_id}")
+        if provider_channel != channel:
+            raise Invalid("provider_id", f"provider is for {provider_channel}, the broadcast is {channel}")
+
+
+def check_content(content: b.Content) -> None:
+    """Templates must parse, so a broadcast never fails at send time for a typo."""
+    from shared.templates import CompiledContent, TemplateError
+
+    try:
+        CompiledContent.compile(content.subject, content.html, content.text)
+    except TemplateError as exc:
+        raise Invalid(exc.field, exc.reason) from exc
+    for field in ("from_email", "reply_to"):
+        if (value := getattr(content, field)) is not None and (problem := _address_problem(value)):
+            raise Invalid(f"content.{field}", problem)
+
+
+def _address_problem(value: str) -> str | None:
+    """Why `value` is not an address ("news@example.com" or "News <news@example.com>"), or None."""
+    from email.utils import parseaddr
+
+    from email_validator import EmailNotValidError, validate_email
+
+    _, address = parseaddr(value)
+    if not address or "@" not in address:
+        return "not an email address"
+    try:
+        validate_email(address, check_deliverability=False)
+    except EmailNotValidError as exc:
+        return str(exc)
+    return None
+
+
+async def create(pool: asyncpg.Pool, actor: Actor, command: b.CreateBroadcast) -> view.BroadcastRow:
+    check_content(command.content)
+    async with pool.acquire() as con:
+        await check_references(con, actor.tenant_id, command.channel, command.list_id, command.provider_id)
+    row = await run(pool, actor, command.broadcast_id, command)
+    if row is None:  # the id belongs to another tenant's (or a deleted) broadcast
+        raise NotFound("broadcast not found")
+    return row
+
+
+async def edit(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.EditBroadcast) -> view.BroadcastRow:
+    async with pool.acquire() as con:
+        current = await view.get(con, actor.tenant_id, broadcast_id)
+        if current is None:
+            raise NotFound("broadcast not found")
+        await check_references(
+            con,
+            actor.tenant_id,
+            current.channel,
+            command.list_id if isinstance(command.list_id, uuid.UUID) else None,
+            command.provider_id if isinstance(command.provider_id, uuid.UUID) else None,
+        )
+    if command.content is not msgspec.UNSET:
+        merged = msgspec.convert({**current.content, **msgspec.to_builtins(command.content)}, b.Content)
+        check_content(merged)
+    row = await run(pool, actor, broadcast_id, command)
+    assert row is not None
+    return row
+
+
+async def delete(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: datetime) -> None:
+    await run(pool, actor, broadcast_id, b.DeleteBroadcast(at=at))
+
+
+async def send(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: datetime) -> tuple[view.BroadcastRow, int]:
+    """Start a run; returns the broadcast and how many recipients were queued."""
+    async with pool.acquire() as con:
+        current = await view.get(con, actor.tenant_id, broadcast_id)
+        if current is None:
+            raise NotFound("broadcast not found")
+        # Checked again at send: the list or provider may have been deleted since the broadcast was saved.
+        await check_references(con, actor.tenant_id, current.channel, current.list_id, current.provider_id)
+        audience = await audience_size(con, current.list_id) if current.list_id else 0
+    outcome = await service.handle(
+        pool, DECIDER, b.stream_name(broadcast_id), b.SendBroadcast(audience_size=audience, at=at),
+        actor.metadata(), INLINE,
+    )
+    async with pool.acquire() as con:
+        row = await view.get(con, actor.tenant_id, broadcast_id)
+    assert row is not None
+    started = [e for e in outcome.events if e.type == "BroadcastStarted"]
+    return row, started[0].data["audience_size"] if started else 0
+
+
+async def audience_size(con: asyncpg.Connection, list_id: uuid.UUID) -> int:
+    return await con.fetchval(
+        """SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
+           WHERE m.list_id = $1 AND c.email IS NOT NULL""",
+        list_id,
+    )

@@ -1,0 +1,87 @@
+"""The running stack for end-to-end tests: the API in-process, senders in-process or as processes."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from litestar.testing import AsyncTestClient
+
+from api_service.app import create_app
+from sender_service.main import run_sender
+from shared import db, tenants
+from shared.settings import Settings
+
+
+class Api:
+    """A thin client that raises on unexpected statuses, so tests read as the steps a user takes."""
+
+    def __init__(self, client: AsyncTestClient, token: str) -> None:
+        self.client, self.headers = client, {"Authorization": f"Bearer {token}"}
+
+    async def call(self, method: str, path: str, expect: int | tuple[int, ...] = (200, 201, 202, 204), **kw: Any) -> Any:
+        r = await self.client.request(method, path, headers=self.headers, **kw)
+        expected = (expect,) if isinstance(expect, int) else expect
+        assert r.status_code in expected, f"{method} {path} -> {r.status_code}: {r.text}"
+        return r.json() if r.content else None
+
+    async def post(self, path: str, body: Any = None, **kw: Any) -> Any:
+        return await self.call("POST", path, json=body, **kw)
+
+    async def get(self, path: str, **kw: Any) -> Any:
+        return await self.call("GET", path, **kw)
+
+    async def wait_for_status(self, broadcast_id: str, statuses: set[str], timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            b = await self.get(f"/v1/broadcasts/{broadcast_id}")
+            if b["status"] in statuses:
+                return b
+            assert time.monotonic() < deadline, f"broadcast still {b['status']} after {timeout}s: {b}"
+            await asyncio.sleep(0.05)
+
+    async def all_messages(self, broadcast_id: str) -> list[dict]:
+        items: list[dict] = []
+        while True:
+            page = await self.get(f"/v1/broadcasts/{broadcast_id}/messages", params={"limit": 500, "offset": len(items)})
+            items += page["items"]
+            if len(items) >= page["total"]:
+                return items
+
+
+@asynccontextmanager
+async def api_for(settings: Settings) -> AsyncIterator[Api]:
+    con = await db.connect(settings.database_url)
+    await db.migrate(settings.database_url)
+    tenant = await tenants.create_tenant(con, "e2e")
+    token = (await tenants.create_token(con, tenant.id, "write")).token
+    await con.close()
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        yield Api(client, token)
+
+
+@asynccontextmanager
+async def sender_in_process(settings: Settings) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_sender(settings, stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def sender_process(settings: Settings, **extra_env: str) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        CRIER_DATABASE_URL=settings.database_url,
+        CRIER_NATS_URL=settings.nats_url,
+        CRIER_NATS_PREFIX=settings.nats_prefix,
+        CRIER_LOG_LEVEL="warning",
+        **extra_env,
+    )
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", "sender"], env=env)
