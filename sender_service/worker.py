@@ -75,14 +75,14 @@ class JobProcessor:
         """Returns False when the batch was already done (nothing sent)."""
         heartbeat = heartbeat or _Heartbeat(None)
         async with self.pool.acquire() as con:
-            attempt = await con.fetchval(
-                """UPDATE batches SET attempts = attempts + 1, status = 'sending'
-                   WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING attempts""",
+            status = await con.fetchval(
+                "SELECT status FROM batches WHERE broadcast_id = $1 AND run = $2 AND seq = $3",
                 job.broadcast_id, job.run, job.seq,
             )
-            if attempt is None:
+            if status is None or status == "done":
                 return False
-            previous = await self._ledger(con, job) if attempt > 1 else {}
+            # Rows of an earlier attempt: only a crashed claimed (non-deduping) send leaves any.
+            previous = await self._ledger(con, job)
         ctx = await self.contexts.load(job)
         done = {cid for cid, status in previous.items() if status in ("sent", "failed")}
         in_flight = {cid for cid, status in previous.items() if status == "sending"}
@@ -94,16 +94,17 @@ class JobProcessor:
                 raise  # the job is redelivered later
             # Retrying cannot help without a change of settings (bad login, TLS): fail the batch now.
             failure = SendResult(contact_id=0, ok=False, error=f"provider unavailable: {exc}")
-            await self._record(job, todo, {r.contact_id: failure for r in todo}, {}, attempt == 1)
-            return await self._complete(job)
+            return await self._finish(job, todo, {r.contact_id: failure for r in todo}, {}, bool(previous))
         try:
             if ctx.provider.dedupes:
-                await self._send_deduped(job, ctx, todo, first_attempt=attempt == 1, heartbeat=heartbeat)
-            else:
-                await self._send_claimed(job, ctx, todo, in_flight, heartbeat)
+                messages, results = self._render(job, ctx, todo)
+                sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
+                results.update(sent)
+                return await self._finish(job, todo, results, attempts, bool(previous))
+            await self._send_claimed(job, ctx, todo, in_flight, heartbeat)
         finally:
             await ctx.provider.close()
-        return await self._complete(job)
+        return await self._finish(job, [], {}, {}, True)
 
     async def _ledger(self, con: asyncpg.Connection, job: Job) -> dict[int, str]:
         rows = await con.fetch(
@@ -146,32 +147,6 @@ class JobProcessor:
             pending = [m for m in pending if not results[m.contact_id].ok and results[m.contact_id].retryable]
         return results, attempts
 
-    async def _send_deduped(
-        self, job: Job, ctx: JobContext, todo: list[Recipient], first_attempt: bool, heartbeat: _Heartbeat
-    ) -> None:
-        messages, results = self._render(job, ctx, todo)
-        sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
-        results.update(sent)
-        await self._record(job, todo, results, attempts, first_attempt)
-
-    async def _record(
-        self, job: Job, todo: list[Recipient], results: dict[int, SendResult], attempts: dict[int, int],
-        first_attempt: bool,
-    ) -> None:
-        """Write the outcomes of a whole batch at once (COPY on a first attempt)."""
-        now = datetime.now(timezone.utc)
-        outcomes = [_outcome(r, results[r.contact_id], attempts.get(r.contact_id, 1), now) for r in todo]
-        records = [
-            (job.broadcast_id, job.run, o.contact_id, job.channel, job.seq, o.address, o.status, o.attempts,
-             o.error, o.provider_message_id, o.sent_at)
-            for o in outcomes
-        ]
-        async with self.pool.acquire() as con, con.transaction():
-            if first_attempt:
-                await con.copy_records_to_table("messages", records=records, columns=_LEDGER_COLUMNS)
-            else:  # rows of a crashed attempt may exist: the same key was resent, overwrite them
-                await _upsert_ledger(con, records)
-
     async def _send_claimed(
         self, job: Job, ctx: JobContext, todo: list[Recipient], in_flight: set[int], heartbeat: _Heartbeat
     ) -> None:
@@ -211,27 +186,49 @@ class JobProcessor:
             o.provider_message_id, o.sent_at,
         )
 
-    async def _complete(self, job: Job) -> bool:
-        """Mark the batch done and append its outcome, counted from the ledger, in one transaction."""
-        ids = [r.contact_id for r in job.recipients]
+    async def _finish(
+        self, job: Job, todo: list[Recipient], results: dict[int, SendResult], attempts: dict[int, int],
+        ledger_has_rows: bool,
+    ) -> bool:
+        """In one transaction: write the outcomes of `todo`, mark the batch done and append its
+        BatchCompleted, counted from the ledger. Returns False if another attempt finished it first
+        (this transaction then writes nothing)."""
+        now = datetime.now(timezone.utc)
+        records = []
+        for r in todo:
+            o = _outcome(r, results[r.contact_id], attempts.get(r.contact_id, 1), now)
+            records.append((job.broadcast_id, job.run, o.contact_id, job.channel, job.seq, o.address, o.status,
+                            o.attempts, o.error, o.provider_message_id, o.sent_at))
         async with self.pool.acquire() as con, con.transaction():
-            counts = await con.fetchrow(
-                """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
-                          count(*) FILTER (WHERE status = 'failed') AS failed
-                   FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
-                     AND channel = $4""",
-                job.broadcast_id, job.run, ids, job.channel,
-            )
-            updated = await con.fetchval(
-                """UPDATE batches SET status = 'done', sent = $4, failed = $5, completed_at = now()
+            # Taken first: a concurrent attempt of the same batch waits here, then finds it done.
+            claimed = await con.fetchval(
+                """UPDATE batches SET status = 'done', attempts = attempts + 1, completed_at = now()
                    WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING true""",
-                job.broadcast_id, job.run, job.seq, counts["sent"], counts["failed"],
+                job.broadcast_id, job.run, job.seq,
             )
-            if not updated:
-                return False  # a concurrent attempt completed it first
+            if not claimed:
+                return False
+            if ledger_has_rows:  # rows of a crashed attempt may exist: overwrite the unfinished ones
+                await _upsert_ledger(con, records)
+                counts = await con.fetchrow(
+                    """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+                              count(*) FILTER (WHERE status = 'failed') AS failed
+                       FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
+                         AND channel = $4""",
+                    job.broadcast_id, job.run, [r.contact_id for r in job.recipients], job.channel,
+                )
+                sent, failed = counts["sent"], counts["failed"]
+            else:  # the common case: nothing of this batch in the ledger yet, so COPY and count here
+                await con.copy_records_to_table("messages", records=records, columns=_LEDGER_COLUMNS)
+                sent = sum(1 for rec in records if rec[6] == "sent")
+                failed = len(records) - sent
+            await con.execute(
+                "UPDATE batches SET sent = $4, failed = $5 WHERE broadcast_id = $1 AND run = $2 AND seq = $3",
+                job.broadcast_id, job.run, job.seq, sent, failed,
+            )
             event = batch_events.BatchCompleted(
-                broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=counts["sent"],
-                failed=counts["failed"], at=datetime.now(timezone.utc),
+                broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=sent, failed=failed,
+                at=datetime.now(timezone.utc),
             )
             await eventstore.append(
                 con,
