@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -40,38 +40,46 @@ class JobContext:
         )
 
 
+class _Content(NamedTuple):
+    templates: CompiledContent
+    from_email: str | None
+    reply_to: str | None
+
+
 class JobContextLoader:
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-        self._content: dict[tuple[uuid.UUID, int], CompiledContent] = {}
+    def __init__(self) -> None:
+        self._content: dict[tuple[uuid.UUID, int], _Content] = {}
         self._providers: dict[uuid.UUID, tuple[float, asyncpg.Record]] = {}
 
-    async def load(self, job: Job) -> JobContext:
-        async with self.pool.acquire() as con:
-            broadcast = await con.fetchrow(
-                "SELECT content, version FROM broadcasts WHERE id = $1", job.broadcast_id
-            )
-            provider = await self._provider(con, job.provider_id)
-        if broadcast is None:
-            raise LookupError(f"broadcast {job.broadcast_id} has no view row yet")
+    async def load(self, con: asyncpg.Connection, job: Job, version: int) -> JobContext:
+        """The context for `job` at broadcast `version` (read with the batch, so content is only
+        fetched when it changed)."""
+        compiled = self._content.get((job.broadcast_id, version))
+        if compiled is None:
+            row = await con.fetchrow("SELECT content, version FROM broadcasts WHERE id = $1", job.broadcast_id)
+            if row is None:
+                raise LookupError(f"broadcast {job.broadcast_id} has no view row yet")
+            compiled = self._compiled(job.broadcast_id, row["version"], row["content"])
+        provider = await self._provider(con, job.provider_id)
         if provider is None:
             raise LookupError(f"provider {job.provider_id} is gone")
-        content: dict[str, Any] = broadcast["content"]
-        compiled = self._compiled(job.broadcast_id, broadcast["version"], content)
         config: dict[str, Any] = provider["config"]
-        from_email = content.get("from_email") or config.get("from_email") or "crier@localhost"
+        from_email = compiled.from_email or config.get("from_email") or "crier@localhost"
         return JobContext(
-            compiled, from_email, content.get("reply_to"), build_provider(provider["kind"], config),
-            provider["max_retries"],
+            compiled.templates, from_email, compiled.reply_to, build_provider(provider["kind"], config), provider["max_retries"]
         )
 
-    def _compiled(self, broadcast_id: uuid.UUID, version: int, content: dict[str, Any]) -> CompiledContent:
+    def _compiled(self, broadcast_id: uuid.UUID, version: int, content: dict[str, Any]) -> "_Content":
         key = (broadcast_id, version)
         compiled = self._content.get(key)
         if compiled is None:
             if len(self._content) > 256:
                 self._content.clear()
-            compiled = CompiledContent.compile(content["subject"], content.get("html", ""), content.get("text", ""))
+            compiled = _Content(
+                CompiledContent.compile(content["subject"], content.get("html", ""), content.get("text", "")),
+                content.get("from_email"),
+                content.get("reply_to"),
+            )
             self._content[key] = compiled
         return compiled
 

@@ -23,7 +23,7 @@ async def run_sender(settings: Settings, stop: asyncio.Event | None = None) -> N
     js = nc.jetstream(publish_async_max_pending=4000)
     names = await bus.ensure_streams(js, settings)
     await bus.ensure_sender_consumers(js, names, settings.job_ack_wait_s)
-    processor = JobProcessor(pool, JobContextLoader(pool), heartbeat_every_s=settings.job_ack_wait_s / 4)
+    processor = JobProcessor(pool, JobContextLoader(), heartbeat_every_s=settings.job_ack_wait_s / 4)
     tasks = [
         asyncio.create_task(consume_starts(js, names, Planner(pool, js, names), stop), name="planner"),
         asyncio.create_task(consume(js, names, processor, stop, settings.sender_concurrency), name="workers"),

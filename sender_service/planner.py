@@ -56,12 +56,12 @@ async def _still_current(con: asyncpg.Connection, plan: Plan) -> bool:
 
 
 def _recipient(row: asyncpg.Record) -> Recipient:
-    return Recipient(
-        row["id"], row["email"], row["external_id"], row["email"], row["phone"], row["locale"], row["attributes"]
-    )
+    return Recipient(*row)  # the columns of _RECIPIENT_COLUMNS are Recipient's fields, in order
 
 
-_RECIPIENT_COLUMNS = "c.id, c.email, c.phone, c.external_id, c.locale, c.attributes::text AS attributes"
+# Recipient's fields in order: contact_id, address (the email, for the email channel), external_id,
+# email, phone, locale, attributes_json.
+_RECIPIENT_COLUMNS = "c.id, c.email, c.external_id, c.email, c.phone, c.locale, c.attributes::text"
 
 
 async def _snapshot_chunk(

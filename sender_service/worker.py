@@ -75,15 +75,17 @@ class JobProcessor:
         """Returns False when the batch was already done (nothing sent)."""
         heartbeat = heartbeat or _Heartbeat(None)
         async with self.pool.acquire() as con:
-            status = await con.fetchval(
-                "SELECT status FROM batches WHERE broadcast_id = $1 AND run = $2 AND seq = $3",
+            batch = await con.fetchrow(
+                """SELECT bt.status, b.version FROM batches bt JOIN broadcasts b ON b.id = bt.broadcast_id
+                   WHERE bt.broadcast_id = $1 AND bt.run = $2 AND bt.seq = $3""",
                 job.broadcast_id, job.run, job.seq,
             )
-            if status is None or status == "done":
+            if batch is None or batch["status"] == "done":
                 return False
-            # Rows of an earlier attempt: only a crashed claimed (non-deduping) send leaves any.
-            previous = await self._ledger(con, job)
-        ctx = await self.contexts.load(job)
+            # Ledger rows of an earlier attempt exist only after a claimed (non-deduping) send began,
+            # which marks the batch `sending`; a deduping attempt writes its rows as it finishes.
+            previous = await self._ledger(con, job) if batch["status"] == "sending" else {}
+            ctx = await self.contexts.load(con, job, batch["version"])
         done = {cid for cid, status in previous.items() if status in ("sent", "failed")}
         in_flight = {cid for cid, status in previous.items() if status == "sending"}
         todo = [r for r in job.recipients if r.contact_id not in done]
@@ -151,6 +153,10 @@ class JobProcessor:
         self, job: Job, ctx: JobContext, todo: list[Recipient], in_flight: set[int], heartbeat: _Heartbeat
     ) -> None:
         async with self.pool.acquire() as con:
+            await con.execute(
+                "UPDATE batches SET status = 'sending' WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status = 'queued'",
+                job.broadcast_id, job.run, job.seq,
+            )
             if in_flight:
                 await con.execute(
                     """UPDATE messages SET status = 'failed', error = $5
@@ -199,44 +205,62 @@ class JobProcessor:
             o = _outcome(r, results[r.contact_id], attempts.get(r.contact_id, 1), now)
             records.append((job.broadcast_id, job.run, o.contact_id, job.channel, job.seq, o.address, o.status,
                             o.attempts, o.error, o.provider_message_id, o.sent_at))
-        async with self.pool.acquire() as con, con.transaction():
-            # Taken first: a concurrent attempt of the same batch waits here, then finds it done.
-            claimed = await con.fetchval(
-                """UPDATE batches SET status = 'done', attempts = attempts + 1, completed_at = now()
-                   WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING true""",
-                job.broadcast_id, job.run, job.seq,
-            )
-            if not claimed:
-                return False
-            if ledger_has_rows:  # rows of a crashed attempt may exist: overwrite the unfinished ones
-                await _upsert_ledger(con, records)
-                counts = await con.fetchrow(
-                    """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
-                              count(*) FILTER (WHERE status = 'failed') AS failed
-                       FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
-                         AND channel = $4""",
-                    job.broadcast_id, job.run, [r.contact_id for r in job.recipients], job.channel,
-                )
-                sent, failed = counts["sent"], counts["failed"]
-            else:  # the common case: nothing of this batch in the ledger yet, so COPY and count here
-                await con.copy_records_to_table("messages", records=records, columns=_LEDGER_COLUMNS)
-                sent = sum(1 for rec in records if rec[6] == "sent")
-                failed = len(records) - sent
-            await con.execute(
-                "UPDATE batches SET sent = $4, failed = $5 WHERE broadcast_id = $1 AND run = $2 AND seq = $3",
-                job.broadcast_id, job.run, job.seq, sent, failed,
-            )
-            event = batch_events.BatchCompleted(
-                broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=sent, failed=failed,
-                at=datetime.now(timezone.utc),
-            )
-            await eventstore.append(
-                con,
-                batch_events.stream_name(job.broadcast_id, job.run, job.seq),
-                [codec.to_new_event(event, {"tenant_id": str(job.tenant_id), "actor": "sender:worker"})],
-                expected_version=eventstore.NO_STREAM,
-            )
+        try:
+            async with self.pool.acquire() as con, con.transaction():
+                await self._write_outcome(con, job, records, ledger_has_rows)
+        except _AlreadyDone:
+            return False  # another attempt finished the batch first; this one wrote nothing
         return True
+
+    async def _write_outcome(
+        self, con: asyncpg.Connection, job: Job, records: list[tuple], ledger_has_rows: bool
+    ) -> None:
+        # Each path locks the batch row first, so a concurrent attempt of the same batch waits there,
+        # then finds the batch done and rolls back having written nothing.
+        if ledger_has_rows:  # rows of a crashed attempt may exist: overwrite the unfinished ones
+            if await con.fetchval(
+                "SELECT status FROM batches WHERE broadcast_id = $1 AND run = $2 AND seq = $3 FOR UPDATE",
+                job.broadcast_id, job.run, job.seq,
+            ) == "done":
+                raise _AlreadyDone()
+            await _upsert_ledger(con, records)
+            counts = await con.fetchrow(
+                """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+                          count(*) FILTER (WHERE status = 'failed') AS failed
+                   FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
+                     AND channel = $4""",
+                job.broadcast_id, job.run, [r.contact_id for r in job.recipients], job.channel,
+            )
+            sent, failed = counts["sent"], counts["failed"]
+            await _mark_done(con, job, sent, failed)
+        else:  # the common case: nothing of this batch in the ledger yet, so count here and COPY
+            sent = sum(1 for rec in records if rec[6] == "sent")
+            failed = len(records) - sent
+            if not await _mark_done(con, job, sent, failed):
+                raise _AlreadyDone()
+            await con.copy_records_to_table("messages", records=records, columns=_LEDGER_COLUMNS)
+        event = batch_events.BatchCompleted(
+            broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=sent, failed=failed,
+            at=datetime.now(timezone.utc),
+        )
+        await eventstore.append(
+            con,
+            batch_events.stream_name(job.broadcast_id, job.run, job.seq),
+            [codec.to_new_event(event, {"tenant_id": str(job.tenant_id), "actor": "sender:worker"})],
+            expected_version=eventstore.NO_STREAM,
+        )
+
+
+class _AlreadyDone(Exception):
+    """Another attempt finished the batch first."""
+
+
+async def _mark_done(con: asyncpg.Connection, job: Job, sent: int, failed: int) -> bool:
+    return bool(await con.fetchval(
+        """UPDATE batches SET status = 'done', attempts = attempts + 1, completed_at = now(), sent = $4, failed = $5
+           WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING true""",
+        job.broadcast_id, job.run, job.seq, sent, failed,
+    ))
 
 
 async def _upsert_ledger(con: asyncpg.Connection, records: list[tuple]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-NOTIFY_CHANNEL = "crier_events"
+NOTIFY_CHANNEL = "crier_events"  # notified by the events_notify trigger (migration 001)
 ANY_VERSION = -1  # expected_version that accepts whatever the stream holds
 NO_STREAM = 0  # expected_version of a stream that must not exist yet
 
@@ -85,7 +85,9 @@ async def append(
     """
     if not events:
         return []
-    if expected_version != ANY_VERSION:
+    if expected_version == NO_STREAM:
+        start = 0  # a stream that exists already fails on the unique (stream_name, position) below
+    elif expected_version != ANY_VERSION:
         actual = await stream_version(con, stream_name)
         if actual != expected_version:
             raise WrongExpectedVersion(stream_name, expected_version, actual)
@@ -111,8 +113,6 @@ async def append(
         if exc.constraint_name == "events_stream_name_position_key":
             raise WrongExpectedVersion(stream_name, expected_version) from exc
         raise
-    # Delivered at commit, so a woken reader finds the events (or the horizon just behind them).
-    await con.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
     return sorted((_recorded(r) for r in rows), key=lambda e: e.position)
 
 
