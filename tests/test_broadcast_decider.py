@@ -1,4 +1,6 @@
-"""Given/when/then for the Broadcast decider: create, edit and delete in draft."""
+"""Given/when/then for the Broadcast decider: create, edit, delete, send and a run's outcome.
+
+The rest of the lifecycle (schedule, pause, cancel, stop, reset, top-up) is in test_broadcast_lifecycle.py."""
 from __future__ import annotations
 
 import uuid
@@ -127,13 +129,6 @@ def test_send_retried_while_running_is_a_no_op():
 def test_send_without_list_or_provider_names_the_field(missing):
     created = b.BroadcastCreated(**{**{f: getattr(CREATED, f) for f in CREATED.__struct_fields__}, missing: None})
     given(created).when(b.SendBroadcast(audience_size=0, at=T1)).then_raises(Invalid, field=missing)
-
-
-def test_send_a_finished_broadcast_is_refused_until_top_ups_exist():
-    done = b.BroadcastCompleted(run=1, total=3, sent=3, failed=0, at=T1)
-    given(CREATED, STARTED, SNAPSHOTTED, done).when(b.SendBroadcast(audience_size=3, at=T1)).then_raises(
-        WrongStatus, status="completed"
-    )
 
 
 def test_snapshot_moves_a_queued_run_to_sending():

@@ -1,0 +1,280 @@
+"""Given/when/then for every lifecycle transition in PRODUCT.md (Statuses), allowed and refused,
+with idempotent repeats."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from shared.domain import broadcast as b
+from shared.domain.errors import Invalid, WrongStatus
+from tests.test_broadcast_decider import CREATED, SNAPSHOTTED, STARTED, T1, given
+
+T2 = T1 + timedelta(minutes=5)
+LATER = T1 + timedelta(days=1)
+ONE_OFF = b.Schedule(timezone="Europe/Berlin")
+DAILY = b.Schedule(recurrence=b.Recurrence(cron="0 9 * * *", timezone="America/New_York"), missed_policy="skip")
+SCHEDULED = b.BroadcastScheduled(scheduled_at=LATER, schedule=ONE_OFF, at=T1)
+PAUSED = b.BroadcastPaused(run=1, at=T2)
+COMPLETED = b.BroadcastCompleted(run=1, total=3, sent=3, failed=0, at=T2)
+CANCELLED = b.BroadcastCancelled(run=1, at=T2)
+
+# Every status, reached by a plausible history.
+HISTORY = {
+    b.Status.DRAFT: (CREATED,),
+    b.Status.SCHEDULED: (CREATED, SCHEDULED),
+    b.Status.QUEUED: (CREATED, STARTED),
+    b.Status.SENDING: (CREATED, STARTED, SNAPSHOTTED),
+    b.Status.PAUSED: (CREATED, STARTED, SNAPSHOTTED, PAUSED),
+    b.Status.COMPLETED: (CREATED, STARTED, SNAPSHOTTED, COMPLETED),
+    b.Status.PARTIALLY_FAILED: (CREATED, STARTED, SNAPSHOTTED,
+                                b.BroadcastPartiallyFailed(run=1, total=3, sent=2, failed=1, at=T2)),
+    b.Status.FAILED: (CREATED, STARTED, b.BroadcastFailed(run=1, reason="provider gone", at=T2)),
+    b.Status.CANCELLED: (CREATED, STARTED, SNAPSHOTTED, CANCELLED),
+}
+
+
+def status_after(*events: b.Event) -> b.Status:
+    return b.fold(list(events)).status
+
+
+def test_every_history_reaches_its_status():
+    for status, events in HISTORY.items():
+        assert status_after(*events) is status
+
+
+# ---- send (always a top-up) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", sorted(b.SENDABLE - {b.Status.DRAFT}, key=str))
+def test_send_from_a_sendable_status_starts_a_top_up_run(status):
+    events = HISTORY[status]
+    state = given(*events).when(b.SendBroadcast(audience_size=2, at=T2)).then(
+        b.BroadcastStarted(run=b.fold(list(events)).run + 1, tenant_id=STARTED.tenant_id, channel="email",
+                           list_id=STARTED.list_id, provider_id=STARTED.provider_id, audience_size=2, at=T2,
+                           top_up=True, reset_run=0)
+    )
+    assert state.status is b.Status.QUEUED and state.scheduled_at is None
+
+
+def test_send_with_nobody_left_to_reach_changes_nothing():
+    given(*HISTORY[b.Status.COMPLETED]).when(b.SendBroadcast(audience_size=0, at=T2)).then()
+
+
+def test_send_while_paused_is_refused():
+    given(*HISTORY[b.Status.PAUSED]).when(b.SendBroadcast(audience_size=2, at=T2)).then_raises(
+        WrongStatus, status="paused"
+    )
+
+
+def test_a_top_up_after_a_reset_counts_only_runs_after_it():
+    reset = b.BroadcastReset(through_run=1, at=T2)
+    started = given(*HISTORY[b.Status.COMPLETED], reset).when(b.SendBroadcast(audience_size=3, at=T2)).then(
+        b.BroadcastStarted(run=2, tenant_id=STARTED.tenant_id, channel="email", list_id=STARTED.list_id,
+                           provider_id=STARTED.provider_id, audience_size=3, at=T2, top_up=True, reset_run=1)
+    )
+    assert started.run == 2
+
+
+# ---- schedule -------------------------------------------------------------------------------------
+
+def test_schedule_a_draft_for_later():
+    state = given(CREATED).when(b.ScheduleBroadcast(scheduled_at=LATER, schedule=ONE_OFF, at=T1)).then(SCHEDULED)
+    assert state.status is b.Status.SCHEDULED and state.scheduled_at == LATER
+
+
+def test_reschedule_and_retried_schedule():
+    other = LATER + timedelta(hours=1)
+    given(CREATED, SCHEDULED).when(b.ScheduleBroadcast(scheduled_at=other, schedule=ONE_OFF, at=T2)).then(
+        b.BroadcastScheduled(scheduled_at=other, schedule=ONE_OFF, at=T2)
+    )
+    given(CREATED, SCHEDULED).when(b.ScheduleBroadcast(scheduled_at=LATER, schedule=ONE_OFF, at=T2)).then()
+
+
+@pytest.mark.parametrize("when", [T1, T1 - timedelta(seconds=1)], ids=["now", "past"])
+def test_a_time_not_in_the_future_is_invalid(when):
+    given(CREATED).when(b.ScheduleBroadcast(scheduled_at=when, schedule=ONE_OFF, at=T1)).then_raises(
+        Invalid, field="scheduled_at"
+    )
+
+
+def test_a_recurring_schedule_is_set_to_the_next_cron_occurrence_in_its_zone():
+    state = given(CREATED).when(b.ScheduleBroadcast(scheduled_at=None, schedule=DAILY, at=T1)).then(
+        b.BroadcastScheduled(scheduled_at=datetime(2026, 11, 22, 14, 0, tzinfo=timezone.utc), schedule=DAILY, at=T1)
+    )
+    assert state.recurring
+
+
+@pytest.mark.parametrize("field, schedule", [
+    ("cron", b.Schedule(recurrence=b.Recurrence(cron="61 * * * *"))),
+    ("cron", b.Schedule(recurrence=b.Recurrence(cron="* * * *"))),
+    ("timezone", b.Schedule(timezone="Mars/Olympus")),
+    ("missed_policy", b.Schedule(missed_policy="maybe")),
+])
+def test_a_bad_schedule_names_its_field(field, schedule):
+    given(CREATED).when(b.ScheduleBroadcast(scheduled_at=LATER, schedule=schedule, at=T1)).then_raises(
+        Invalid, field=field
+    )
+
+
+@pytest.mark.parametrize("status", sorted(set(b.Status) - b.SCHEDULABLE, key=str))
+def test_schedule_is_refused_outside_draft_and_scheduled(status):
+    given(*HISTORY[status]).when(b.ScheduleBroadcast(scheduled_at=LATER + timedelta(days=9), schedule=ONE_OFF,
+                                                     at=T2)).then_raises(WrongStatus, status=status.value)
+
+
+# ---- the scheduler firing -------------------------------------------------------------------------
+
+def test_a_due_one_off_occurrence_starts_a_top_up_run_once():
+    fire = b.FireOccurrence(occurrence_at=LATER, audience_size=3, at=LATER + timedelta(seconds=2))
+    started = b.BroadcastStarted(run=1, tenant_id=STARTED.tenant_id, channel="email", list_id=STARTED.list_id,
+                                 provider_id=STARTED.provider_id, audience_size=3, at=fire.at, top_up=True,
+                                 occurrence_at=LATER)
+    given(CREATED, SCHEDULED).when(fire).then(started)
+    given(CREATED, SCHEDULED, started).when(fire).then()  # a second scheduler, or a retry
+
+
+def test_an_occurrence_that_is_no_longer_the_scheduled_one_does_nothing():
+    given(CREATED, SCHEDULED).when(b.FireOccurrence(occurrence_at=T2, audience_size=3, at=LATER)).then()
+
+
+def test_a_recurring_run_goes_to_the_whole_audience_and_is_rescheduled_when_it_ends():
+    first = datetime(2026, 11, 22, 14, 0, tzinfo=timezone.utc)
+    scheduled = b.BroadcastScheduled(scheduled_at=first, schedule=DAILY, at=T1)
+    fire = b.FireOccurrence(occurrence_at=first, audience_size=3, at=first)
+    state = given(CREATED, scheduled).when(fire).then(
+        b.BroadcastStarted(run=1, tenant_id=STARTED.tenant_id, channel="email", list_id=STARTED.list_id,
+                           provider_id=STARTED.provider_id, audience_size=3, at=first, top_up=False,
+                           occurrence_at=first)
+    )
+    assert state.recurring
+    started = b.fold([CREATED, scheduled, b.BroadcastStarted(
+        run=1, tenant_id=STARTED.tenant_id, channel="email", list_id=STARTED.list_id,
+        provider_id=STARTED.provider_id, audience_size=3, at=first, top_up=False, occurrence_at=first)])
+    done_at = first + timedelta(minutes=3)
+    events = b.decide(b.RecordSnapshot(run=1, recipients=3, batches=1, at=done_at), started)
+    state = b.fold(events, started)
+    events = b.decide(b.FinishRun(run=1, total=3, sent=3, failed=0, at=done_at), state)
+    assert events == [
+        b.BroadcastCompleted(run=1, total=3, sent=3, failed=0, at=done_at),
+        b.BroadcastScheduled(scheduled_at=first + timedelta(days=1), schedule=DAILY, at=done_at),
+    ]
+    assert b.fold(events, state).status is b.Status.SCHEDULED
+
+
+def test_a_missed_occurrence_under_skip_is_recorded_and_the_next_one_scheduled():
+    first = datetime(2026, 11, 22, 14, 0, tzinfo=timezone.utc)
+    scheduled = b.BroadcastScheduled(scheduled_at=first, schedule=DAILY, at=T1)
+    late = first + timedelta(hours=2)
+    given(CREATED, scheduled).when(b.FireOccurrence(occurrence_at=first, audience_size=3, at=late)).then(
+        b.OccurrenceSkipped(occurrence_at=first, reason="missed by 7200 s (skip policy allows 60 s)", at=late),
+        b.BroadcastScheduled(scheduled_at=first + timedelta(days=1), schedule=DAILY, at=late),
+    )
+
+
+def test_a_missed_occurrence_under_send_goes_out_late_within_max_lateness_only():
+    policy = b.Schedule(missed_policy="send", max_lateness_s=3600)
+    scheduled = b.BroadcastScheduled(scheduled_at=LATER, schedule=policy, at=T1)
+    events = b.decide(b.FireOccurrence(occurrence_at=LATER, audience_size=3, at=LATER + timedelta(minutes=50)),
+                      b.fold([CREATED, scheduled]))
+    assert [type(e) for e in events] == [b.BroadcastStarted]
+    too_late = LATER + timedelta(hours=2)
+    state = given(CREATED, scheduled).when(b.FireOccurrence(occurrence_at=LATER, audience_size=3, at=too_late)).then(
+        b.OccurrenceSkipped(occurrence_at=LATER, reason="missed by 7200 s (send policy allows 3600 s)", at=too_late)
+    )
+    assert state.status is b.Status.DRAFT  # a skipped one-off schedule goes back to draft
+
+
+# ---- pause / resume -------------------------------------------------------------------------------
+
+def test_pause_a_sending_run_and_resume_it():
+    state = given(*HISTORY[b.Status.SENDING]).when(b.PauseBroadcast(at=T2)).then(PAUSED)
+    assert state.status is b.Status.PAUSED
+    state = given(*HISTORY[b.Status.PAUSED]).when(b.ResumeBroadcast(at=T2)).then(
+        b.BroadcastResumed(run=1, resumes=1, at=T2)
+    )
+    assert state.status is b.Status.SENDING
+
+
+def test_pause_and_resume_repeated_are_no_ops():
+    given(*HISTORY[b.Status.PAUSED]).when(b.PauseBroadcast(at=T2)).then()
+    given(*HISTORY[b.Status.SENDING]).when(b.ResumeBroadcast(at=T2)).then()
+
+
+@pytest.mark.parametrize("status", sorted(set(b.Status) - {b.Status.SENDING, b.Status.PAUSED}, key=str))
+def test_pause_is_refused_unless_sending(status):
+    given(*HISTORY[status]).when(b.PauseBroadcast(at=T2)).then_raises(WrongStatus, status=status.value)
+
+
+@pytest.mark.parametrize("status", sorted(set(b.Status) - {b.Status.PAUSED} - b.RUNNING, key=str))
+def test_resume_is_refused_unless_paused(status):
+    given(*HISTORY[status]).when(b.ResumeBroadcast(at=T2)).then_raises(WrongStatus, status=status.value)
+
+
+def test_a_paused_run_whose_last_batches_were_in_flight_still_finishes():
+    given(*HISTORY[b.Status.PAUSED]).when(b.FinishRun(run=1, total=3, sent=3, failed=0, at=T2)).then(
+        b.BroadcastCompleted(run=1, total=3, sent=3, failed=0, at=T2)
+    )
+
+
+# ---- cancel / stop / reset ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", sorted(b.CANCELLABLE, key=str))
+def test_cancel_from_scheduled_or_an_active_run(status):
+    run = b.fold(list(HISTORY[status])).run
+    state = given(*HISTORY[status]).when(b.CancelBroadcast(at=T2)).then(b.BroadcastCancelled(run=run, at=T2))
+    assert state.status is b.Status.CANCELLED and state.scheduled_at is None
+
+
+def test_cancel_repeated_is_a_no_op():
+    given(*HISTORY[b.Status.CANCELLED]).when(b.CancelBroadcast(at=T2)).then()
+
+
+@pytest.mark.parametrize("status", sorted(set(b.Status) - b.CANCELLABLE - {b.Status.CANCELLED}, key=str))
+def test_cancel_is_refused_elsewhere(status):
+    given(*HISTORY[status]).when(b.CancelBroadcast(at=T2)).then_raises(WrongStatus, status=status.value)
+
+
+@pytest.mark.parametrize("status", sorted(b.STOPPABLE, key=str))
+def test_stop_goes_back_to_draft(status):
+    run = b.fold(list(HISTORY[status])).run
+    state = given(*HISTORY[status]).when(b.StopBroadcast(at=T2)).then(b.BroadcastStopped(run=run, at=T2))
+    assert state.status is b.Status.DRAFT
+
+
+def test_stop_repeated_is_a_no_op():
+    given(*HISTORY[b.Status.SENDING], b.BroadcastStopped(run=1, at=T2)).when(b.StopBroadcast(at=T2)).then()
+
+
+@pytest.mark.parametrize("status", sorted(b.FINISHED | {b.Status.CANCELLED}, key=str))
+def test_reset_a_finished_broadcast_clears_the_reached_set(status):
+    state = given(*HISTORY[status]).when(b.ResetBroadcast(at=T2)).then(b.BroadcastReset(through_run=1, at=T2))
+    assert state.status is b.Status.DRAFT and state.reset_run == 1
+
+
+def test_reset_repeated_is_a_no_op():
+    given(*HISTORY[b.Status.COMPLETED], b.BroadcastReset(through_run=1, at=T2)).when(b.ResetBroadcast(at=T2)).then()
+
+
+@pytest.mark.parametrize("status", sorted(b.ACTIVE | {b.Status.SCHEDULED}, key=str))
+def test_reset_is_refused_while_scheduled_or_running(status):
+    given(*HISTORY[status]).when(b.ResetBroadcast(at=T2)).then_raises(WrongStatus, status=status.value)
+
+
+# ---- edit and delete where PRODUCT.md allows ------------------------------------------------------
+
+@pytest.mark.parametrize("status", sorted(set(b.Status), key=str))
+def test_edit_only_in_draft_scheduled_and_paused(status):
+    scenario = given(*HISTORY[status]).when(b.EditBroadcast(name="Renamed", at=T2))
+    if status in b.EDITABLE:
+        scenario.then(b.BroadcastEdited(name="Renamed", at=T2))
+    else:
+        scenario.then_raises(WrongStatus, status=status.value)
+
+
+@pytest.mark.parametrize("status", sorted(set(b.Status), key=str))
+def test_delete_except_while_a_run_is_active(status):
+    scenario = given(*HISTORY[status]).when(b.DeleteBroadcast(at=T2))
+    if status in b.ACTIVE:
+        scenario.then_raises(WrongStatus, status=status.value)
+    else:
+        scenario.then(b.BroadcastDeleted(at=T2))
