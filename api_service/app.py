@@ -10,6 +10,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from api_service.auth import auth_middleware
+from api_service.idempotency import idempotency_middleware
 from api_service.background import start_background_tasks, stop_background_tasks
 from api_service.problems import exception_handlers, problem_details_plugin
 from api_service.routes.broadcasts import BroadcastController
@@ -48,7 +49,7 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[healthz, readyz, BroadcastController, ContactController, ListController, ProviderController],
         lifespan=[lifespan],
-        middleware=[auth_middleware()],
+        middleware=[auth_middleware(), idempotency_middleware()],  # auth first: keys are per tenant
         plugins=[problem_details_plugin()],
         exception_handlers=exception_handlers,
         request_max_body_size=MAX_BODY,

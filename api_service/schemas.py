@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -34,11 +34,57 @@ class ContentPatch(Input, kw_only=True):
     reply_to: str | None | UnsetType = UNSET
 
 
-class BroadcastCreate(Input, kw_only=True):
+class ScheduleFields(Input, kw_only=True):
+    """When a broadcast starts by itself. One-off: `scheduled_at` (an offset, or local time in
+    `timezone`). Recurring: `recurring: true` with a 5-field `cron` in `timezone`."""
+
+    scheduled_at: datetime | None = None
+    timezone: str = "UTC"
+    recurring: bool = False
+    cron: str | None = None
+    missed_policy: Literal["send", "skip"] = "send"
+    max_lateness_s: Annotated[int, Meta(ge=0)] = 3600  # "send": later than this, an occurrence is skipped
+
+
+class ScheduleIn(ScheduleFields, kw_only=True):
+    pass
+
+
+class BroadcastCreate(ScheduleFields, kw_only=True):
     name: Name
     list_id: uuid.UUID | None = None
     provider_id: uuid.UUID | None = None
     content: ContentIn
+
+
+class TestSendIn(Input, kw_only=True):
+    """Where to send a test: up to 10 addresses and/or contacts (rendered with their variables)."""
+
+    emails: Annotated[list[str], Meta(max_length=10)] = []
+    contact_ids: Annotated[list[int], Meta(max_length=10)] = []
+
+
+class TestResult(msgspec.Struct, kw_only=True):
+    address: str
+    ok: bool
+    error: str | None
+
+
+class TestSent(msgspec.Struct, kw_only=True):
+    results: list[TestResult]
+
+
+class PreviewMessage(msgspec.Struct, kw_only=True):
+    contact_id: int
+    channel: str
+    address: str
+    subject: str
+    html: str
+    text: str
+
+
+class Preview(msgspec.Struct, kw_only=True):
+    items: list[PreviewMessage]
 
 
 class BroadcastPatch(Input, kw_only=True):
@@ -61,6 +107,14 @@ class Counters(msgspec.Struct, kw_only=True):
     queued: int = 0
     sent: int = 0
     failed: int = 0
+    dropped: int = 0  # not sent because the run was cancelled or stopped
+
+
+class ScheduleOut(msgspec.Struct, kw_only=True):
+    timezone: str
+    cron: str | None
+    missed_policy: str
+    max_lateness_s: int
 
 
 class Broadcast(msgspec.Struct, kw_only=True):
@@ -73,6 +127,12 @@ class Broadcast(msgspec.Struct, kw_only=True):
     content: Content
     counters: Counters
     run: int
+    scheduled_at: datetime | None
+    next_run_at: datetime | None  # a recurring broadcast's next occurrence
+    recurring: bool
+    schedule: ScheduleOut | None
+    audience_total: int | None  # when not running: the list's current size
+    remaining: int | None  # when not running: audience members this broadcast has not reached yet
     version: int
     created_at: datetime
     updated_at: datetime

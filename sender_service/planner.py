@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import asyncpg
 from nats.js import JetStreamContext
 
-from shared import service
+from shared import audience, service
 from shared.bus import Names, await_acks
 from shared.domain import broadcast as b
 from shared.handlers.broadcasts import DECIDER, INLINE
@@ -40,6 +40,11 @@ class Plan:
     def run(self) -> int:
         return self.started.run
 
+    @property
+    def reached_runs(self) -> list[int]:
+        """Runs whose reached recipients a top-up leaves out (none for a recurring occurrence)."""
+        return audience.reached_runs(self.started.reset_run, self.run - 1) if self.started.top_up else []
+
 
 async def _provider_pacing(con: asyncpg.Connection, plan: Plan) -> tuple[int, int] | None:
     row = await con.fetchrow(
@@ -50,9 +55,15 @@ async def _provider_pacing(con: asyncpg.Connection, plan: Plan) -> tuple[int, in
     return (row["batch_size"], row["batch_delay_ms"]) if row else None
 
 
-async def _still_current(con: asyncpg.Connection, plan: Plan) -> bool:
-    state, _ = await service.load(con, DECIDER, b.stream_name(plan.broadcast_id))
-    return state.run == plan.run and state.status in b.RUNNING and not state.deleted
+async def _may_go_on(con: asyncpg.Connection, plan: Plan) -> bool:
+    """The run is still the broadcast's current one and not paused, cancelled or stopped.
+
+    Read from the broadcasts view, which is written in the same transaction as the events."""
+    row = await con.fetchrow("SELECT status, run, deleted FROM broadcasts WHERE id = $1", plan.broadcast_id)
+    return row is not None and row["run"] == plan.run and row["status"] in _GOING and not row["deleted"]
+
+
+_GOING = frozenset(s.value for s in b.RUNNING)
 
 
 def _recipient(row: asyncpg.Record) -> Recipient:
@@ -72,13 +83,16 @@ async def _snapshot_chunk(
     when no member is left)."""
     # Two plain index lookups, not one join: right after a bulk import the statistics are stale and
     # the join was planned as a hash join over every contact, 1 s a chunk instead of 20 ms (measured).
+    runs = plan.reached_runs
+    not_reached = f"AND {audience.not_reached_clause('contact_id', 4, 5)}" if runs else ""
     member_ids = await con.fetchval(
-        """SELECT array_agg(contact_id) FROM (
-               SELECT contact_id FROM list_members WHERE list_id = $1 AND contact_id > $2
-               ORDER BY contact_id LIMIT $3) m""",
+        f"""SELECT array_agg(contact_id) FROM (
+                SELECT contact_id FROM list_members WHERE list_id = $1 AND contact_id > $2 {not_reached}
+                ORDER BY contact_id LIMIT $3) m""",
         plan.started.list_id,
         after,
         READ_CHUNK,
+        *([plan.broadcast_id, runs] if runs else []),
     )
     if not member_ids:
         await con.execute(
@@ -130,10 +144,11 @@ class Planner:
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, names: Names) -> None:
         self.pool, self.js, self.names = pool, js, names
 
-    async def plan(self, plan: Plan, heartbeat: Callable[[], Awaitable[None]]) -> None:
+    async def plan(self, plan: Plan, heartbeat: Callable[[], Awaitable[None]], resumes: int = 0) -> None:
+        """Snapshot the audience into batches and publish them; resumable after a crash or a pause."""
         async with self.pool.acquire() as con:
-            if not await _still_current(con, plan):
-                log.info("run no longer current, nothing to plan", broadcast_id=str(plan.broadcast_id), run=plan.run)
+            if not await _may_go_on(con, plan):
+                log.info("run not going on, nothing to plan", broadcast_id=str(plan.broadcast_id), run=plan.run)
                 return
             pacing = await _provider_pacing(con, plan)
             if pacing is None:
@@ -146,46 +161,86 @@ class Planner:
                 plan.tenant_id,
             )
             progress = await con.fetchrow(
-                """SELECT planned_through, batches, published, planned, started_at FROM runs
+                """SELECT planned_through, batches, published, planned FROM runs
                    WHERE broadcast_id = $1 AND run = $2""",
                 plan.broadcast_id,
                 plan.run,
             )
         batch_size, delay_ms = pacing
-        pacer = _Pacer(progress["started_at"], delay_ms / 1000)
         after, seq, planned = progress["planned_through"], progress["batches"], progress["planned"]
-        # Batches a crashed planner wrote but may not have published go out first, in order.
-        published = await self._publish_unpublished(plan, progress["published"], pacer, heartbeat)
+        published = progress["published"]
+        # Unpaced, batches are published as they are written (the bulk path); paced, the whole
+        # audience is snapshotted first (so the broadcast is `sending` and pausable at once), then
+        # the batches go out one every batch_delay_ms.
+        inline = delay_ms == 0
+        if inline:  # batches a crashed planner wrote but may not have published go out first, in order
+            published = await self._publish_from(plan, published, _Pacer(0), heartbeat, resumes)
         while not planned:
             async with self.pool.acquire() as con, con.transaction():
+                if not await _may_go_on(con, plan):
+                    return  # paused, cancelled or stopped: a resume plans on from here
                 jobs, last_member = await _snapshot_chunk(con, plan, after, batch_size, seq, published)
             if last_member is None:
                 break
             after, seq = last_member, seq + len(jobs)
-            if jobs:
-                await self._publish(jobs, pacer, heartbeat)
+            if jobs and inline:
+                await self._publish(jobs, _Pacer(0), heartbeat)
                 published = seq
         await self._record_snapshot(plan)
+        await self._publish_from(plan, published, _Pacer(delay_ms / 1000), heartbeat, resumes)
 
-    async def _publish_unpublished(
-        self, plan: Plan, published: int, pacer: "_Pacer", heartbeat: Callable[[], Awaitable[None]]
+    async def resume(self, plan: Plan, resumes: int, heartbeat: Callable[[], Awaitable[None]]) -> None:
+        """After a pause: publish again every batch not sent yet (workers acked them unsent while the
+        broadcast was paused), under new job ids, then plan on if planning was cut short."""
+        async with self.pool.acquire() as con:
+            if not await _may_go_on(con, plan):
+                return
+            published = await con.fetchval(
+                "SELECT published FROM runs WHERE broadcast_id = $1 AND run = $2", plan.broadcast_id, plan.run
+            )
+            delay_ms = (await _provider_pacing(con, plan) or (0, 0))[1]
+        if published:
+            await self._publish_range(plan, 0, published, _Pacer(delay_ms / 1000), heartbeat, resumes)
+        await self.plan(plan, heartbeat, resumes)
+
+    async def _publish_from(
+        self, plan: Plan, published: int, pacer: "_Pacer", heartbeat: Callable[[], Awaitable[None]], resumes: int
     ) -> int:
-        """Republish batches from `published` on; returns the new count of published batches."""
+        """Publish the written batches from `published` on; returns the new count of published batches."""
+        return await self._publish_range(plan, published, None, pacer, heartbeat, resumes, record=True)
+
+    async def _publish_range(
+        self, plan: Plan, first: int, end: int | None, pacer: "_Pacer", heartbeat: Callable[[], Awaitable[None]],
+        resumes: int, record: bool = False,
+    ) -> int:
+        """Publish the unsent batches with seq in [first, end), 50 at a time, stopping when the run
+        is paused, cancelled or stopped. With `record`, runs.published follows."""
         async with self.pool.acquire() as con:
             rows = await con.fetch(
-                "SELECT seq, contact_ids FROM batches WHERE broadcast_id = $1 AND run = $2 AND seq >= $3 ORDER BY seq",
-                plan.broadcast_id,
-                plan.run,
-                published,
+                """SELECT seq, contact_ids FROM batches
+                   WHERE broadcast_id = $1 AND run = $2 AND seq >= $3 AND ($4::int IS NULL OR seq < $4)
+                     AND status <> 'done' ORDER BY seq""",
+                plan.broadcast_id, plan.run, first, end,
             )
+        published = first
         for start in range(0, len(rows), 50):
-            jobs = [await self._rebuild_job(plan, r["seq"], r["contact_ids"]) for r in rows[start : start + 50]]
+            async with self.pool.acquire() as con:
+                if not await _may_go_on(con, plan):
+                    break
+            group = rows[start : start + 50]
+            jobs = [await self._rebuild_job(plan, r["seq"], r["contact_ids"], resumes) for r in group]
             await self._publish(jobs, pacer, heartbeat)
             published = jobs[-1].seq + 1
+            if record:
+                async with self.pool.acquire() as con:
+                    await con.execute(
+                        "UPDATE runs SET published = greatest(published, $3) WHERE broadcast_id = $1 AND run = $2",
+                        plan.broadcast_id, plan.run, published,
+                    )
         return published
 
-    async def _rebuild_job(self, plan: Plan, seq: int, contact_ids: list[int]) -> Job:
-        """A job again from its batch row (after a crash between writing and publishing it)."""
+    async def _rebuild_job(self, plan: Plan, seq: int, contact_ids: list[int], resumes: int = 0) -> Job:
+        """A job again from its batch row (after a crash between writing and publishing it, or a pause)."""
         async with self.pool.acquire() as con:
             rows = await con.fetch(
                 f"SELECT {_RECIPIENT_COLUMNS} FROM contacts c WHERE c.id = ANY($1::bigint[]) AND c.email IS NOT NULL ORDER BY c.id",
@@ -199,12 +254,13 @@ class Planner:
             channel=plan.started.channel,
             provider_id=plan.started.provider_id,
             recipients=[_recipient(r) for r in rows],
+            resumes=resumes,
         )
 
     async def _publish(self, jobs: list[Job], pacer: "_Pacer", heartbeat: Callable[[], Awaitable[None]]) -> None:
         futures = []
         for job in jobs:
-            await pacer.wait_for(job.seq, heartbeat)
+            await pacer.wait(heartbeat)
             futures.append(
                 await self.js.publish_async(
                     self.names.job_subject(job.channel), encode_job(job), headers={"Nats-Msg-Id": job.msg_id}
@@ -234,23 +290,24 @@ def _metadata(plan: Plan) -> dict[str, object]:
 
 
 class _Pacer:
-    """Batch k is due `k * delay` after the run started (batch_delay_ms between batches)."""
+    """One batch every `delay_s` (batch_delay_ms), the first at once."""
 
-    def __init__(self, started_at: datetime, delay_s: float) -> None:
-        self.delay = delay_s
-        self.start = time.time() - (datetime.now(timezone.utc) - started_at).total_seconds()
+    def __init__(self, delay_s: float) -> None:
+        self.delay, self.next = delay_s, 0.0
 
-    async def wait_for(self, seq: int, heartbeat: Callable[[], Awaitable[None]]) -> None:
-        """Sleep until batch `seq` is due, telling JetStream we are alive at least every 10 s."""
+    async def wait(self, heartbeat: Callable[[], Awaitable[None]]) -> None:
+        """Sleep until the next batch is due, telling JetStream we are alive at least every 10 s."""
         if self.delay <= 0:
             return
-        while (wait := self.start + seq * self.delay - time.time()) > 0:
+        while (wait := self.next - time.monotonic()) > 0:
             await asyncio.sleep(min(wait, 10.0))
             await heartbeat()
+        self.next = time.monotonic() + self.delay
 
 
 async def consume_starts(js: JetStreamContext, names: Names, planner: Planner, stop: asyncio.Event) -> None:
-    """Take BroadcastStarted events from the shared durable consumer, one at a time per sender."""
+    """Take broadcast events from the shared durable consumer, one at a time per sender: a
+    BroadcastStarted is planned, a BroadcastResumed republishes the unsent batches; others are acked."""
     import msgspec
     import nats.errors
 
@@ -267,16 +324,35 @@ async def consume_starts(js: JetStreamContext, names: Names, planner: Planner, s
         for msg in msgs:
             try:
                 envelope = decode(msg.data)
-                started = msgspec.convert({**envelope.data, "type": envelope.type}, b.BroadcastStarted, strict=False)
                 broadcast_id = uuid.UUID(envelope.stream.split("-", 1)[1])
+                event = msgspec.convert({**envelope.data, "type": envelope.type}, b.Event, strict=False) if (
+                    envelope.type in ("BroadcastStarted", "BroadcastResumed")) else None
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError, IndexError):
-                log.error("undecodable BroadcastStarted terminated", subject=msg.subject)
+                log.error("undecodable broadcast event terminated", subject=msg.subject)
                 await msg.term()
                 continue
             try:
-                await planner.plan(Plan(started.tenant_id, broadcast_id, started), msg.in_progress)
+                if isinstance(event, b.BroadcastStarted):
+                    await planner.plan(Plan(event.tenant_id, broadcast_id, event), msg.in_progress)
+                elif isinstance(event, b.BroadcastResumed):
+                    started = await _started_event(planner.pool, broadcast_id, event.run)
+                    if started is not None:
+                        plan = Plan(started.tenant_id, broadcast_id, started)
+                        await planner.resume(plan, event.resumes, msg.in_progress)
             except Exception as exc:  # Postgres or NATS trouble: another try soon, resuming where it stopped
                 log.warning("planning failed, will be retried", broadcast_id=str(broadcast_id), error=repr(exc))
                 await msg.nak(delay=2.0)
                 continue
             await msg.ack()
+
+
+async def _started_event(pool: asyncpg.Pool, broadcast_id: uuid.UUID, run: int) -> b.BroadcastStarted | None:
+    from shared import eventstore
+    from shared.domain import codec
+
+    async with pool.acquire() as con:
+        events = await eventstore.read_stream(con, b.stream_name(broadcast_id))
+    for recorded in events:
+        if recorded.type == "BroadcastStarted" and recorded.data.get("run") == run:
+            return codec.from_recorded(recorded, b.Event)
+    return None

@@ -34,6 +34,9 @@ _LEDGER_COLUMNS = ["broadcast_id", "run", "contact_id", "channel", "batch_seq", 
                    "error", "provider_message_id", "sent_at"]
 
 
+_SENDING = ("queued", "sending")
+
+
 class _Heartbeat:
     """Tells JetStream the job is still being worked on, at most every `every_s`."""
 
@@ -76,11 +79,22 @@ class JobProcessor:
         heartbeat = heartbeat or _Heartbeat(None)
         async with self.pool.acquire() as con:
             batch = await con.fetchrow(
-                """SELECT bt.status, b.version FROM batches bt JOIN broadcasts b ON b.id = bt.broadcast_id
+                """SELECT bt.status, b.version, b.status AS broadcast_status, b.run AS current_run
+                   FROM batches bt JOIN broadcasts b ON b.id = bt.broadcast_id
                    WHERE bt.broadcast_id = $1 AND bt.run = $2 AND bt.seq = $3""",
                 job.broadcast_id, job.run, job.seq,
             )
-            if batch is None or batch["status"] == "done":
+            if batch is None or batch["status"] in ("done", "dropped"):
+                return False
+            if batch["broadcast_status"] == "paused" and batch["current_run"] == job.run:
+                return False  # kept unsent (the batch stays queued); the resume publishes it again
+            if batch["current_run"] != job.run or batch["broadcast_status"] not in _SENDING:
+                # Cancelled, stopped or reset: unsent messages are dropped.
+                await con.execute(
+                    """UPDATE batches SET status = 'dropped', completed_at = now()
+                       WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status = 'queued'""",
+                    job.broadcast_id, job.run, job.seq,
+                )
                 return False
             # Ledger rows of an earlier attempt exist only after a claimed (non-deduping) send began,
             # which marks the batch `sending`; a deduping attempt writes its rows as it finishes.

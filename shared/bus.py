@@ -123,7 +123,8 @@ async def ensure_sender_consumers(js: JetStreamContext, names: Names, job_ack_wa
         names.events_stream,
         ConsumerConfig(
             durable_name=PLANNER_CONSUMER,
-            filter_subject=names.events_filter(category="broadcast", event_type="BroadcastStarted"),
+            # Every broadcast event: the planner acts on BroadcastStarted and BroadcastResumed.
+            filter_subject=names.events_filter(category="broadcast"),
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=30,  # the planner heartbeats with in_progress() while it works

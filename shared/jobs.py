@@ -39,11 +39,14 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     channel: str
     provider_id: uuid.UUID
     recipients: list[Recipient]
+    resumes: int = 0  # published again after the n-th resume of a paused run
 
     @property
     def msg_id(self) -> str:
-        """The Nats-Msg-Id: a republished job is dropped by the server within the duplicate window."""
-        return f"{self.broadcast_id}:{self.run}:{self.seq}"
+        """The Nats-Msg-Id: a republished job is dropped by the server within the duplicate window.
+        A resume republishes the unsent batches on purpose, so its copies get ids of their own."""
+        base = f"{self.broadcast_id}:{self.run}:{self.seq}"
+        return f"{base}:r{self.resumes}" if self.resumes else base
 
 
 encode_job = msgspec.msgpack.Encoder().encode

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -11,12 +12,30 @@ from litestar.params import Parameter
 
 from api_service.auth import require_write
 from api_service.problems import problem
-from api_service.schemas import Broadcast, BroadcastCreate, BroadcastPatch, HistoryEvent, Message, Page, SendAccepted
+from api_service.schemas_audience import email_problem
+from api_service.schemas import (
+    Broadcast,
+    BroadcastCreate,
+    BroadcastPatch,
+    HistoryEvent,
+    Message,
+    Page,
+    Preview,
+    PreviewMessage,
+    ScheduleFields,
+    ScheduleIn,
+    SendAccepted,
+    TestResult,
+    TestSendIn,
+    TestSent,
+)
 from shared import eventstore
 from shared.domain import broadcast as b
 from shared.handlers import broadcasts as handlers
+from shared.domain.errors import Invalid
 from shared.handlers.broadcasts import Actor
 from shared.tenants import Principal
+from shared.handlers import previews
 from shared.views import broadcasts as view
 from shared.views import messages as messages_view
 from shared.views.counters import Counters, counters_of
@@ -31,16 +50,61 @@ def actor_of(request: Request[Principal, Any, Any]) -> Actor:
     return Actor(principal.tenant_id, f"token:{principal.token_id}", request.headers.get("x-request-id"))
 
 
-def to_response(row: view.BroadcastRow, counters: Counters | None = None) -> Broadcast:
+def to_response(
+    row: view.BroadcastRow, counters: Counters | None = None, audience: tuple[int, int] | None = None
+) -> Broadcast:
     data = msgspec.to_builtins(row)
-    data["counters"] = msgspec.to_builtins(counters or Counters())
+    c = counters or Counters()
+    unsent = max(c.total - c.sent - c.failed, 0)
+    active = row.status in {s.value for s in b.ACTIVE}
+    data["counters"] = {"total": c.total, "sent": c.sent, "failed": c.failed,
+                        "queued": unsent if active else 0, "dropped": 0 if active else unsent}
+    schedule = row.schedule or None
+    recurrence = (schedule or {}).get("recurrence")
+    data["recurring"] = bool(recurrence)
+    data["next_run_at"] = row.scheduled_at if recurrence else None
+    data["schedule"] = None if schedule is None else {
+        "timezone": (recurrence or schedule)["timezone"], "cron": recurrence["cron"] if recurrence else None,
+        "missed_policy": schedule["missed_policy"], "max_lateness_s": schedule["max_lateness_s"],
+    }
+    data["audience_total"], data["remaining"] = audience if audience else (None, None)
     return msgspec.convert(data, Broadcast, strict=False)
 
 
-async def with_counters(pool: Any, rows: list[view.BroadcastRow]) -> list[Broadcast]:
+async def with_counters(pool: Any, rows: list[view.BroadcastRow], audiences: bool = False) -> list[Broadcast]:
     async with pool.acquire() as con:
         counters = await counters_of(con, [r.id for r in rows])
-    return [to_response(r, counters.get(r.id)) for r in rows]
+        sizes = {}
+        if audiences:  # only for one broadcast at a time: it counts the list
+            for r in rows:
+                if r.status not in {s.value for s in b.ACTIVE}:
+                    sizes[r.id] = await handlers.audience_of(con, r)
+    return [to_response(r, counters.get(r.id), sizes.get(r.id)) for r in rows]
+
+
+def schedule_command(data: ScheduleFields, at: datetime) -> b.ScheduleBroadcast:
+    """The domain command from the API's schedule fields (naive times are local to `timezone`)."""
+    from shared.schedule import zone
+
+    try:
+        tz = zone(data.timezone)
+    except ValueError as exc:
+        raise Invalid("timezone", str(exc)) from exc
+    if data.recurring and not data.cron:
+        raise Invalid("cron", "required for a recurring broadcast")
+    if data.cron and not data.recurring:
+        raise Invalid("recurring", "must be true when a cron is given")
+    scheduled_at = data.scheduled_at
+    if scheduled_at is not None and scheduled_at.tzinfo is None:
+        scheduled_at = scheduled_at.replace(tzinfo=tz)
+    recurrence = b.Recurrence(cron=data.cron, timezone=data.timezone) if data.recurring and data.cron else None
+    schedule = b.Schedule(recurrence=recurrence, timezone=data.timezone, missed_policy=data.missed_policy,
+                          max_lateness_s=data.max_lateness_s)
+    return b.ScheduleBroadcast(scheduled_at=None if recurrence else scheduled_at, schedule=schedule, at=at)
+
+
+def wants_schedule(data: ScheduleFields) -> bool:
+    return data.scheduled_at is not None or data.recurring or data.cron is not None
 
 
 class BroadcastController(Controller):
@@ -59,7 +123,9 @@ class BroadcastController(Controller):
             content=msgspec.convert(msgspec.to_builtins(data.content), b.Content),
             at=services.clock(),
         )
-        return to_response(await handlers.create(services.pool, actor_of(request), command))
+        # With a schedule it is created straight into `scheduled`, in the same transaction.
+        then = schedule_command(data, command.at) if wants_schedule(data) else None
+        return to_response(await handlers.create(services.pool, actor_of(request), command, then))
 
     @get("/", summary="List broadcasts")
     async def list_broadcasts(
@@ -78,7 +144,7 @@ class BroadcastController(Controller):
             row = await view.get(con, request.user.tenant_id, broadcast_id)
         if row is None:
             raise problem(404, "broadcast not found")
-        return (await with_counters(state.services.pool, [row]))[0]
+        return (await with_counters(state.services.pool, [row], audiences=True))[0]
 
     @patch("/{broadcast_id:uuid}", guards=[require_write], summary="Edit a broadcast (draft, scheduled, paused)")
     async def edit(self, request: Request, state: State, broadcast_id: uuid.UUID, data: BroadcastPatch) -> Broadcast:
@@ -137,3 +203,63 @@ class BroadcastController(Controller):
             records, total = await messages_view.page(con, broadcast_id, status, limit, offset)
         items = [msgspec.convert(msgspec.to_builtins(r), Message) for r in records]
         return Page(items=items, total=total, limit=limit, offset=offset)
+
+    @post("/{broadcast_id:uuid}/schedule", guards=[require_write], status_code=200,
+          summary="Schedule or reschedule (one-off at a time, or recurring with a cron)")
+    async def schedule(self, request: Request, state: State, broadcast_id: uuid.UUID, data: ScheduleIn) -> Broadcast:
+        if not wants_schedule(data):
+            raise Invalid("scheduled_at", "required unless the broadcast is recurring")
+        command = schedule_command(data, state.services.clock())
+        row = await handlers.schedule(state.services.pool, actor_of(request), broadcast_id, command)
+        return (await with_counters(state.services.pool, [row]))[0]
+
+    async def _transition(self, request: Request, state: State, broadcast_id: uuid.UUID, command: Any) -> Broadcast:
+        row = await handlers.transition(state.services.pool, actor_of(request), broadcast_id, command)
+        return (await with_counters(state.services.pool, [row]))[0]
+
+    @post("/{broadcast_id:uuid}/pause", guards=[require_write], status_code=200,
+          summary="Pause sending; unsent messages are kept")
+    async def pause(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+        return await self._transition(request, state, broadcast_id, b.PauseBroadcast(at=state.services.clock()))
+
+    @post("/{broadcast_id:uuid}/resume", guards=[require_write], status_code=200,
+          summary="Resume a paused broadcast exactly where it stopped")
+    async def resume(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+        return await self._transition(request, state, broadcast_id, b.ResumeBroadcast(at=state.services.clock()))
+
+    @post("/{broadcast_id:uuid}/cancel", guards=[require_write], status_code=200,
+          summary="Cancel for good: unsent messages are dropped, recipients reached stay reached")
+    async def cancel(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+        return await self._transition(request, state, broadcast_id, b.CancelBroadcast(at=state.services.clock()))
+
+    @post("/{broadcast_id:uuid}/stop", guards=[require_write], status_code=200,
+          summary="Stop and go back to draft: unsent messages are dropped")
+    async def stop(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+        return await self._transition(request, state, broadcast_id, b.StopBroadcast(at=state.services.clock()))
+
+    @post("/{broadcast_id:uuid}/reset", guards=[require_write], status_code=200,
+          summary="A finished broadcast back to draft, with the reached set cleared")
+    async def reset(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+        return await self._transition(request, state, broadcast_id, b.ResetBroadcast(at=state.services.clock()))
+
+    @get("/{broadcast_id:uuid}/preview", summary="The resolved messages of the first recipients; nothing is sent")
+    async def preview(
+        self, request: Request, state: State, broadcast_id: uuid.UUID,
+        limit: Annotated[int, Parameter(ge=1, le=10)] = 10,
+    ) -> Preview:
+        items = await previews.preview(state.services.pool, request.user.tenant_id, broadcast_id, limit)
+        return Preview(items=[PreviewMessage(**msgspec.structs.asdict(i)) for i in items])
+
+    @post("/{broadcast_id:uuid}/test", guards=[require_write], status_code=200,
+          summary="Send the content now to a few addresses, as a test (not counted)")
+    async def test_send(self, request: Request, state: State, broadcast_id: uuid.UUID, data: TestSendIn) -> TestSent:
+        if not data.emails and not data.contact_ids:
+            raise Invalid("emails", "give at least one address in emails or contact_ids")
+        for i, email in enumerate(data.emails):
+            if reason := email_problem(email):
+                raise Invalid(f"emails[{i}]", reason)
+        results = await previews.test_send(
+            state.services.pool, actor_of(request), broadcast_id, data.emails, data.contact_ids,
+            state.services.clock(),
+        )
+        return TestSent(results=[TestResult(address=a, ok=ok, error=e) for a, ok, e in results])

@@ -7,7 +7,7 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from shared import service
+from shared import audience, service
 from shared.domain import broadcast as b
 from shared.domain.errors import Invalid, NotFound
 from shared.views import broadcasts as view
@@ -94,10 +94,18 @@ def _address_problem(value: str) -> str | None:
     return None
 
 
-async def create(pool: asyncpg.Pool, actor: Actor, command: b.CreateBroadcast) -> view.BroadcastRow:
+async def create(
+    pool: asyncpg.Pool, actor: Actor, command: b.CreateBroadcast, then: b.ScheduleBroadcast | None = None
+) -> view.BroadcastRow:
+    """Create a draft, and with `then` schedule it in the same transaction (both or neither)."""
     check_content(command.content)
     async with pool.acquire() as con:
         await check_references(con, actor.tenant_id, command.channel, command.list_id, command.provider_id)
+        if then is not None:
+            stream = b.stream_name(command.broadcast_id)
+            async with con.transaction():
+                await service.handle(pool, DECIDER, stream, command, actor.metadata(), INLINE, con=con)
+                await service.handle(pool, DECIDER, stream, then, actor.metadata(), INLINE, con=con)
     row = await run(pool, actor, command.broadcast_id, command)
     if row is None:  # the id belongs to another tenant's (or a deleted) broadcast
         raise NotFound("broadcast not found")
@@ -129,16 +137,20 @@ async def delete(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: 
 
 
 async def send(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: datetime) -> tuple[view.BroadcastRow, int]:
-    """Start a run; returns the broadcast and how many recipients were queued."""
+    """Start a top-up run (only members not reached yet); returns the broadcast and how many were queued.
+
+    Nobody left to reach: `queued` is 0 and the status does not change."""
     async with pool.acquire() as con:
         current = await view.get(con, actor.tenant_id, broadcast_id)
         if current is None:
             raise NotFound("broadcast not found")
+        if current.status in (b.Status.QUEUED, b.Status.SENDING):
+            return current, 0  # a retried send: the run under way is the answer
         # Checked again at send: the list or provider may have been deleted since the broadcast was saved.
         await check_references(con, actor.tenant_id, current.channel, current.list_id, current.provider_id)
-        audience = await audience_size(con, current.list_id) if current.list_id else 0
+        left = await _remaining(con, current) if current.list_id else 0
     outcome = await service.handle(
-        pool, DECIDER, b.stream_name(broadcast_id), b.SendBroadcast(audience_size=audience, at=at),
+        pool, DECIDER, b.stream_name(broadcast_id), b.SendBroadcast(audience_size=left, at=at),
         actor.metadata(), INLINE,
     )
     async with pool.acquire() as con:
@@ -148,9 +160,53 @@ async def send(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: da
     return row, started[0].data["audience_size"] if started else 0
 
 
-async def audience_size(con: asyncpg.Connection, list_id: uuid.UUID) -> int:
-    return await con.fetchval(
-        """SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
-           WHERE m.list_id = $1 AND c.email IS NOT NULL""",
-        list_id,
+async def _remaining(con: asyncpg.Connection, row: view.BroadcastRow) -> int:
+    assert row.list_id is not None
+    _, left = await audience.remaining(con, row.id, row.list_id, audience.reached_runs(row.reset_run, row.run))
+    return left
+
+
+async def audience_of(con: asyncpg.Connection, row: view.BroadcastRow) -> tuple[int, int] | None:
+    """(audience_total, remaining) of a broadcast with a list."""
+    if row.list_id is None:
+        return None
+    return await audience.remaining(con, row.id, row.list_id, audience.reached_runs(row.reset_run, row.run))
+
+
+async def schedule(
+    pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.ScheduleBroadcast
+) -> view.BroadcastRow:
+    row = await run(pool, actor, broadcast_id, command)
+    assert row is not None
+    return row
+
+
+async def fire(pool: asyncpg.Pool, broadcast_id: uuid.UUID, occurrence_at: datetime, at: datetime) -> bool:
+    """The scheduler's command: start the run due at `occurrence_at` (once, whoever calls it)."""
+    async with pool.acquire() as con:
+        row = await con.fetchrow(
+            f"SELECT {view._ROW} FROM broadcasts WHERE id = $1 AND NOT deleted", broadcast_id
+        )
+        if row is None:
+            return False
+        current = view.BroadcastRow(**dict(row))
+        recurring = bool(current.schedule and current.schedule.get("recurrence"))
+        if current.list_id is None:
+            size = 0
+        elif recurring:  # each occurrence goes to the whole current audience
+            size, _ = await audience.remaining(con, current.id, current.list_id, [])
+        else:
+            size = await _remaining(con, current)
+    meta = {"tenant_id": str(current.tenant_id), "actor": "scheduler"}
+    outcome = await service.handle(
+        pool, DECIDER, b.stream_name(broadcast_id),
+        b.FireOccurrence(occurrence_at=occurrence_at, audience_size=size, at=at), meta, INLINE,
     )
+    return bool(outcome.events)
+
+
+async def transition(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.Command) -> view.BroadcastRow:
+    """pause, resume, cancel, stop, reset: the decider says whether the status allows it."""
+    row = await run(pool, actor, broadcast_id, command)
+    assert row is not None
+    return row

@@ -22,7 +22,7 @@ CREATE TABLE batches (
     seq          integer  NOT NULL,
     contact_ids  bigint[] NOT NULL,
     addresses    text[]   NOT NULL,
-    status       text     NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'sending', 'done')),
+    status       text     NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'sending', 'done', 'dropped')),
     attempts     integer  NOT NULL DEFAULT 0,
     sent         integer  NOT NULL DEFAULT 0,
     failed       integer  NOT NULL DEFAULT 0,
@@ -32,7 +32,7 @@ CREATE TABLE batches (
 -- Uncompressed: pglz on these arrays tripled the planner's insert time (measured, 1M recipients), and
 -- a row is read whole or not at all.
 ALTER TABLE batches ALTER COLUMN contact_ids SET STORAGE EXTERNAL, ALTER COLUMN addresses SET STORAGE EXTERNAL;
-CREATE INDEX batches_unfinished ON batches (broadcast_id, run) WHERE status <> 'done';
+CREATE INDEX batches_unfinished ON batches (broadcast_id, run) WHERE status IN ('queued', 'sending');
 
 -- The ledger: one row per recipient, channel and run, once the recipient was attempted.
 -- It decides who was sent, not the JetStream ack.

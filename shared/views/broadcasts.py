@@ -59,6 +59,43 @@ class BroadcastsView:
                 )
             case b.BroadcastStarted():
                 await self._set_status(con, broadcast_id, event, b.Status.QUEUED, decoded.at, run=decoded.run)
+                # A one-off schedule is used up; a recurring one stays (its next time is set at the run's end).
+                await con.execute(
+                    """UPDATE broadcasts SET scheduled_at = NULL, resumes = 0,
+                           schedule = CASE WHEN schedule ? 'recurrence' AND schedule->'recurrence' <> 'null'
+                                           THEN schedule END
+                       WHERE id = $1""",
+                    broadcast_id,
+                )
+            case b.BroadcastScheduled():
+                await self._set_status(con, broadcast_id, event, b.Status.SCHEDULED, decoded.at)
+                await con.execute(
+                    "UPDATE broadcasts SET scheduled_at = $2, schedule = $3 WHERE id = $1",
+                    broadcast_id, decoded.scheduled_at, msgspec.to_builtins(decoded.schedule),
+                )
+            case b.OccurrenceSkipped():
+                await self._set_status(con, broadcast_id, event, b.Status.DRAFT, decoded.at)
+                await self._unschedule(con, broadcast_id)
+            case b.BroadcastPaused():
+                await self._set_status(con, broadcast_id, event, b.Status.PAUSED, decoded.at)
+            case b.BroadcastResumed():
+                status = b.Status.SENDING if await self._snapshotted(con, broadcast_id) else b.Status.QUEUED
+                await self._set_status(con, broadcast_id, event, status, decoded.at)
+                await con.execute("UPDATE broadcasts SET resumes = $2 WHERE id = $1", broadcast_id, decoded.resumes)
+            case b.BroadcastCancelled():
+                await self._set_status(con, broadcast_id, event, b.Status.CANCELLED, decoded.at)
+                await self._unschedule(con, broadcast_id)
+            case b.BroadcastStopped():
+                await self._set_status(con, broadcast_id, event, b.Status.DRAFT, decoded.at)
+                await self._unschedule(con, broadcast_id)
+            case b.BroadcastReset():
+                await self._set_status(con, broadcast_id, event, b.Status.DRAFT, decoded.at)
+                await self._unschedule(con, broadcast_id)
+                await con.execute(
+                    "UPDATE broadcasts SET reset_run = $2 WHERE id = $1", broadcast_id, decoded.through_run
+                )
+            case b.TestSent():
+                await con.execute("UPDATE broadcasts SET version = $2 WHERE id = $1", broadcast_id, event.position)
             case b.AudienceSnapshotted():
                 await self._set_status(con, broadcast_id, event, b.Status.SENDING, decoded.at)
             case b.BroadcastCompleted():
@@ -85,6 +122,18 @@ class BroadcastsView:
             broadcast_id, status.value, event.position, at, run,
         )
 
+    @staticmethod
+    async def _unschedule(con: asyncpg.Connection, broadcast_id: str) -> None:
+        await con.execute("UPDATE broadcasts SET scheduled_at = NULL, schedule = NULL WHERE id = $1", broadcast_id)
+
+    @staticmethod
+    async def _snapshotted(con: asyncpg.Connection, broadcast_id: str) -> bool:
+        return bool(await con.fetchval(
+            """SELECT true FROM events WHERE stream_name = $1 AND type = 'AudienceSnapshotted'
+                 AND (data->>'run')::int = (SELECT run FROM broadcasts WHERE id = $2) LIMIT 1""",
+            f"{b.CATEGORY}-{broadcast_id}", uuid.UUID(broadcast_id),
+        ))
+
     async def clear(self, con: asyncpg.Connection) -> None:
         await con.execute("TRUNCATE broadcasts")
 
@@ -100,12 +149,19 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
     provider_id: uuid.UUID | None
     content: dict
     run: int
+    reset_run: int
+    resumes: int
+    scheduled_at: datetime | None
+    schedule: dict | None
     version: int
     created_at: datetime
     updated_at: datetime
 
 
-_ROW = "id, tenant_id, name, channel, status, list_id, provider_id, content, run, version, created_at, updated_at"
+_ROW = (
+    "id, tenant_id, name, channel, status, list_id, provider_id, content, run, reset_run, resumes, scheduled_at, "
+    "schedule, version, created_at, updated_at"
+)
 
 
 async def get(con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: uuid.UUID) -> BroadcastRow | None:

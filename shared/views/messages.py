@@ -1,5 +1,6 @@
 """The per-recipient message records of a broadcast: the ledger, plus the recipients of batches
-that have not reached them yet (status `queued`), so every recipient has a record from the start."""
+that have not reached them yet (status `queued`, or `dropped` once the run was cancelled or
+stopped), so every recipient has a record from the start."""
 from __future__ import annotations
 
 import uuid
@@ -25,7 +26,10 @@ _RECORDS = """
     SELECT run, contact_id, channel, address, status, attempts::int, error, provider_message_id, sent_at
     FROM messages WHERE broadcast_id = $1
     UNION ALL
-    SELECT bt.run, q.contact_id, b.channel, q.address, 'queued', 0, NULL, NULL, NULL
+    SELECT bt.run, q.contact_id, b.channel, q.address,
+           CASE WHEN bt.status <> 'dropped' AND b.run = bt.run AND b.status IN ('queued', 'sending', 'paused')
+                THEN 'queued' ELSE 'dropped' END,
+           0, NULL, NULL, NULL
     FROM batches bt
     JOIN broadcasts b ON b.id = bt.broadcast_id
     CROSS JOIN LATERAL unnest(bt.contact_ids, bt.addresses) AS q(contact_id, address)

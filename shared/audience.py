@@ -1,0 +1,56 @@
+"""Who a broadcast's next run goes to: its list's members with an address for the channel, minus
+(for a top-up) those already reached by runs since its last reset."""
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+
+def reached_runs(reset_run: int, through_run: int) -> list[int]:
+    """The runs whose `sent` messages count as reached: after the last reset, up to `through_run`."""
+    return list(range(reset_run + 1, through_run + 1))
+
+
+def not_reached_clause(member: str, broadcast_param: int, runs_param: int) -> str:
+    """SQL: the member `member` (a contact id expression) has no `sent` message in those runs.
+
+    `run = ANY(...)` keeps the lookup on the ledger's primary key (broadcast_id, run, contact_id)."""
+    return (
+        f"NOT EXISTS (SELECT 1 FROM messages x WHERE x.broadcast_id = ${broadcast_param} "
+        f"AND x.run = ANY(${runs_param}::int[]) AND x.contact_id = {member} AND x.status = 'sent')"
+    )
+
+
+async def remaining(
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, runs: list[int]
+) -> tuple[int, int]:
+    """(audience_total, remaining): members with an email, and those of them not reached in `runs`."""
+    total = await con.fetchval(
+        """SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
+           WHERE m.list_id = $1 AND c.email IS NOT NULL""",
+        list_id,
+    )
+    if not runs:
+        return total, total
+    left = await con.fetchval(
+        f"""SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
+            WHERE m.list_id = $1 AND c.email IS NOT NULL AND {not_reached_clause('m.contact_id', 2, 3)}""",
+        list_id, broadcast_id, runs,
+    )
+    return total, left
+
+
+async def first_recipients(
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, runs: list[int], limit: int
+) -> list[asyncpg.Record]:
+    """The first `limit` recipients the next run would send to, in the planner's order."""
+    reached = f"AND {not_reached_clause('c.id', 3, 4)}" if runs else ""
+    args: list[object] = [list_id, limit] + ([broadcast_id, runs] if runs else [])
+    return await con.fetch(
+        f"""SELECT c.id, c.email, c.external_id, c.email, c.phone, c.locale, c.attributes::text
+            FROM list_members m JOIN contacts c ON c.id = m.contact_id
+            WHERE m.list_id = $1 AND c.email IS NOT NULL {reached}
+            ORDER BY m.contact_id LIMIT $2""",
+        *args,
+    )
