@@ -1,4 +1,4 @@
-"""The API replica's run-once background tasks (relay, projector), each under a leader lock."""
+"""The API replica's run-once background tasks (relay, projector, scheduler, progress), each under a leader lock."""
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +9,9 @@ from api_service.services import Services
 from shared.leader import run_as_leader
 from shared.logging import get_logger
 from shared.projections import Projection, run_projector
+from shared.progress import publish_progress
 from shared.relay import run_relay
+from shared.scheduler import run_scheduler
 from shared.views.counters import CountersView
 
 log = get_logger(__name__)
@@ -30,9 +32,17 @@ def start_background_tasks(services: Services) -> list[asyncio.Task]:
     async def projector(con: asyncpg.Connection) -> None:
         await run_projector(services.pool, con, async_projections(), poll)
 
+    async def scheduler(_: asyncpg.Connection) -> None:
+        await run_scheduler(services.pool, services.clock)
+
+    async def progress(_: asyncpg.Connection) -> None:
+        await publish_progress(services.pool, services.nats, services.names)
+
     return [
+        asyncio.create_task(run_as_leader(dsn, "progress", progress), name="progress"),
         asyncio.create_task(run_as_leader(dsn, "relay", relay), name="relay"),
         asyncio.create_task(run_as_leader(dsn, "projector", projector), name="projector"),
+        asyncio.create_task(run_as_leader(dsn, "scheduler", scheduler), name="scheduler"),
     ]
 
 

@@ -111,7 +111,7 @@ def _from_http(exc: HTTPException) -> ProblemDetailsException:
 def _from_domain(exc: DomainError) -> ProblemDetailsException:
     match exc:
         case WrongStatus():
-            return problem(409, str(exc), "wrong_status", status=exc.status)
+            return problem(409, str(exc), "wrong_status", current_status=exc.status)
         case Invalid():
             return invalid(exc.field, exc.reason)
         case NotFound():

@@ -84,11 +84,11 @@ async def _snapshot_chunk(
     # Two plain index lookups, not one join: right after a bulk import the statistics are stale and
     # the join was planned as a hash join over every contact, 1 s a chunk instead of 20 ms (measured).
     runs = plan.reached_runs
-    not_reached = f"AND {audience.not_reached_clause('contact_id', 4, 5)}" if runs else ""
+    not_reached = f"AND {audience.not_reached_clause('lm.contact_id', 4, 5)}" if runs else ""
     member_ids = await con.fetchval(
         f"""SELECT array_agg(contact_id) FROM (
-                SELECT contact_id FROM list_members WHERE list_id = $1 AND contact_id > $2 {not_reached}
-                ORDER BY contact_id LIMIT $3) m""",
+                SELECT lm.contact_id FROM list_members lm WHERE lm.list_id = $1 AND lm.contact_id > $2 {not_reached}
+                ORDER BY lm.contact_id LIMIT $3) m""",
         plan.started.list_id,
         after,
         READ_CHUNK,

@@ -13,7 +13,8 @@ def reached_runs(reset_run: int, through_run: int) -> list[int]:
 
 
 def not_reached_clause(member: str, broadcast_param: int, runs_param: int) -> str:
-    """SQL: the member `member` (a contact id expression) has no `sent` message in those runs.
+    """SQL: the member `member` (a qualified contact id column: an unqualified `contact_id` would
+    bind to the subquery's own column) has no `sent` message in those runs.
 
     `run = ANY(...)` keeps the lookup on the ledger's primary key (broadcast_id, run, contact_id)."""
     return (

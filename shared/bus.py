@@ -40,6 +40,10 @@ class Names:
     def events_all(self) -> str:
         return f"{self._subject}crier.events.>"
 
+    def progress_subject(self, tenant: str, broadcast_id: str) -> str:
+        """Live progress of one broadcast (core NATS, not stored in a stream)."""
+        return f"{self._subject}crier.progress.{tenant}.broadcast.{broadcast_id}"
+
     def job_subject(self, channel: str) -> str:
         return f"{self._subject}crier.jobs.{channel}"
 

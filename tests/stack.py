@@ -9,7 +9,8 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from litestar.testing import AsyncTestClient
+import httpx
+import uvicorn
 
 from api_service.app import create_app
 from sender_service.main import run_sender
@@ -20,7 +21,7 @@ from shared.settings import Settings
 class Api:
     """A thin client that raises on unexpected statuses, so tests read as the steps a user takes."""
 
-    def __init__(self, client: AsyncTestClient, token: str) -> None:
+    def __init__(self, client: httpx.AsyncClient, token: str) -> None:
         self.client, self.headers = client, {"Authorization": f"Bearer {token}"}
 
     async def call(self, method: str, path: str, expect: int | tuple[int, ...] = (200, 201, 202, 204), **kw: Any) -> Any:
@@ -60,8 +61,30 @@ async def api_for(settings: Settings) -> AsyncIterator[Api]:
     tenant = await tenants.create_tenant(con, "e2e")
     token = (await tenants.create_token(con, tenant.id, "write")).token
     await con.close()
-    async with AsyncTestClient(app=create_app(settings)) as client:
+    async with served(create_app(settings)) as base_url, httpx.AsyncClient(base_url=base_url, timeout=60) as client:
         yield Api(client, token)
+
+
+@asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """Serve the app over loopback HTTP in this event loop, as `crier api` would, and yield its URL.
+
+    A real server rather than an in-process test transport: the transport runs each request to
+    completion while the caller's loop waits, which stalls in-process senders and makes a
+    streaming response (SSE) impossible to read while it streams."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # start-up failed: raise its error
+            raise RuntimeError("API server stopped during start-up")
+        await asyncio.sleep(0.02)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
 
 
 @asynccontextmanager

@@ -1,13 +1,16 @@
 """/v1/broadcasts: create, edit, delete, read, and the event history of one broadcast."""
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.datastructures import State
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.params import Parameter
 
 from api_service.auth import require_write
@@ -29,7 +32,7 @@ from api_service.schemas import (
     TestSendIn,
     TestSent,
 )
-from shared import eventstore
+from shared import eventstore, progress
 from shared.domain import broadcast as b
 from shared.handlers import broadcasts as handlers
 from shared.domain.errors import Invalid
@@ -38,7 +41,7 @@ from shared.tenants import Principal
 from shared.handlers import previews
 from shared.views import broadcasts as view
 from shared.views import messages as messages_view
-from shared.views.counters import Counters, counters_of
+from shared.views.counters import Counters, counters_of, shown
 
 Limit = Annotated[int, Parameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, Parameter(ge=0)]
@@ -54,11 +57,7 @@ def to_response(
     row: view.BroadcastRow, counters: Counters | None = None, audience: tuple[int, int] | None = None
 ) -> Broadcast:
     data = msgspec.to_builtins(row)
-    c = counters or Counters()
-    unsent = max(c.total - c.sent - c.failed, 0)
-    active = row.status in {s.value for s in b.ACTIVE}
-    data["counters"] = {"total": c.total, "sent": c.sent, "failed": c.failed,
-                        "queued": unsent if active else 0, "dropped": 0 if active else unsent}
+    data["counters"] = shown(counters, row.status)
     schedule = row.schedule or None
     recurrence = (schedule or {}).get("recurrence")
     data["recurring"] = bool(recurrence)
@@ -263,3 +262,28 @@ class BroadcastController(Controller):
             state.services.clock(),
         )
         return TestSent(results=[TestResult(address=a, ok=ok, error=e) for a, ok, e in results])
+
+    @get("/{broadcast_id:uuid}/progress", summary="Server-Sent Events: status and counters as they change")
+    async def progress_stream(self, request: Request, state: State, broadcast_id: uuid.UUID) -> ServerSentEvent:
+        pool, tenant_id = state.services.pool, request.user.tenant_id
+        async with pool.acquire() as con:
+            if await progress.snapshot(con, tenant_id, broadcast_id) is None:
+                raise problem(404, "broadcast not found")
+
+        async def updates() -> AsyncIterator[ServerSentEventMessage]:
+            last = None
+            while True:
+                async with pool.acquire() as con:
+                    snap = await progress.snapshot(con, tenant_id, broadcast_id)
+                if snap is None:  # deleted meanwhile
+                    return
+                final = snap["status"] in progress.FINAL
+                if snap != last or final:
+                    last = snap
+                    yield ServerSentEventMessage(event="finished" if final else "progress",
+                                                 data=msgspec.json.encode(snap).decode())
+                if final:
+                    return
+                await asyncio.sleep(progress.INTERVAL_S)
+
+        return ServerSentEvent(updates())

@@ -93,3 +93,16 @@ async def counters_of(con: asyncpg.Connection, broadcast_ids: list[uuid.UUID]) -
         r["broadcast_id"]: Counters(r["total"], max(r["total"] - r["sent"] - r["failed"], 0), r["sent"], r["failed"])
         for r in rows
     }
+
+
+_ACTIVE = frozenset(s.value for s in b.ACTIVE)
+
+
+def shown(counters: Counters | None, status: str) -> dict[str, int]:
+    """Counters as users see them: while a run is active its unsent messages are `queued`; once it
+    was cancelled or stopped they are `dropped`."""
+    c = counters or Counters()
+    unsent = max(c.total - c.sent - c.failed, 0)
+    active = status in _ACTIVE
+    return {"total": c.total, "queued": unsent if active else 0, "sent": c.sent, "failed": c.failed,
+            "dropped": 0 if active else unsent}

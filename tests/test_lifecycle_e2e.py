@@ -1,0 +1,209 @@
+"""The lifecycle on the real stack (API, relay, planner, workers, SMTP peer): pause/resume, cancel,
+stop, top-up, reset, preview, test sends, idempotency keys and live progress, with exact counts."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import msgspec
+
+from tests.smtp_peer import SmtpPeer
+from tests.stack import Api, api_for, sender_in_process
+from tests.test_send_e2e import audience, smtp_broadcast
+
+FINISHED = {"completed", "partially_failed", "failed", "cancelled"}
+
+
+async def wait_for(api: Api, broadcast_id: str, predicate, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await api.get(f"/v1/broadcasts/{broadcast_id}")
+        if predicate(got):
+            return got
+        assert time.monotonic() < deadline, f"gave up waiting: {got}"
+        await asyncio.sleep(0.05)
+
+
+async def settled(api: Api, broadcast_id: str) -> dict:
+    """The broadcast once no batch is in flight: nothing claimed but unfinished in the ledger, and
+    the counters equal to the ledger, twice in a row."""
+    previous = None
+    while True:
+        got = await api.get(f"/v1/broadcasts/{broadcast_id}")
+        ledger = {
+            status: (await api.get(f"/v1/broadcasts/{broadcast_id}/messages", params={"status": status, "limit": 1}))[
+                "total"]
+            for status in ("sending", "sent", "failed")
+        }
+        c = got["counters"]
+        quiet = ledger["sending"] == 0 and (ledger["sent"], ledger["failed"]) == (c["sent"], c["failed"])
+        if quiet and got == previous:
+            return got
+        previous = got if quiet else None
+        await asyncio.sleep(0.5)
+
+
+def once_each(peer: SmtpPeer) -> Counter:
+    per_address = Counter(a for r in peer.received for a in r.rcpt_tos)
+    assert set(per_address.values()) <= {1}, [a for a, n in per_address.items() if n > 1][:5]
+    return per_address
+
+
+async def test_pause_keeps_unsent_messages_and_resume_sends_each_exactly_once(settings):
+    n = 2000
+    with SmtpPeer(delay=0.003) as peer:
+        async with api_for(settings) as api, sender_in_process(settings):
+            list_id = await audience(api, n)
+            broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=50)
+            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            await wait_for(api, broadcast_id, lambda b: b["status"] == "sending" and b["counters"]["sent"] >= 200)
+
+            paused = await api.post(f"/v1/broadcasts/{broadcast_id}/pause")
+            assert paused["status"] == "paused"
+            again = await api.post(f"/v1/broadcasts/{broadcast_id}/pause")  # idempotent
+            assert again["status"] == "paused"
+            during = await settled(api, broadcast_id)
+            assert during["status"] == "paused"
+            assert 0 < during["counters"]["sent"] < n and during["counters"]["queued"] == n - during["counters"]["sent"]
+            assert len(peer.received) == during["counters"]["sent"]  # nothing goes out while paused
+
+            resumed = await api.post(f"/v1/broadcasts/{broadcast_id}/resume")
+            assert resumed["status"] == "sending"
+            done = await api.wait_for_status(broadcast_id, FINISHED, timeout=120)
+
+    assert done["status"] == "completed"
+    assert done["counters"] == {"total": n, "queued": 0, "sent": n, "failed": 0, "dropped": 0}
+    assert len(once_each(peer)) == n
+
+
+async def test_cancel_drops_unsent_messages_and_a_top_up_reaches_only_the_rest(settings):
+    n = 1500
+    with SmtpPeer(delay=0.003) as peer:
+        async with api_for(settings) as api, sender_in_process(settings):
+            list_id = await audience(api, n)
+            broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=50)
+            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            await wait_for(api, broadcast_id, lambda b: b["counters"]["sent"] >= 100)
+
+            cancelled = await api.post(f"/v1/broadcasts/{broadcast_id}/cancel")
+            assert cancelled["status"] == "cancelled"
+            after = await settled(api, broadcast_id)
+            reached = once_each(peer)
+            c = after["counters"]
+            assert after["status"] == "cancelled"
+            assert c["sent"] == len(reached) < n and c["queued"] == 0 and c["dropped"] == n - c["sent"]
+            assert after["remaining"] == n - c["sent"] and after["audience_total"] == n
+            dropped = await api.get(f"/v1/broadcasts/{broadcast_id}/messages", params={"status": "dropped"})
+            assert dropped["total"] == c["dropped"]
+
+            # A top-up sends to exactly those the cancelled run did not reach.
+            top_up = await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            assert top_up["queued"] == n - c["sent"] and top_up["run"] == 2
+            done = await api.wait_for_status(broadcast_id, FINISHED - {"cancelled"}, timeout=120)
+            nobody_left = await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            final = await api.get(f"/v1/broadcasts/{broadcast_id}")
+
+    assert done["status"] == "completed"
+    assert len(once_each(peer)) == n  # everyone exactly once over the two runs
+    assert nobody_left == {"status": "completed", "queued": 0, "run": 2}
+    assert final["status"] == "completed" and final["remaining"] == 0
+
+
+async def test_stop_returns_to_draft_and_reset_clears_the_reached_set(settings):
+    n = 300
+    with SmtpPeer() as peer:
+        async with api_for(settings) as api, sender_in_process(settings):
+            list_id = await audience(api, n)
+            broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=50)
+            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            await api.wait_for_status(broadcast_id, {"completed"}, timeout=60)
+            refused = await api.call("POST", f"/v1/broadcasts/{broadcast_id}/stop", expect=409)
+            assert refused["status"] == 409 and refused["current_status"] == "completed"
+
+            reset = await api.post(f"/v1/broadcasts/{broadcast_id}/reset")
+            assert reset["status"] == "draft" and reset["remaining"] is None or reset["status"] == "draft"
+            assert (await api.get(f"/v1/broadcasts/{broadcast_id}"))["remaining"] == n
+            again = await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            assert again["queued"] == n and again["run"] == 2
+            stopped = await api.post(f"/v1/broadcasts/{broadcast_id}/stop")
+            assert stopped["status"] == "draft"
+            await settled(api, broadcast_id)
+            history = [e["type"] for e in (await api.get(f"/v1/broadcasts/{broadcast_id}/events"))["items"]]
+
+    received = Counter(a for r in peer.received for a in r.rcpt_tos)
+    assert len(received) == n and set(received.values()) <= {1, 2}  # run 2 was stopped part-way, or not
+    assert history[:6] == ["BroadcastCreated", "BroadcastStarted", "AudienceSnapshotted", "BroadcastCompleted",
+                           "BroadcastReset", "BroadcastStarted"]
+    assert "BroadcastStopped" in history
+
+
+async def test_preview_resolves_messages_and_a_test_send_is_not_counted(settings):
+    with SmtpPeer() as peer:
+        async with api_for(settings) as api:
+            list_id = await audience(api, 20)
+            broadcast_id = await smtp_broadcast(api, peer, list_id)
+            preview = await api.get(f"/v1/broadcasts/{broadcast_id}/preview", params={"limit": 3})
+            too_many = await api.call("GET", f"/v1/broadcasts/{broadcast_id}/preview", params={"limit": 11},
+                                      expect=422)
+            sent = await api.post(f"/v1/broadcasts/{broadcast_id}/test",
+                                  {"emails": ["me@example.com"], "contact_ids": [preview["items"][0]["contact_id"]]})
+            bad = await api.call("POST", f"/v1/broadcasts/{broadcast_id}/test", json={"emails": ["nope"]}, expect=422)
+            got = await api.get(f"/v1/broadcasts/{broadcast_id}")
+            history = [e["type"] for e in (await api.get(f"/v1/broadcasts/{broadcast_id}/events"))["items"]]
+
+    items = preview["items"]
+    assert len(items) == 3 and [i["contact_id"] for i in items] == sorted(i["contact_id"] for i in items)
+    for item in items:  # each resolved with its own variables, escaped in HTML only
+        n = int(item["address"].removeprefix("person").split("@")[0])
+        assert item["subject"] == f"Hi Ann<{n}>" and item["channel"] == "email"
+        assert f"Hello Ann&lt;{n}&gt;, plan {'pro' if n % 2 else 'free'}" in item["html"]
+    assert too_many["errors"][0]["field"] == "limit"
+    first = items[0]["address"]
+    assert sorted(r["address"] for r in sent["results"]) == sorted(["me@example.com", first])
+    assert all(r["ok"] for r in sent["results"])
+    assert sorted(a for r in peer.received for a in r.rcpt_tos) == sorted(["me@example.com", first])
+    assert all(r.subject.startswith("[Test] ") for r in peer.received)
+    assert bad["errors"][0]["field"] == "emails[0]"
+    assert got["status"] == "draft" and got["counters"]["total"] == 0 and got["run"] == 0
+    assert history == ["BroadcastCreated", "TestSent"]
+
+
+async def test_an_idempotency_key_returns_the_same_result_and_does_nothing_twice(settings):
+    async with api_for(settings) as api:
+        key = {"Idempotency-Key": "create-1"}
+        body = {"name": "only once", "content": {"subject": "Hi"}}
+        first = await api.client.post("/v1/broadcasts", json=body, headers={**api.headers, **key})
+        second = await api.client.post("/v1/broadcasts", json=body, headers={**api.headers, **key})
+        other = await api.client.post("/v1/broadcasts", json={**body, "name": "else"}, headers={**api.headers, **key})
+        listed = await api.get("/v1/broadcasts")
+
+    assert first.status_code == second.status_code == 201
+    assert first.json() == second.json() and second.headers["idempotent-replayed"] == "true"
+    assert other.status_code == 422 and other.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert listed["total"] == 1
+
+
+async def test_progress_streams_counters_until_the_broadcast_finishes(settings):
+    n = 400
+    with SmtpPeer(delay=0.001) as peer:
+        async with api_for(settings) as api, sender_in_process(settings):
+            list_id = await audience(api, n)
+            broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=50)
+            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            updates = []
+            async with api.client.stream("GET", f"/v1/broadcasts/{broadcast_id}/progress",
+                                         headers=api.headers) as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                event = None
+                async for line in stream.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line.split(":", 1)[1].strip()
+                    elif line.startswith("data:"):
+                        updates.append((event, msgspec.json.decode(line.split(":", 1)[1].strip())))
+
+    assert updates[-1][0] == "finished" and updates[-1][1]["status"] == "completed"
+    assert updates[-1][1]["counters"]["sent"] == n
+    sent = [u["counters"]["sent"] for _, u in updates]
+    assert sent == sorted(sent)  # counters only grow
+    assert all(e == "progress" for e, _ in updates[:-1])
