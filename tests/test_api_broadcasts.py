@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 from typing import Any
 
 import pytest
@@ -460,3 +461,117 @@ async def test_an_unsupported_method_is_a_405_problem(api, tenant_tokens):
 async def test_an_unknown_path_is_a_404_problem(api, tenant_tokens):
     response = await api.get("/v1/no-such-thing", headers=bearer(tenant_tokens.a_read))
     assert_problem(response, 404, "not_found")
+
+
+# ---- schedule ----
+
+
+async def test_create_with_scheduled_at_is_scheduled_at_once(api, tenant_tokens):
+    created = await create_broadcast(api, tenant_tokens.a_write, scheduled_at="2099-01-02T09:00:00Z")
+
+    assert created["status"] == "scheduled"
+    assert parse_time(created["scheduled_at"]) == parse_time("2099-01-02T09:00:00+00:00")
+    assert created["recurring"] is False and created["next_run_at"] is None
+
+
+async def test_a_local_scheduled_at_is_read_in_the_given_timezone(api, tenant_tokens):
+    created = await create_broadcast(api, tenant_tokens.a_write, scheduled_at="2099-07-04T09:00:00",
+                                     timezone="America/New_York")
+
+    assert parse_time(created["scheduled_at"]) == parse_time("2099-07-04T13:00:00+00:00")  # 09:00 EDT
+    assert created["schedule"]["timezone"] == "America/New_York"
+
+
+@pytest.mark.parametrize("when", ["2001-01-01T00:00:00Z", "2001-01-01T00:00:00"])
+async def test_create_with_a_time_in_the_past_is_a_422_and_creates_nothing(api, tenant_tokens, when):
+    before = await list_total(api, tenant_tokens.a_write)
+
+    response = await api.post(BROADCASTS, json=new_broadcast(scheduled_at=when), headers=bearer(tenant_tokens.a_write))
+
+    assert error_fields(assert_problem(response, 422)) == ["scheduled_at"]
+    assert await list_total(api, tenant_tokens.a_write) == before
+
+
+async def test_schedule_and_reschedule_a_draft(api, tenant_tokens):
+    draft = await create_broadcast(api, tenant_tokens.a_write)
+    path = f"{BROADCASTS}/{draft['id']}/schedule"
+
+    first = await api.post(path, json={"scheduled_at": "2099-01-02T09:00:00Z"}, headers=bearer(tenant_tokens.a_write))
+    again = await api.post(path, json={"scheduled_at": "2099-01-03T09:00:00Z"}, headers=bearer(tenant_tokens.a_write))
+
+    assert first.status_code == 200 and first.json()["status"] == "scheduled", first.text
+    assert again.status_code == 200, again.text
+    assert parse_time(again.json()["scheduled_at"]) == parse_time("2099-01-03T09:00:00+00:00")
+
+
+async def test_schedule_in_the_past_is_a_422_and_changes_nothing(api, tenant_tokens):
+    draft = await create_broadcast(api, tenant_tokens.a_write)
+
+    response = await api.post(f"{BROADCASTS}/{draft['id']}/schedule", json={"scheduled_at": "2001-01-01T00:00:00Z"},
+                              headers=bearer(tenant_tokens.a_write))
+
+    assert error_fields(assert_problem(response, 422)) == ["scheduled_at"]
+    unchanged = (await api.get(f"{BROADCASTS}/{draft['id']}", headers=bearer(tenant_tokens.a_write))).json()
+    assert unchanged["status"] == "draft" and unchanged["version"] == draft["version"]
+
+
+async def test_recurring_is_scheduled_for_its_next_occurrence(api, tenant_tokens):
+    created = await create_broadcast(api, tenant_tokens.a_write, recurring=True, cron="0 9 * * 1",
+                                     timezone="Europe/Berlin", missed_policy="skip")
+
+    assert created["status"] == "scheduled" and created["recurring"] is True
+    next_run = parse_time(created["next_run_at"])
+    local = next_run.astimezone(ZoneInfo("Europe/Berlin"))
+    assert (local.weekday(), local.hour, local.minute) == (0, 9, 0)
+    assert next_run > datetime.now(timezone.utc)
+    assert created["schedule"] == {"timezone": "Europe/Berlin", "cron": "0 9 * * 1", "missed_policy": "skip",
+                                   "max_lateness_s": 3600}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"recurring": True, "cron": "every monday"}, "cron"),
+        ({"recurring": True, "cron": "0 9 * * 1 2026"}, "cron"),
+        ({"recurring": True, "cron": "0 9 * * 1", "timezone": "Mars/Olympus"}, "timezone"),
+        ({"scheduled_at": "2099-01-01T00:00:00", "timezone": "Nowhere"}, "timezone"),
+        ({"recurring": True}, "cron"),
+        ({"scheduled_at": "2099-01-01T00:00:00Z", "missed_policy": "later"}, "missed_policy"),
+    ],
+)
+async def test_a_bad_schedule_is_a_422_naming_the_field(api, tenant_tokens, fields, field):
+    before = await list_total(api, tenant_tokens.a_write)
+
+    response = await api.post(BROADCASTS, json=new_broadcast(**fields), headers=bearer(tenant_tokens.a_write))
+
+    assert field in error_fields(assert_problem(response, 422))
+    assert await list_total(api, tenant_tokens.a_write) == before
+
+
+async def test_commands_the_status_does_not_allow_are_409_with_the_current_status(api, tenant_tokens):
+    created = await create_broadcast(api, tenant_tokens.a_write)
+    path = f"{BROADCASTS}/{created['id']}"
+    headers = bearer(tenant_tokens.a_write)
+    for command in ("cancel", "pause", "resume"):  # (a reset of a never-sent draft is a no-op, like its retry)
+        response = await api.post(f"{path}/{command}", headers=headers)
+        assert assert_problem(response, 409, "wrong_status")["current_status"] == "draft", command
+
+    await api.post(f"{path}/schedule", json={"scheduled_at": "2099-01-02T09:00:00Z"}, headers=headers)
+    for command in ("pause", "resume", "reset"):
+        response = await api.post(f"{path}/{command}", headers=headers)
+        assert assert_problem(response, 409, "wrong_status")["current_status"] == "scheduled", command
+
+
+async def test_a_scheduled_broadcast_can_be_edited_stopped_and_deleted(api, tenant_tokens):
+    created = await create_broadcast(api, tenant_tokens.a_write, scheduled_at="2099-01-02T09:00:00Z")
+    path = f"{BROADCASTS}/{created['id']}"
+    headers = bearer(tenant_tokens.a_write)
+
+    edited = await api.patch(path, json={"name": "Renamed"}, headers=headers)
+    assert edited.status_code == 200 and edited.json()["status"] == "scheduled", edited.text
+    stopped = await api.post(f"{path}/stop", headers=headers)
+    assert stopped.status_code == 200 and stopped.json()["status"] == "draft", stopped.text
+    assert stopped.json()["scheduled_at"] is None
+    await api.post(f"{path}/schedule", json={"scheduled_at": "2099-01-02T09:00:00Z"}, headers=headers)
+    assert (await api.delete(path, headers=headers)).status_code == 204
+    assert (await api.get(path, headers=headers)).status_code == 404
