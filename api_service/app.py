@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> Litestar:
             yield
         finally:
             await stop_background_tasks(tasks)
-            await nc.drain()
+            await bus.close(nc)
             await pool.close()
 
     return Litestar(

@@ -16,6 +16,8 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = b"idempotency-key"
 MAX_KEY_LENGTH = 255
+KEPT_HOURS = 24  # a key may be reused for another request after this
+ABANDONED_AFTER_S = 300  # a first request without an answer this long ago died with its replica
 
 
 class IdempotencyMiddleware:
@@ -39,9 +41,17 @@ class IdempotencyMiddleware:
         fingerprint = hashlib.sha256(b"POST " + scope["path"].encode() + b"\n" + body).hexdigest()
         pool = scope["app"].state.services.pool
         async with pool.acquire() as con:
+            # A key is free again once it expired, or when its first request was abandoned in
+            # flight (the replica died before storing an answer).
             claimed = await con.fetchval(
-                """INSERT INTO idempotency_keys (tenant_id, key, fingerprint) VALUES ($1, $2, $3)
-                   ON CONFLICT DO NOTHING RETURNING true""",
+                f"""INSERT INTO idempotency_keys (tenant_id, key, fingerprint) VALUES ($1, $2, $3)
+                   ON CONFLICT (tenant_id, key) DO UPDATE
+                       SET fingerprint = EXCLUDED.fingerprint, status_code = NULL, content_type = NULL,
+                           body = NULL, created_at = now()
+                       WHERE idempotency_keys.created_at < now() - interval '{KEPT_HOURS} hours'
+                          OR (idempotency_keys.status_code IS NULL
+                              AND idempotency_keys.created_at < now() - interval '{ABANDONED_AFTER_S} seconds')
+                   RETURNING true""",
                 user.tenant_id, key, fingerprint,
             )
             stored = None if claimed else await con.fetchrow(

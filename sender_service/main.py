@@ -37,7 +37,7 @@ async def run_sender(settings: Settings, stop: asyncio.Event | None = None) -> N
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await nc.drain()
+        await bus.close(nc)
         await pool.close()
         log.info("sender stopped")
 

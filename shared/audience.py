@@ -16,11 +16,22 @@ def not_reached_clause(member: str, broadcast_param: int, runs_param: int) -> st
     """SQL: the member `member` (a qualified contact id column: an unqualified `contact_id` would
     bind to the subquery's own column) has no `sent` message in those runs.
 
-    `run = ANY(...)` keeps the lookup on the ledger's primary key (broadcast_id, run, contact_id)."""
+    It is one probe of the ledger's primary key (broadcast_id, run, contact_id) per member.
+    `OFFSET 0` keeps it that way: without it Postgres turns the NOT EXISTS into an anti-join, and
+    right after a run wrote its ledger the statistics still say the run has no rows, so it planned
+    a nested loop re-scanning the whole run for every member: 187 s to count 100,000 members
+    (measured), 0.25 s as probes."""
     return (
         f"NOT EXISTS (SELECT 1 FROM messages x WHERE x.broadcast_id = ${broadcast_param} "
-        f"AND x.run = ANY(${runs_param}::int[]) AND x.contact_id = {member} AND x.status = 'sent')"
+        f"AND x.run = ANY(${runs_param}::int[]) AND x.contact_id = {member} AND x.status = 'sent' OFFSET 0)"
     )
+
+
+async def member_count(con: asyncpg.Connection, list_id: uuid.UUID) -> int:
+    """The list's size as kept by its triggers: what a first run is accepted with. Counting the
+    members with an address over a million-member list took 4.5 s of the `send` call (measured);
+    the planner's snapshot has the exact figure."""
+    return await con.fetchval("SELECT member_count FROM lists WHERE id = $1", list_id) or 0
 
 
 async def remaining(

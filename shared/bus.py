@@ -77,6 +77,17 @@ async def connect(url: str, name: str) -> NATS:
     )
 
 
+async def close(nc: NATS, timeout_s: float = 5.0) -> None:
+    """Flush what was published, then close. Not `drain()`: by now the consumer tasks have ended,
+    and nats-py's drain of their pull subscriptions ran into its 30 s drain timeout on every
+    shutdown (seen in `crier bench`); unacked jobs are redelivered anyway."""
+    try:
+        await nc.flush(timeout_s)
+    except Exception as exc:  # a dead connection has nothing left to flush
+        log.warning("nats flush on close failed", error=repr(exc))
+    await nc.close()
+
+
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         await js.stream_info(config.name)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 from collections import Counter
 
 import msgspec
 
+from shared import db
 from tests.smtp_peer import SmtpPeer
 from tests.stack import Api, api_for, sender_in_process
 from tests.test_send_e2e import audience, smtp_broadcast
@@ -182,6 +184,37 @@ async def test_an_idempotency_key_returns_the_same_result_and_does_nothing_twice
     assert first.json() == second.json() and second.headers["idempotent-replayed"] == "true"
     assert other.status_code == 422 and other.json()["errors"][0]["field"] == "Idempotency-Key"
     assert listed["total"] == 1
+
+
+async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires_after_a_day(settings):
+    async with api_for(settings) as api:
+        con = await db.connect(settings.database_url)
+        try:
+            tenant_id = await con.fetchval("SELECT id FROM tenants")
+            body = {"name": "keyed", "content": {"subject": "Hi"}}
+
+            async def create(key: str) -> Any:
+                return await api.client.post("/v1/broadcasts", json=body, headers={**api.headers, "Idempotency-Key": key})
+
+            async def first_request(key: str, started_ago: str, answered: bool) -> None:
+                await con.execute(
+                    """INSERT INTO idempotency_keys (tenant_id, key, fingerprint, status_code, body, created_at)
+                       VALUES ($1, $2, 'another request', $3, $4, now() - $5::interval)""",
+                    tenant_id, key, 201 if answered else None, b"{}" if answered else None, started_ago)
+
+            # Given first requests: one still running, one whose replica died 10 minutes ago, one
+            # answered two days ago
+            await first_request("running", "1 second", answered=False)
+            await first_request("abandoned", "10 minutes", answered=False)
+            await first_request("old", "2 days", answered=True)
+
+            running, abandoned, old = await create("running"), await create("abandoned"), await create("old")
+        finally:
+            await con.close()
+
+    assert running.status_code == 409 and running.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert abandoned.status_code == 201 and "idempotent-replayed" not in abandoned.headers
+    assert old.status_code == 201 and "idempotent-replayed" not in old.headers
 
 
 async def test_progress_streams_counters_until_the_broadcast_finishes(settings):

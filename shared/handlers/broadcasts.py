@@ -161,8 +161,12 @@ async def send(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: da
 
 
 async def _remaining(con: asyncpg.Connection, row: view.BroadcastRow) -> int:
+    """How many a top-up run would go to now (with nobody reached yet: the list's member count)."""
     assert row.list_id is not None
-    _, left = await audience.remaining(con, row.id, row.list_id, audience.reached_runs(row.reset_run, row.run))
+    runs = audience.reached_runs(row.reset_run, row.run)
+    if not runs:
+        return await audience.member_count(con, row.list_id)
+    _, left = await audience.remaining(con, row.id, row.list_id, runs)
     return left
 
 
@@ -194,7 +198,7 @@ async def fire(pool: asyncpg.Pool, broadcast_id: uuid.UUID, occurrence_at: datet
         if current.list_id is None:
             size = 0
         elif recurring:  # each occurrence goes to the whole current audience
-            size, _ = await audience.remaining(con, current.id, current.list_id, [])
+            size = await audience.member_count(con, current.list_id)
         else:
             size = await _remaining(con, current)
     meta = {"tenant_id": str(current.tenant_id), "actor": "scheduler"}
