@@ -38,7 +38,7 @@ class IdempotencyMiddleware:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        fingerprint = hashlib.sha256(b"POST " + scope["path"].encode() + b"\n" + body).hexdigest()
+        fingerprint = fingerprint_of(scope["path"], body)
         pool = scope["app"].state.services.pool
         async with pool.acquire() as con:
             # A key is free again once it expired, or when its first request was abandoned in
@@ -95,6 +95,11 @@ class IdempotencyMiddleware:
                            WHERE tenant_id = $1 AND key = $2""",
                         tenant_id, key, status, content_type, b"".join(chunks),
                     )
+
+
+def fingerprint_of(path: str, body: bytes) -> str:
+    """What makes two requests with one key "the same request"."""
+    return hashlib.sha256(b"POST " + path.encode() + b"\n" + body).hexdigest()
 
 
 async def _replay(send: Send, stored: Any, fingerprint: str) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 from collections import Counter
 
 import msgspec
 
+from api_service.idempotency import fingerprint_of
 from shared import db
 from tests.smtp_peer import SmtpPeer
 from tests.stack import Api, api_for, sender_in_process
@@ -191,22 +193,24 @@ async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires
         con = await db.connect(settings.database_url)
         try:
             tenant_id = await con.fetchval("SELECT id FROM tenants")
-            body = {"name": "keyed", "content": {"subject": "Hi"}}
+            body = msgspec.json.encode({"name": "keyed", "content": {"subject": "Hi"}})
 
             async def create(key: str) -> Any:
-                return await api.client.post("/v1/broadcasts", json=body, headers={**api.headers, "Idempotency-Key": key})
+                return await api.client.post("/v1/broadcasts", content=body, headers={
+                    **api.headers, "Idempotency-Key": key, "Content-Type": "application/json"})
 
-            async def first_request(key: str, started_ago: str, answered: bool) -> None:
+            async def first_request(key: str, started_ago: timedelta, answered: bool) -> None:
                 await con.execute(
                     """INSERT INTO idempotency_keys (tenant_id, key, fingerprint, status_code, body, created_at)
-                       VALUES ($1, $2, 'another request', $3, $4, now() - $5::interval)""",
-                    tenant_id, key, 201 if answered else None, b"{}" if answered else None, started_ago)
+                       VALUES ($1, $2, $3, $4, $5, now() - $6::interval)""",
+                    tenant_id, key, fingerprint_of("/v1/broadcasts", body), 201 if answered else None,
+                    b"{}" if answered else None, started_ago)
 
             # Given first requests: one still running, one whose replica died 10 minutes ago, one
             # answered two days ago
-            await first_request("running", "1 second", answered=False)
-            await first_request("abandoned", "10 minutes", answered=False)
-            await first_request("old", "2 days", answered=True)
+            await first_request("running", timedelta(seconds=1), answered=False)
+            await first_request("abandoned", timedelta(minutes=10), answered=False)
+            await first_request("old", timedelta(days=2), answered=True)
 
             running, abandoned, old = await create("running"), await create("abandoned"), await create("old")
         finally:

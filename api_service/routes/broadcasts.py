@@ -11,7 +11,7 @@ import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.response import ServerSentEvent, ServerSentEventMessage
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, Parameter
 
 from api_service.auth import require_write
 from api_service.problems import problem
@@ -111,7 +111,7 @@ class BroadcastController(Controller):
     tags = ["broadcasts"]
 
     @post("/", guards=[require_write], summary="Create a broadcast (in draft)")
-    async def create(self, request: Request, state: State, data: BroadcastCreate) -> Broadcast:
+    async def create(self, request: Request, state: State, data: JSONBody[BroadcastCreate]) -> Broadcast:
         services = state.services
         command = b.CreateBroadcast(
             broadcast_id=uuid.uuid4(),
@@ -138,7 +138,7 @@ class BroadcastController(Controller):
         return Page(items=items, total=total, limit=limit, offset=offset)
 
     @get("/{broadcast_id:uuid}", summary="Get a broadcast")
-    async def get_broadcast(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+    async def get_broadcast(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> Broadcast:
         async with state.services.pool.acquire() as con:
             row = await view.get(con, request.user.tenant_id, broadcast_id)
         if row is None:
@@ -146,7 +146,7 @@ class BroadcastController(Controller):
         return (await with_counters(state.services.pool, [row], audiences=True))[0]
 
     @patch("/{broadcast_id:uuid}", guards=[require_write], summary="Edit a broadcast (draft, scheduled, paused)")
-    async def edit(self, request: Request, state: State, broadcast_id: uuid.UUID, data: BroadcastPatch) -> Broadcast:
+    async def edit(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID], data: JSONBody[BroadcastPatch]) -> Broadcast:
         changes = msgspec.structs.asdict(data)
         if changes.get("content") is not msgspec.UNSET:
             changes["content"] = msgspec.convert(msgspec.to_builtins(data.content), b.ContentChanges)
@@ -155,12 +155,12 @@ class BroadcastController(Controller):
         return (await with_counters(state.services.pool, [row]))[0]
 
     @delete("/{broadcast_id:uuid}", guards=[require_write], summary="Delete a broadcast")
-    async def delete_broadcast(self, request: Request, state: State, broadcast_id: uuid.UUID) -> None:
+    async def delete_broadcast(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> None:
         await handlers.delete(state.services.pool, actor_of(request), broadcast_id, state.services.clock())
 
     @get("/{broadcast_id:uuid}/events", summary="The history of a broadcast: every event, who, when")
     async def history(
-        self, request: Request, state: State, broadcast_id: uuid.UUID, limit: Limit = 500, offset: Offset = 0
+        self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID], limit: Limit = 500, offset: Offset = 0
     ) -> Page[HistoryEvent]:
         async with state.services.pool.acquire() as con:
             if await view.get(con, request.user.tenant_id, broadcast_id) is None:
@@ -181,7 +181,7 @@ class BroadcastController(Controller):
         return Page(items=items, total=len(events), limit=limit, offset=offset)
 
     @post("/{broadcast_id:uuid}/send", guards=[require_write], status_code=202, summary="Send the broadcast now")
-    async def send(self, request: Request, state: State, broadcast_id: uuid.UUID) -> SendAccepted:
+    async def send(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> SendAccepted:
         services = state.services
         row, queued = await handlers.send(services.pool, actor_of(request), broadcast_id, services.clock())
         return SendAccepted(status=row.status, queued=queued, run=row.run)
@@ -191,7 +191,7 @@ class BroadcastController(Controller):
         self,
         request: Request,
         state: State,
-        broadcast_id: uuid.UUID,
+        broadcast_id: FromPath[uuid.UUID],
         status: Annotated[str | None, Parameter(description="queued, sending, sent or failed")] = None,
         limit: Limit = 100,
         offset: Offset = 0,
@@ -205,7 +205,7 @@ class BroadcastController(Controller):
 
     @post("/{broadcast_id:uuid}/schedule", guards=[require_write], status_code=200,
           summary="Schedule or reschedule (one-off at a time, or recurring with a cron)")
-    async def schedule(self, request: Request, state: State, broadcast_id: uuid.UUID, data: ScheduleIn) -> Broadcast:
+    async def schedule(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID], data: JSONBody[ScheduleIn]) -> Broadcast:
         if not wants_schedule(data):
             raise Invalid("scheduled_at", "required unless the broadcast is recurring")
         command = schedule_command(data, state.services.clock())
@@ -218,32 +218,32 @@ class BroadcastController(Controller):
 
     @post("/{broadcast_id:uuid}/pause", guards=[require_write], status_code=200,
           summary="Pause sending; unsent messages are kept")
-    async def pause(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+    async def pause(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> Broadcast:
         return await self._transition(request, state, broadcast_id, b.PauseBroadcast(at=state.services.clock()))
 
     @post("/{broadcast_id:uuid}/resume", guards=[require_write], status_code=200,
           summary="Resume a paused broadcast exactly where it stopped")
-    async def resume(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+    async def resume(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> Broadcast:
         return await self._transition(request, state, broadcast_id, b.ResumeBroadcast(at=state.services.clock()))
 
     @post("/{broadcast_id:uuid}/cancel", guards=[require_write], status_code=200,
           summary="Cancel for good: unsent messages are dropped, recipients reached stay reached")
-    async def cancel(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+    async def cancel(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> Broadcast:
         return await self._transition(request, state, broadcast_id, b.CancelBroadcast(at=state.services.clock()))
 
     @post("/{broadcast_id:uuid}/stop", guards=[require_write], status_code=200,
           summary="Stop and go back to draft: unsent messages are dropped")
-    async def stop(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+    async def stop(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> Broadcast:
         return await self._transition(request, state, broadcast_id, b.StopBroadcast(at=state.services.clock()))
 
     @post("/{broadcast_id:uuid}/reset", guards=[require_write], status_code=200,
           summary="A finished broadcast back to draft, with the reached set cleared")
-    async def reset(self, request: Request, state: State, broadcast_id: uuid.UUID) -> Broadcast:
+    async def reset(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> Broadcast:
         return await self._transition(request, state, broadcast_id, b.ResetBroadcast(at=state.services.clock()))
 
     @get("/{broadcast_id:uuid}/preview", summary="The resolved messages of the first recipients; nothing is sent")
     async def preview(
-        self, request: Request, state: State, broadcast_id: uuid.UUID,
+        self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID],
         limit: Annotated[int, Parameter(ge=1, le=10)] = 10,
     ) -> Preview:
         items = await previews.preview(state.services.pool, request.user.tenant_id, broadcast_id, limit)
@@ -251,7 +251,7 @@ class BroadcastController(Controller):
 
     @post("/{broadcast_id:uuid}/test", guards=[require_write], status_code=200,
           summary="Send the content now to a few addresses, as a test (not counted)")
-    async def test_send(self, request: Request, state: State, broadcast_id: uuid.UUID, data: TestSendIn) -> TestSent:
+    async def test_send(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID], data: JSONBody[TestSendIn]) -> TestSent:
         if not data.emails and not data.contact_ids:
             raise Invalid("emails", "give at least one address in emails or contact_ids")
         for i, email in enumerate(data.emails):
@@ -264,7 +264,7 @@ class BroadcastController(Controller):
         return TestSent(results=[TestResult(address=a, ok=ok, error=e) for a, ok, e in results])
 
     @get("/{broadcast_id:uuid}/progress", summary="Server-Sent Events: status and counters as they change")
-    async def progress_stream(self, request: Request, state: State, broadcast_id: uuid.UUID) -> ServerSentEvent:
+    async def progress_stream(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> ServerSentEvent:
         pool, tenant_id = state.services.pool, request.user.tenant_id
         async with pool.acquire() as con:
             if await progress.snapshot(con, tenant_id, broadcast_id) is None:
