@@ -53,6 +53,40 @@ async def remaining(
     return total, left
 
 
+async def kept_remaining(
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, broadcast_version: int, list_id: uuid.UUID, runs: list[int]
+) -> tuple[int, int]:
+    """`remaining(...)`, kept in audience_counts while the broadcast and the list's membership stay
+    as they are and no batch of the broadcast is unfinished (its ledger could still change).
+
+    Not noticed: a contact's email cleared or set after the figures were kept (the next list or
+    broadcast change recounts)."""
+    members_version = await con.fetchval("SELECT members_version FROM lists WHERE id = $1", list_id)
+    kept = await con.fetchrow(
+        """SELECT total, remaining FROM audience_counts
+           WHERE broadcast_id = $1 AND broadcast_version = $2 AND list_id = $3 AND members_version = $4""",
+        broadcast_id, broadcast_version, list_id, members_version,
+    )
+    if kept is not None:
+        return kept["total"], kept["remaining"]
+    total, left = await remaining(con, broadcast_id, list_id, runs)
+    settled = not await con.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM batches WHERE broadcast_id = $1 AND status IN ('queued', 'sending'))",
+        broadcast_id,
+    )
+    if settled and members_version is not None:
+        await con.execute(
+            """INSERT INTO audience_counts (broadcast_id, broadcast_version, list_id, members_version, total, remaining)
+               VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT (broadcast_id) DO UPDATE SET
+                   broadcast_version = EXCLUDED.broadcast_version, list_id = EXCLUDED.list_id,
+                   members_version = EXCLUDED.members_version, total = EXCLUDED.total,
+                   remaining = EXCLUDED.remaining, computed_at = now()""",
+            broadcast_id, broadcast_version, list_id, members_version, total, left,
+        )
+    return total, left
+
+
 async def first_recipients(
     con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, runs: list[int], limit: int
 ) -> list[asyncpg.Record]:

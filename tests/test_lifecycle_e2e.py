@@ -244,3 +244,22 @@ async def test_progress_streams_counters_until_the_broadcast_finishes(settings):
     sent = [u["counters"]["sent"] for _, u in updates]
     assert sent == sorted(sent)  # counters only grow
     assert all(e == "progress" for e, _ in updates[:-1])
+
+
+async def test_audience_figures_follow_membership_changes(settings):
+    async with api_for(settings) as api:
+        list_id = await audience(api, 5)
+        broadcast = await api.post("/v1/broadcasts", {"name": "a", "list_id": list_id, "content": {"subject": "Hi"}})
+        path = f"/v1/broadcasts/{broadcast['id']}"
+
+        first, again = await api.get(path), await api.get(path)  # counted, then kept
+        extra = await api.post("/v1/contacts", [{"external_id": "x1", "email": "x1@example.com"},
+                                                {"external_id": "x2"}])  # x2 has no address
+        await api.post(f"/v1/lists/{list_id}/members", {"contact_ids": extra["ids"]})
+        grown = await api.get(path)
+        await api.call("DELETE", f"/v1/lists/{list_id}/members", json={"external_ids": ["c0", "c1"]})
+        shrunk = await api.get(path)
+
+    assert (first["audience_total"], first["remaining"]) == (again["audience_total"], again["remaining"]) == (5, 5)
+    assert (grown["audience_total"], grown["remaining"]) == (6, 6)
+    assert (shrunk["audience_total"], shrunk["remaining"]) == (4, 4)

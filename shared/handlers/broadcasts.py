@@ -174,7 +174,8 @@ async def audience_of(con: asyncpg.Connection, row: view.BroadcastRow) -> tuple[
     """(audience_total, remaining) of a broadcast with a list."""
     if row.list_id is None:
         return None
-    return await audience.remaining(con, row.id, row.list_id, audience.reached_runs(row.reset_run, row.run))
+    return await audience.kept_remaining(
+        con, row.id, row.version, row.list_id, audience.reached_runs(row.reset_run, row.run))
 
 
 async def schedule(
