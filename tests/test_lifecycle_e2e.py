@@ -9,9 +9,11 @@ from typing import Any
 from collections import Counter
 
 import msgspec
+import nats
 
 from api_service.idempotency import fingerprint_of
 from shared import db
+from shared.bus import Names
 from tests.smtp_peer import SmtpPeer
 from tests.stack import Api, api_for, sender_in_process
 from tests.test_send_e2e import audience, smtp_broadcast
@@ -223,10 +225,19 @@ async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires
 
 async def test_progress_streams_counters_until_the_broadcast_finishes(settings):
     n = 400
+    nc = await nats.connect(settings.nats_url)
+    published: list[dict] = []
+
+    async def on_progress(msg) -> None:
+        published.append(msgspec.json.decode(msg.data))
+
     with SmtpPeer(delay=0.001) as peer:
         async with api_for(settings) as api, sender_in_process(settings):
             list_id = await audience(api, n)
             broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=50)
+            # Outside subscribers: one tenant's progress subjects on NATS
+            await nc.subscribe(Names(settings.nats_prefix).progress_subject("*", broadcast_id), cb=on_progress)
+            await nc.flush()
             await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
             updates = []
             async with api.client.stream("GET", f"/v1/broadcasts/{broadcast_id}/progress",
@@ -238,12 +249,19 @@ async def test_progress_streams_counters_until_the_broadcast_finishes(settings):
                         event = line.split(":", 1)[1].strip()
                     elif line.startswith("data:"):
                         updates.append((event, msgspec.json.decode(line.split(":", 1)[1].strip())))
+            deadline = time.monotonic() + 10
+            while (not published or published[-1]["status"] != "completed") and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+    await nc.close()
 
     assert updates[-1][0] == "finished" and updates[-1][1]["status"] == "completed"
     assert updates[-1][1]["counters"]["sent"] == n
     sent = [u["counters"]["sent"] for _, u in updates]
     assert sent == sorted(sent)  # counters only grow
     assert all(e == "progress" for e, _ in updates[:-1])
+    # The same snapshots on NATS, ending with the finished one
+    assert published and published[-1] == updates[-1][1]
+    assert [p["counters"]["sent"] for p in published] == sorted(p["counters"]["sent"] for p in published)
 
 
 async def test_audience_figures_follow_membership_changes(settings):
