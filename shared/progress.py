@@ -21,7 +21,10 @@ from shared.views.counters import counters_of, shown
 
 log = get_logger(__name__)
 INTERVAL_S = 0.25
-FINAL = frozenset({"completed", "partially_failed", "failed", "cancelled"})
+# A run is under way in these; leaving them ends it: finished, cancelled, stopped (back to draft),
+# or, for a recurring broadcast, rescheduled for its next occurrence.
+RUNNING = frozenset({"queued", "sending", "paused"})
+FINISHED = frozenset({"completed", "partially_failed", "failed", "cancelled"})
 
 
 async def snapshots(con: asyncpg.Connection, rows: list[asyncpg.Record]) -> dict[uuid.UUID, dict[str, Any]]:
@@ -42,7 +45,7 @@ async def snapshot(con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: 
 
 
 async def publish_progress(pool: asyncpg.Pool, nc: NATS, names: Names) -> None:
-    """Publish every change of an active (or just finished) broadcast until cancelled."""
+    """Publish every change of a broadcast with a run under way, and the state it ends in, until cancelled."""
     last: dict[uuid.UUID, dict[str, Any]] = {}
     while True:
         try:
@@ -58,8 +61,8 @@ async def publish_progress(pool: asyncpg.Pool, nc: NATS, names: Names) -> None:
                 if last.get(broadcast_id) != snap:
                     subject = names.progress_subject(str(tenants[broadcast_id]), str(broadcast_id))
                     await nc.publish(subject, msgspec.json.encode(snap))
-            # Keep watching finished ones only until their final update went out.
-            last = {k: v for k, v in current.items() if v["status"] not in FINAL or last.get(k) != v}
+            # A run that ended had its last update published just now: stop watching it.
+            last = {k: v for k, v in current.items() if v["status"] in RUNNING}
         except (asyncpg.PostgresError, OSError) as exc:
             log.warning("progress publishing failed, will retry", error=str(exc))
         await asyncio.sleep(INTERVAL_S)

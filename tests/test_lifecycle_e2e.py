@@ -281,3 +281,41 @@ async def test_audience_figures_follow_membership_changes(settings):
     assert (first["audience_total"], first["remaining"]) == (again["audience_total"], again["remaining"]) == (5, 5)
     assert (grown["audience_total"], grown["remaining"]) == (6, 6)
     assert (shrunk["audience_total"], shrunk["remaining"]) == (4, 4)
+
+
+async def test_progress_ends_when_a_run_is_stopped(settings):
+    nc = await nats.connect(settings.nats_url)
+    published: list[dict] = []
+
+    async def on_progress(msg) -> None:
+        published.append(msgspec.json.decode(msg.data))
+
+    with SmtpPeer(delay=0.01) as peer:
+        async with api_for(settings) as api, sender_in_process(settings):
+            list_id = await audience(api, 600)
+            broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=20)
+            await nc.subscribe(Names(settings.nats_prefix).progress_subject("*", broadcast_id), cb=on_progress)
+            await nc.flush()
+            events = []
+            # Given a client following a draft's progress
+            async with api.client.stream("GET", f"/v1/broadcasts/{broadcast_id}/progress",
+                                         headers=api.headers) as stream:
+                async for line in stream.aiter_lines():
+                    if line.startswith("event:"):
+                        events.append(line.split(":", 1)[1].strip())
+                    elif line.startswith("data:"):
+                        status = msgspec.json.decode(line.split(":", 1)[1].strip())["status"]
+                        if status == "draft" and len(events) == 1:
+                            # When the broadcast is sent, and stopped while it sends
+                            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+                        elif status == "sending":
+                            await api.post(f"/v1/broadcasts/{broadcast_id}/stop")
+            deadline = time.monotonic() + 10
+            while (not published or published[-1]["status"] != "draft") and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+    await nc.close()
+
+    # Then the stream followed the run and ended with it, back in draft; so did the NATS feed
+    assert events[0] == "progress" and events[-1] == "finished" and set(events[1:-1]) <= {"progress"}
+    assert status == "draft"
+    assert published[-1]["status"] == "draft" and published[-1]["counters"]["dropped"] > 0

@@ -271,13 +271,17 @@ class BroadcastController(Controller):
                 raise problem(404, "broadcast not found")
 
         async def updates() -> AsyncIterator[ServerSentEventMessage]:
-            last = None
+            # Ends once a run it saw under way ends, or at once on a broadcast already finished; on
+            # a draft or scheduled one it waits for the run to start.
+            last, saw_running = None, False
             while True:
                 async with pool.acquire() as con:
                     snap = await progress.snapshot(con, tenant_id, broadcast_id)
                 if snap is None:  # deleted meanwhile
                     return
-                final = snap["status"] in progress.FINAL
+                status = snap["status"]
+                saw_running = saw_running or status in progress.RUNNING
+                final = status in progress.FINISHED or (saw_running and status not in progress.RUNNING)
                 if snap != last or final:
                     last = snap
                     yield ServerSentEventMessage(event="finished" if final else "progress",
