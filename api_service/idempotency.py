@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from typing import Any
 
 from litestar.middleware.base import DefineMiddleware
@@ -18,6 +19,7 @@ HEADER = b"idempotency-key"
 MAX_KEY_LENGTH = 255
 KEPT_HOURS = 24  # a key may be reused for another request after this
 ABANDONED_AFTER_S = 300  # a first request without an answer this long ago died with its replica
+PURGE_CHANCE = 0.01  # share of new keys after which the tenant's expired keys are deleted
 
 
 class IdempotencyMiddleware:
@@ -60,6 +62,12 @@ class IdempotencyMiddleware:
         if stored is not None:
             await _replay(send, stored, fingerprint)
             return
+        if random.random() < PURGE_CHANCE:  # now and then, rather than a housekeeping task of its own
+            async with pool.acquire() as con:
+                await con.execute(
+                    f"DELETE FROM idempotency_keys WHERE tenant_id = $1 AND created_at < now() - interval '{KEPT_HOURS} hours'",
+                    user.tenant_id,
+                )
         await self._first(scope, body, send, pool, user.tenant_id, key)
 
     async def _first(self, scope: Scope, body: bytes, send: Send, pool: Any, tenant_id: Any, key: str) -> None:

@@ -11,6 +11,7 @@ from collections import Counter
 import msgspec
 import nats
 
+from api_service import idempotency
 from api_service.idempotency import fingerprint_of
 from shared import db
 from shared.bus import Names
@@ -190,7 +191,7 @@ async def test_an_idempotency_key_returns_the_same_result_and_does_nothing_twice
     assert listed["total"] == 1
 
 
-async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires_after_a_day(settings):
+async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires_after_a_day(settings, monkeypatch):
     async with api_for(settings) as api:
         con = await db.connect(settings.database_url)
         try:
@@ -215,12 +216,18 @@ async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires
             await first_request("old", timedelta(days=2), answered=True)
 
             running, abandoned, old = await create("running"), await create("abandoned"), await create("old")
+            # And expired keys are deleted now and then as new ones come
+            await first_request("forgotten", timedelta(days=3), answered=True)
+            monkeypatch.setattr(idempotency, "PURGE_CHANCE", 1.0)
+            await create("new")
+            kept = {r["key"] for r in await con.fetch("SELECT key FROM idempotency_keys")}
         finally:
             await con.close()
 
     assert running.status_code == 409 and running.json()["errors"][0]["field"] == "Idempotency-Key"
     assert abandoned.status_code == 201 and "idempotent-replayed" not in abandoned.headers
     assert old.status_code == 201 and "idempotent-replayed" not in old.headers
+    assert kept == {"running", "abandoned", "old", "new"}
 
 
 async def test_progress_streams_counters_until_the_broadcast_finishes(settings):
