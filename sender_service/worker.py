@@ -117,10 +117,11 @@ class JobProcessor:
                 sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
                 results.update(sent)
                 return await self._finish(job, todo, results, attempts, bool(previous))
-            await self._send_claimed(job, ctx, todo, in_flight, heartbeat)
+            called_off = await self._send_claimed(job, ctx, todo, in_flight, heartbeat)
         finally:
             await ctx.provider.close()
-        return await self._finish(job, [], {}, {}, True)
+        # Called off half-way: the batch ends `dropped`, so its unsent recipients show as dropped.
+        return await self._finish(job, [], {}, {}, True, "dropped" if called_off else "done")
 
     async def _ledger(self, con: asyncpg.Connection, job: Job) -> dict[int, str]:
         rows = await con.fetch(
@@ -165,7 +166,8 @@ class JobProcessor:
 
     async def _send_claimed(
         self, job: Job, ctx: JobContext, todo: list[Recipient], in_flight: set[int], heartbeat: _Heartbeat
-    ) -> None:
+    ) -> bool:
+        """Send each recipient under a claim; True if the run was called off before the batch was through."""
         async with self.pool.acquire() as con:
             await con.execute(
                 "UPDATE batches SET status = 'sending' WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status = 'queued'",
@@ -182,18 +184,30 @@ class JobProcessor:
                             broadcast_id=str(job.broadcast_id), seq=job.seq, count=len(in_flight))
             for recipient in todo:
                 if recipient.contact_id not in in_flight:
-                    await self._send_one_claimed(con, job, ctx, recipient, heartbeat)
+                    if not await self._send_one_claimed(con, job, ctx, recipient, heartbeat):
+                        return True
+        return False
 
     async def _send_one_claimed(
         self, con: asyncpg.Connection, job: Job, ctx: JobContext, recipient: Recipient, heartbeat: _Heartbeat
-    ) -> None:
+    ) -> bool:
+        """Claim, send and record one recipient; False if the run was called off (nothing sent)."""
+        # The claim also checks that the run still goes on: once it is cancelled, stopped or reset,
+        # this batch sends nobody more (a pause lets it finish). Without that check a top-up sent
+        # right after a cancel planned the rest of this batch too, and they got both runs' message.
         claimed = await con.fetchval(
             """INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
-               VALUES ($1, $2, $3, $4, $5, $6, 'sending', 1) ON CONFLICT DO NOTHING RETURNING true""",
+               SELECT $1, $2, $3, $4, $5, $6, 'sending', 1
+               WHERE EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2
+                                                        AND status IN ('queued', 'sending', 'paused'))
+               ON CONFLICT DO NOTHING RETURNING true""",
             job.broadcast_id, job.run, recipient.contact_id, job.channel, job.seq, recipient.address,
         )
-        if not claimed:  # another attempt holds or finished this recipient
-            return
+        if not claimed:  # another attempt holds or finished this recipient, or the run was called off
+            return bool(await con.fetchval(
+                "SELECT true FROM broadcasts WHERE id = $1 AND run = $2 AND status IN ('queued', 'sending', 'paused')",
+                job.broadcast_id, job.run,
+            ))
         messages, results = self._render(job, ctx, [recipient])
         sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
         results.update(sent)
@@ -205,12 +219,13 @@ class JobProcessor:
             job.broadcast_id, job.run, recipient.contact_id, job.channel, o.status, o.attempts, o.error,
             o.provider_message_id, o.sent_at,
         )
+        return True
 
     async def _finish(
         self, job: Job, todo: list[Recipient], results: dict[int, SendResult], attempts: dict[int, int],
-        ledger_has_rows: bool,
+        ledger_has_rows: bool, batch_status: str = "done",
     ) -> bool:
-        """In one transaction: write the outcomes of `todo`, mark the batch done and append its
+        """In one transaction: write the outcomes of `todo`, mark the batch done (or `batch_status`) and append its
         BatchCompleted, counted from the ledger. Returns False if another attempt finished it first
         (this transaction then writes nothing)."""
         now = datetime.now(timezone.utc)
@@ -221,13 +236,13 @@ class JobProcessor:
                             o.attempts, o.error, o.provider_message_id, o.sent_at))
         try:
             async with self.pool.acquire() as con, con.transaction():
-                await self._write_outcome(con, job, records, ledger_has_rows)
+                await self._write_outcome(con, job, records, ledger_has_rows, batch_status)
         except _AlreadyDone:
             return False  # another attempt finished the batch first; this one wrote nothing
         return True
 
     async def _write_outcome(
-        self, con: asyncpg.Connection, job: Job, records: list[tuple], ledger_has_rows: bool
+        self, con: asyncpg.Connection, job: Job, records: list[tuple], ledger_has_rows: bool, batch_status: str
     ) -> None:
         # Each path locks the batch row first, so a concurrent attempt of the same batch waits there,
         # then finds the batch done and rolls back having written nothing.
@@ -246,7 +261,7 @@ class JobProcessor:
                 job.broadcast_id, job.run, [r.contact_id for r in job.recipients], job.channel,
             )
             sent, failed = counts["sent"], counts["failed"]
-            await _mark_done(con, job, sent, failed)
+            await _mark_done(con, job, sent, failed, batch_status)
         else:  # the common case: nothing of this batch in the ledger yet, so count here and COPY
             sent = sum(1 for rec in records if rec[6] == "sent")
             failed = len(records) - sent
@@ -269,11 +284,11 @@ class _AlreadyDone(Exception):
     """Another attempt finished the batch first."""
 
 
-async def _mark_done(con: asyncpg.Connection, job: Job, sent: int, failed: int) -> bool:
+async def _mark_done(con: asyncpg.Connection, job: Job, sent: int, failed: int, status: str = "done") -> bool:
     return bool(await con.fetchval(
-        """UPDATE batches SET status = 'done', attempts = attempts + 1, completed_at = now(), sent = $4, failed = $5
+        """UPDATE batches SET status = $6, attempts = attempts + 1, completed_at = now(), sent = $4, failed = $5
            WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING true""",
-        job.broadcast_id, job.run, job.seq, sent, failed,
+        job.broadcast_id, job.run, job.seq, sent, failed, status,
     ))
 
 

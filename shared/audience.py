@@ -14,7 +14,9 @@ def reached_runs(reset_run: int, through_run: int) -> list[int]:
 
 def not_reached_clause(member: str, broadcast_param: int, runs_param: int) -> str:
     """SQL: the member `member` (a qualified contact id column: an unqualified `contact_id` would
-    bind to the subquery's own column) has no `sent` message in those runs.
+    bind to the subquery's own column) has no `sent` message in those runs, and none `sending`:
+    a message claimed by a run that was just cancelled may still be on its way (or its outcome
+    is unknown after a crash), and sending it again would be the worse mistake.
 
     It is one probe of the ledger's primary key (broadcast_id, run, contact_id) per member.
     `OFFSET 0` keeps it that way: without it Postgres turns the NOT EXISTS into an anti-join, and
@@ -23,7 +25,7 @@ def not_reached_clause(member: str, broadcast_param: int, runs_param: int) -> st
     (measured), 0.25 s as probes."""
     return (
         f"NOT EXISTS (SELECT 1 FROM messages x WHERE x.broadcast_id = ${broadcast_param} "
-        f"AND x.run = ANY(${runs_param}::int[]) AND x.contact_id = {member} AND x.status = 'sent' OFFSET 0)"
+        f"AND x.run = ANY(${runs_param}::int[]) AND x.contact_id = {member} AND x.status IN ('sent', 'sending') OFFSET 0)"
     )
 
 

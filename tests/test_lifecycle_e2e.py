@@ -117,6 +117,30 @@ async def test_cancel_drops_unsent_messages_and_a_top_up_reaches_only_the_rest(s
     assert final["status"] == "completed" and final["remaining"] == 0
 
 
+async def test_a_top_up_right_after_a_cancel_reaches_nobody_twice(settings):
+    # Given a send whose batches take a while (20 recipients at 50 ms each: a second a batch)
+    n = 300
+    with SmtpPeer(delay=0.05) as peer:
+        async with api_for(settings) as api, sender_in_process(settings):
+            list_id = await audience(api, n)
+            broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=20)
+            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            await wait_for(api, broadcast_id, lambda b: b["counters"]["sent"] >= 30)
+
+            # When it is cancelled while batches are in flight, and topped up at once
+            await api.post(f"/v1/broadcasts/{broadcast_id}/cancel")
+            top_up = await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            peer.configure(delay=0.0)
+            done = await api.wait_for_status(broadcast_id, {"completed"}, timeout=120)
+            final = await settled(api, broadcast_id)
+            nobody_left = await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+
+    # Then everyone got exactly one message over the two runs
+    assert top_up["run"] == 2 and done["run"] == 2
+    assert len(once_each(peer)) == n
+    assert final["remaining"] == 0 and nobody_left["queued"] == 0
+
+
 async def test_stop_returns_to_draft_and_reset_clears_the_reached_set(settings):
     n = 300
     with SmtpPeer() as peer:
