@@ -200,7 +200,7 @@ class Planner:
             )
             delay_ms = (await _provider_pacing(con, plan) or (0, 0))[1]
         if published:
-            await self._publish_range(plan, 0, published, _Pacer(delay_ms / 1000), heartbeat, resumes)
+            await self._publish_range(plan, 0, published, _Pacer(delay_ms / 1000), heartbeat, resumes, status="held")
         await self.plan(plan, heartbeat, resumes)
 
     async def _publish_from(
@@ -211,16 +211,21 @@ class Planner:
 
     async def _publish_range(
         self, plan: Plan, first: int, end: int | None, pacer: "_Pacer", heartbeat: Callable[[], Awaitable[None]],
-        resumes: int, record: bool = False,
+        resumes: int, record: bool = False, status: str = "queued",
     ) -> int:
         """Publish the unsent batches with seq in [first, end), 50 at a time, stopping when the run
-        is paused, cancelled or stopped. With `record`, runs.published follows."""
+        is paused, cancelled or stopped. With `record`, runs.published follows.
+
+        `queued` ones when publishing what was written (after a planner crash too), only `held`
+        ones on a resume: a `queued` or `sending` batch published before may be in a worker's
+        hands, and publishing it again made a second attempt that failed the first one's in-flight
+        recipients as "outcome unknown"."""
         async with self.pool.acquire() as con:
             rows = await con.fetch(
                 """SELECT seq, contact_ids FROM batches
                    WHERE broadcast_id = $1 AND run = $2 AND seq >= $3 AND ($4::int IS NULL OR seq < $4)
-                     AND status <> 'done' ORDER BY seq""",
-                plan.broadcast_id, plan.run, first, end,
+                     AND status = $5 ORDER BY seq""",
+                plan.broadcast_id, plan.run, first, end, status,
             )
         published = first
         for start in range(0, len(rows), 50):
@@ -228,6 +233,13 @@ class Planner:
                 if not await _may_go_on(con, plan):
                     break
             group = rows[start : start + 50]
+            if status == "held":  # queued again before its job goes out, so a worker treats it as new
+                async with self.pool.acquire() as con:
+                    await con.execute(
+                        """UPDATE batches SET status = 'queued'
+                           WHERE broadcast_id = $1 AND run = $2 AND seq = ANY($3::int[]) AND status = 'held'""",
+                        plan.broadcast_id, plan.run, [r["seq"] for r in group],
+                    )
             jobs = [await self._rebuild_job(plan, r["seq"], r["contact_ids"], resumes) for r in group]
             await self._publish(jobs, pacer, heartbeat)
             published = jobs[-1].seq + 1

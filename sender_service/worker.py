@@ -87,12 +87,23 @@ class JobProcessor:
             if batch is None or batch["status"] in ("done", "dropped"):
                 return False
             if batch["broadcast_status"] == "paused" and batch["current_run"] == job.run:
-                return False  # kept unsent (the batch stays queued); the resume publishes it again
+                # Kept unsent: marked held (the resume publishes it again) while the broadcast is
+                # still paused; the share lock orders this against a resume's update of that row.
+                if await con.fetchval(
+                    """UPDATE batches SET status = 'held'
+                       WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status = 'queued'
+                         AND EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2 AND status = 'paused'
+                                     FOR SHARE)
+                       RETURNING true""",
+                    job.broadcast_id, job.run, job.seq,
+                ):
+                    return False
+                raise _ResumedMeanwhile()  # redelivered shortly, and sent then
             if batch["current_run"] != job.run or batch["broadcast_status"] not in _SENDING:
                 # Cancelled, stopped or reset: unsent messages are dropped.
                 await con.execute(
                     """UPDATE batches SET status = 'dropped', completed_at = now()
-                       WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status = 'queued'""",
+                       WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status IN ('queued', 'held')""",
                     job.broadcast_id, job.run, job.seq,
                 )
                 return False
@@ -282,6 +293,10 @@ class JobProcessor:
 
 class _AlreadyDone(Exception):
     """Another attempt finished the batch first."""
+
+
+class _ResumedMeanwhile(Exception):
+    """The broadcast was resumed between reading it paused and holding the batch."""
 
 
 async def _mark_done(con: asyncpg.Connection, job: Job, sent: int, failed: int, status: str = "done") -> bool:

@@ -84,6 +84,28 @@ async def test_pause_keeps_unsent_messages_and_resume_sends_each_exactly_once(se
     assert len(once_each(peer)) == n
 
 
+async def test_a_resume_right_after_a_pause_leaves_the_batch_in_flight_to_its_worker(settings):
+    # Given a send whose batches take a while (20 recipients at 50 ms each: a second a batch)
+    n = 100
+    with SmtpPeer(delay=0.05) as peer:
+        async with api_for(settings) as api, sender_in_process(settings):
+            list_id = await audience(api, n)
+            broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=20)
+            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            await wait_for(api, broadcast_id, lambda b: b["status"] == "sending" and len(peer.received) >= 3)
+
+            # When it is paused and resumed at once, while a batch is half sent
+            await api.post(f"/v1/broadcasts/{broadcast_id}/pause")
+            await api.post(f"/v1/broadcasts/{broadcast_id}/resume")
+            done = await api.wait_for_status(broadcast_id, FINISHED, timeout=120)
+            failed = await api.get(f"/v1/broadcasts/{broadcast_id}/messages", params={"status": "failed"})
+
+    # Then nobody was failed as "unknown" by a second attempt of that batch, nor sent twice
+    assert done["status"] == "completed", (done["counters"], [(m["contact_id"], m["attempts"], m["error"]) for m in failed["items"]])
+    assert done["counters"] == {"total": n, "queued": 0, "sent": n, "failed": 0, "dropped": 0}
+    assert len(once_each(peer)) == n
+
+
 async def test_cancel_drops_unsent_messages_and_a_top_up_reaches_only_the_rest(settings):
     n = 1500
     with SmtpPeer(delay=0.003) as peer:

@@ -5,7 +5,7 @@ A hypothesis state machine plays a user who sends, pauses, resumes, cancels, sto
 schedules and edits one broadcast while its audience changes under it. After every step the
 status must be one the transition table (PRODUCT.md, Statuses) allows; at the end of each sequence
 a final top-up send must leave nobody in the final audience unreached, and nobody may have
-received the same run twice.
+received the same run twice, nor the broadcast twice between two resets.
 
 The runs are paced (batches of 3, 150 ms apart) so that commands land while batches are in flight.
 Between a read and the next command the sender may move a run on (queued → sending → finished),
@@ -104,7 +104,7 @@ def test_random_command_sequences_keep_status_and_recipients_right(settings):
                 super().__init__()
                 self.status = "draft"
                 self.audience: set[int] = set()
-                self.reset_after_run = 0  # runs up to this one were cleared by a reset
+                self.resets: list[int] = []  # each reset cleared the runs up to this one
 
             def do(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
                 async def request() -> tuple[int, Any]:
@@ -179,7 +179,7 @@ def test_random_command_sequences_keep_status_and_recipients_right(settings):
             def reset(self) -> None:
                 answer = self.command("reset", "POST", "/reset")
                 if answer is not None:
-                    self.reset_after_run = answer["run"]
+                    self.resets.append(answer["run"])
 
             @rule()
             def schedule(self) -> None:
@@ -245,7 +245,12 @@ def test_random_command_sequences_keep_status_and_recipients_right(settings):
                         received[int(match[2]), int(match[3])] += 1
                 twice = [key for key, n in received.items() if n > 1]
                 assert not twice, f"(run, contact) received twice: {twice}"
-                reached = {contact for run, contact in received if run > self.reset_after_run}
+                # Top-ups go only to those not reached since the last reset: between two resets,
+                # nobody gets the broadcast twice, whatever was cancelled, stopped or paused.
+                per_epoch = Counter((sum(run > r for r in self.resets), contact) for run, contact in received)
+                assert not [k for k, n in per_epoch.items() if n > 1], f"reached twice between resets: {per_epoch}"
+                last_reset = max(self.resets, default=0)
+                reached = {contact for run, contact in received if run > last_reset}
                 assert self.audience <= reached, f"never reached: {self.audience - reached}"
 
         run_state_machine_as_test(Lifecycle, settings=hypothesis_settings(
