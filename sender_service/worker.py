@@ -35,6 +35,8 @@ _LEDGER_COLUMNS = ["broadcast_id", "run", "contact_id", "channel", "batch_seq", 
 
 
 _SENDING = ("queued", "sending")
+# SQL: broadcast $1's run $2 still goes on (a paused run does; cancelled, stopped or reset do not).
+_RUN_GOES_ON = "EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2 AND status IN ('queued', 'sending', 'paused'))"
 
 
 class _Heartbeat:
@@ -207,18 +209,13 @@ class JobProcessor:
         # this batch sends nobody more (a pause lets it finish). Without that check a top-up sent
         # right after a cancel planned the rest of this batch too, and they got both runs' message.
         claimed = await con.fetchval(
-            """INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
-               SELECT $1, $2, $3, $4, $5, $6, 'sending', 1
-               WHERE EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2
-                                                        AND status IN ('queued', 'sending', 'paused'))
+            f"""INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
+               SELECT $1, $2, $3, $4, $5, $6, 'sending', 1 WHERE {_RUN_GOES_ON}
                ON CONFLICT DO NOTHING RETURNING true""",
             job.broadcast_id, job.run, recipient.contact_id, job.channel, job.seq, recipient.address,
         )
         if not claimed:  # another attempt holds or finished this recipient, or the run was called off
-            return bool(await con.fetchval(
-                "SELECT true FROM broadcasts WHERE id = $1 AND run = $2 AND status IN ('queued', 'sending', 'paused')",
-                job.broadcast_id, job.run,
-            ))
+            return await con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run)
         messages, results = self._render(job, ctx, [recipient])
         sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
         results.update(sent)

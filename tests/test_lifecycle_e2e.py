@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
-from collections import Counter
 
 import msgspec
 import nats
@@ -276,36 +278,54 @@ async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires
     assert kept == {"running", "abandoned", "old", "new"}
 
 
-async def test_progress_streams_counters_until_the_broadcast_finishes(settings):
-    n = 400
+@asynccontextmanager
+async def nats_progress(settings, broadcast_id: str) -> AsyncIterator[list[dict]]:
+    """What an outside subscriber receives on the broadcast's NATS progress subject, as it comes."""
     nc = await nats.connect(settings.nats_url)
     published: list[dict] = []
 
     async def on_progress(msg) -> None:
         published.append(msgspec.json.decode(msg.data))
 
+    try:
+        await nc.subscribe(Names(settings.nats_prefix).progress_subject("*", broadcast_id), cb=on_progress)
+        await nc.flush()
+        yield published
+    finally:
+        await nc.close()
+
+
+async def last_published(published: list[dict], status: str) -> dict:
+    """The NATS feed's last update once it has `status` (it trails the SSE stream by up to a tick)."""
+    deadline = time.monotonic() + 10
+    while (not published or published[-1]["status"] != status) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert published, "nothing published"
+    return published[-1]
+
+
+async def sse(api: Api, broadcast_id: str) -> AsyncIterator[tuple[str, dict]]:
+    """The progress stream's (event, data) pairs until the server ends it."""
+    async with api.client.stream("GET", f"/v1/broadcasts/{broadcast_id}/progress", headers=api.headers) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        event = ""
+        async for line in stream.aiter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                yield event, msgspec.json.decode(line.split(":", 1)[1].strip())
+
+
+async def test_progress_streams_counters_until_the_broadcast_finishes(settings):
+    n = 400
     with SmtpPeer(delay=0.001) as peer:
         async with api_for(settings) as api, sender_in_process(settings):
             list_id = await audience(api, n)
             broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=50)
-            # Outside subscribers: one tenant's progress subjects on NATS
-            await nc.subscribe(Names(settings.nats_prefix).progress_subject("*", broadcast_id), cb=on_progress)
-            await nc.flush()
-            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
-            updates = []
-            async with api.client.stream("GET", f"/v1/broadcasts/{broadcast_id}/progress",
-                                         headers=api.headers) as stream:
-                assert stream.headers["content-type"].startswith("text/event-stream")
-                event = None
-                async for line in stream.aiter_lines():
-                    if line.startswith("event:"):
-                        event = line.split(":", 1)[1].strip()
-                    elif line.startswith("data:"):
-                        updates.append((event, msgspec.json.decode(line.split(":", 1)[1].strip())))
-            deadline = time.monotonic() + 10
-            while (not published or published[-1]["status"] != "completed") and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-    await nc.close()
+            async with nats_progress(settings, broadcast_id) as published:
+                await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+                updates = [update async for update in sse(api, broadcast_id)]
+                last_on_nats = await last_published(published, "completed")
 
     assert updates[-1][0] == "finished" and updates[-1][1]["status"] == "completed"
     assert updates[-1][1]["counters"]["sent"] == n
@@ -313,8 +333,32 @@ async def test_progress_streams_counters_until_the_broadcast_finishes(settings):
     assert sent == sorted(sent)  # counters only grow
     assert all(e == "progress" for e, _ in updates[:-1])
     # The same snapshots on NATS, ending with the finished one
-    assert published and published[-1] == updates[-1][1]
+    assert last_on_nats == updates[-1][1]
     assert [p["counters"]["sent"] for p in published] == sorted(p["counters"]["sent"] for p in published)
+
+
+async def test_progress_ends_when_a_run_is_stopped(settings):
+    with SmtpPeer(delay=0.01) as peer:
+        async with api_for(settings) as api, sender_in_process(settings):
+            list_id = await audience(api, 600)
+            broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=20)
+            async with nats_progress(settings, broadcast_id) as published:
+                events, statuses = [], []
+                # Given a client following a draft's progress
+                async for event, data in sse(api, broadcast_id):
+                    events.append(event)
+                    statuses.append(data["status"])
+                    if statuses == ["draft"]:
+                        # When the broadcast is sent, and stopped while it sends
+                        await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+                    elif data["status"] == "sending":
+                        await api.post(f"/v1/broadcasts/{broadcast_id}/stop")
+                last_on_nats = await last_published(published, "draft")
+
+    # Then the stream followed the run and ended with it, back in draft; so did the NATS feed
+    assert events[0] == "progress" and events[-1] == "finished" and set(events[1:-1]) <= {"progress"}
+    assert "sending" in statuses and statuses[-1] == "draft"
+    assert last_on_nats["status"] == "draft" and last_on_nats["counters"]["dropped"] > 0
 
 
 async def test_audience_figures_follow_membership_changes(settings):
@@ -334,41 +378,3 @@ async def test_audience_figures_follow_membership_changes(settings):
     assert (first["audience_total"], first["remaining"]) == (again["audience_total"], again["remaining"]) == (5, 5)
     assert (grown["audience_total"], grown["remaining"]) == (6, 6)
     assert (shrunk["audience_total"], shrunk["remaining"]) == (4, 4)
-
-
-async def test_progress_ends_when_a_run_is_stopped(settings):
-    nc = await nats.connect(settings.nats_url)
-    published: list[dict] = []
-
-    async def on_progress(msg) -> None:
-        published.append(msgspec.json.decode(msg.data))
-
-    with SmtpPeer(delay=0.01) as peer:
-        async with api_for(settings) as api, sender_in_process(settings):
-            list_id = await audience(api, 600)
-            broadcast_id = await smtp_broadcast(api, peer, list_id, batch_size=20)
-            await nc.subscribe(Names(settings.nats_prefix).progress_subject("*", broadcast_id), cb=on_progress)
-            await nc.flush()
-            events = []
-            # Given a client following a draft's progress
-            async with api.client.stream("GET", f"/v1/broadcasts/{broadcast_id}/progress",
-                                         headers=api.headers) as stream:
-                async for line in stream.aiter_lines():
-                    if line.startswith("event:"):
-                        events.append(line.split(":", 1)[1].strip())
-                    elif line.startswith("data:"):
-                        status = msgspec.json.decode(line.split(":", 1)[1].strip())["status"]
-                        if status == "draft" and len(events) == 1:
-                            # When the broadcast is sent, and stopped while it sends
-                            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
-                        elif status == "sending":
-                            await api.post(f"/v1/broadcasts/{broadcast_id}/stop")
-            deadline = time.monotonic() + 10
-            while (not published or published[-1]["status"] != "draft") and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-    await nc.close()
-
-    # Then the stream followed the run and ended with it, back in draft; so did the NATS feed
-    assert events[0] == "progress" and events[-1] == "finished" and set(events[1:-1]) <= {"progress"}
-    assert status == "draft"
-    assert published[-1]["status"] == "draft" and published[-1]["counters"]["dropped"] > 0
