@@ -20,13 +20,18 @@ PROVIDER_TTL_S = 5.0
 
 
 class JobContext:
+    """Everything one job's messages are made with."""
+
     def __init__(
-        self, content: CompiledContent, from_email: str, reply_to: str | None, provider: Provider, max_retries: int
+        self, job: Job, content: CompiledContent, from_email: str, reply_to: str | None, provider: Provider,
+        max_retries: int,
     ) -> None:
         self.content, self.from_email, self.reply_to = content, from_email, reply_to
         self.provider, self.max_retries = provider, max_retries
+        # "broadcast:run:contact:channel", with the job's part formatted once (str(UUID) is not free).
+        self._key_prefix, self._key_suffix = f"{job.broadcast_id}:{job.run}:", f":{job.channel}"
 
-    def message(self, job: Job, recipient: Recipient) -> OutgoingMessage:
+    def message(self, recipient: Recipient) -> OutgoingMessage:
         subject, html, text = self.content.render(recipient.variables())
         return OutgoingMessage(
             contact_id=recipient.contact_id,
@@ -36,7 +41,7 @@ class JobContext:
             text=text,
             from_email=self.from_email,
             reply_to=self.reply_to,
-            idempotency_key=f"{job.broadcast_id}:{job.run}:{recipient.contact_id}:{job.channel}",
+            idempotency_key=f"{self._key_prefix}{recipient.contact_id}{self._key_suffix}",
         )
 
 
@@ -66,6 +71,7 @@ class JobContextLoader:
         config: dict[str, Any] = provider["config"]
         from_email = compiled.from_email or config.get("from_email") or "crier@localhost"
         return JobContext(
+            job,
             compiled.templates, from_email, compiled.reply_to, build_provider(provider["kind"], config), provider["max_retries"]
         )
 

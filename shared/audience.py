@@ -6,6 +6,8 @@ import uuid
 
 import asyncpg
 
+from shared.jobs import RECIPIENT_JSON
+
 
 def reached_runs(reset_run: int, through_run: int) -> list[int]:
     """The runs whose `sent` messages count as reached: after the last reset, up to `through_run`."""
@@ -91,14 +93,16 @@ async def kept_remaining(
 
 async def first_recipients(
     con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, runs: list[int], limit: int
-) -> list[asyncpg.Record]:
-    """The first `limit` recipients the next run would send to, in the planner's order."""
+) -> list[str]:
+    """The first `limit` recipients the next run would send to, in the planner's order, as
+    Recipient JSON."""
     reached = f"AND {not_reached_clause('c.id', 3, 4)}" if runs else ""
     args: list[object] = [list_id, limit] + ([broadcast_id, runs] if runs else [])
-    return await con.fetch(
-        f"""SELECT c.id, c.email, c.external_id, c.email, c.phone, c.locale, c.attributes::text
+    rows = await con.fetch(
+        f"""SELECT ({RECIPIENT_JSON})::text
             FROM list_members m JOIN contacts c ON c.id = m.contact_id
             WHERE m.list_id = $1 AND c.email IS NOT NULL {reached}
             ORDER BY m.contact_id LIMIT $2""",
         *args,
     )
+    return [r[0] for r in rows]

@@ -52,10 +52,14 @@ async def rebuild(pool: asyncpg.Pool, projection: Projection) -> int:
 
 
 class Wakeup:
-    """LISTENs for appends so tailing readers react in milliseconds, with polling as the fallback."""
+    """LISTENs for appends so tailing readers react in milliseconds, with polling as the fallback.
 
-    def __init__(self, con: asyncpg.Connection) -> None:
-        self._con = con
+    After a notification it lets `settle_s` pass before the reader reads: under load every batch a
+    worker finishes notifies, and reading each on its own cost a round of queries per event (2,000
+    for a 1M send). Waiting 50 ms lets the reader take them ten or more at a time."""
+
+    def __init__(self, con: asyncpg.Connection, settle_s: float = 0.05) -> None:
+        self._con, self._settle_s = con, settle_s
         self._event = asyncio.Event()
 
     async def start(self) -> None:
@@ -72,7 +76,9 @@ class Wakeup:
                 await self._event.wait()
         except TimeoutError:
             pass
-        self._event.clear()
+        else:
+            await asyncio.sleep(self._settle_s)
+        self._event.clear()  # what was notified so far is committed: the next read sees it
 
 
 async def run_projector(

@@ -112,3 +112,73 @@ async def test_a_planner_crashing_half_way_resumes_without_duplicating_or_droppi
     finally:
         await pool.close()
         await nc.close()
+
+
+async def test_batches_leave_out_members_without_an_address_and_stay_under_the_job_size_limit(settings, monkeypatch):
+    # Given 60 members, of whom 25 have no email (a whole chunk of them among them), and recipients
+    # whose attributes make about four of them fill the job size limit
+    monkeypatch.setattr(planner_module, "READ_CHUNK", 10)
+    monkeypatch.setattr(planner_module, "JOB_BYTES", 2_000)
+    settings = msgspec.structs.replace(settings, run_background=False)
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream()
+    names = await bus.ensure_streams(js, settings)
+    pool = await db.create_pool(settings.database_url, max_size=4)
+    try:
+        async with api_for(settings) as api:
+            people = [
+                {"external_id": f"p{i}", "phone": f"+4930{i:07d}"} if 20 <= i < 45 else
+                {"external_id": f"p{i}", "email": f"p{i}@example.com", "attributes": {"bio": "x" * 400, "n": i}}
+                for i in range(60)
+            ]
+            ids = (await api.post("/v1/contacts", people))["ids"]
+            with_email = {cid for cid, p in zip(ids, people) if "email" in p}
+            lst = await api.post("/v1/lists", {"name": "mixed"})
+            await api.post(f"/v1/lists/{lst['id']}/members", {"contact_ids": ids})
+            provider = await api.post(
+                "/v1/providers",
+                {"name": "null", "channel": "email", "kind": "null", "from_email": "news@example.com",
+                 "batch_size": 8, "batch_delay_ms": 0, "max_retries": 0},
+            )
+            created = await api.post(
+                "/v1/broadcasts",
+                {"name": "n", "list_id": lst["id"], "provider_id": provider["id"],
+                 "content": {"subject": "Hi", "html": "<p>{{ bio }}</p>", "text": "Hi"}},
+            )
+            await api.post(f"/v1/broadcasts/{created['id']}/send", expect=202)
+        con = await db.connect(settings.database_url)
+        try:
+            events = await eventstore.read_stream(con, b.stream_name(uuid.UUID(created["id"])))
+            started = next(codec.from_recorded(e, b.Event) for e in events if e.type == "BroadcastStarted")
+            plan = Plan(started.tenant_id, uuid.UUID(created["id"]), started)
+
+            async def heartbeat() -> None:
+                pass
+
+            # When the run is planned
+            await Planner(pool, js, names).plan(plan, heartbeat)
+            batches = await con.fetch(
+                "SELECT seq, contact_ids, addresses FROM batches WHERE broadcast_id = $1 ORDER BY seq", plan.broadcast_id
+            )
+            run = await con.fetchrow("SELECT * FROM runs WHERE broadcast_id = $1", plan.broadcast_id)
+        finally:
+            await con.close()
+
+        # Then every member with an email is in exactly one job, with its own data, and nobody else is
+        jobs = sorted(await published_jobs(js, names), key=lambda j: j.seq)
+        assert [j.seq for j in jobs] == list(range(len(jobs)))
+        recipients = [r for j in jobs for r in j.recipients]
+        assert sorted(r.contact_id for r in recipients) == sorted(with_email)
+        assert all(r.address == r.email and r.attributes["bio"] == "x" * 400 for r in recipients)
+        # and no job is over the size limit by more than one recipient, or over batch_size
+        assert all(len(j.recipients) <= 8 for j in jobs)
+        assert all(len(msgspec.json.encode(j.recipients[1:])) <= 2_000 for j in jobs)
+        assert max(len(j.recipients) for j in jobs) < 8  # the size limit, not batch_size, cut them
+        # and the batch rows say the same as the jobs
+        assert [(r["seq"], r["contact_ids"]) for r in batches] == [
+            (j.seq, [x.contact_id for x in j.recipients]) for j in jobs
+        ]
+        assert (run["batches"], run["recipients"], run["planned"]) == (len(jobs), len(with_email), True)
+    finally:
+        await pool.close()
+        await nc.close()

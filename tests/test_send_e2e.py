@@ -107,6 +107,42 @@ async def test_failing_recipients_are_retried_then_failed_and_the_broadcast_part
     assert len(peer.received_by(flaky)) == 1
 
 
+async def test_a_recipient_whose_template_fails_is_failed_and_the_rest_of_its_batch_sent(settings):
+    # Given 30 contacts of whom 3 have a value the template cannot divide by, sent through the
+    # deduping null provider (its outcomes are written in bulk when the batch is done)
+    async with api_for(settings) as api, sender_in_process(settings):
+        people = [{"external_id": f"d{i}", "email": f"d{i}@example.com", "attributes": {"per": 0 if i % 10 == 3 else 2}}
+                  for i in range(30)]
+        ids = (await api.post("/v1/contacts", people))["ids"]
+        lst = await api.post("/v1/lists", {"name": "dividers"})
+        await api.post(f"/v1/lists/{lst['id']}/members", {"contact_ids": ids})
+        provider = await api.post(
+            "/v1/providers",
+            {"name": "null", "channel": "email", "kind": "null", "from_email": "news@example.com", "batch_size": 8},
+        )
+        b = await api.post(
+            "/v1/broadcasts",
+            {"name": "shares", "list_id": lst["id"], "provider_id": provider["id"],
+             "content": {"subject": "Your share", "html": "<p>{{ 10 | divided_by: per }}</p>", "text": "share"}},
+        )
+        # When it is sent
+        await api.post(f"/v1/broadcasts/{b['id']}/send", expect=202)
+        done = await api.wait_for_status(b["id"], {"completed", "partially_failed", "failed"})
+        messages = await api.all_messages(b["id"])
+
+    # Then those 3 failed with the template's reason, the rest of their batches were sent
+    assert done["status"] == "partially_failed"
+    assert done["counters"] == {"total": 30, "queued": 0, "sent": 27, "failed": 3, "dropped": 0}
+    failed = sorted(m["address"] for m in messages if m["status"] == "failed")
+    assert failed == ["d13@example.com", "d23@example.com", "d3@example.com"]
+    for m in messages:
+        assert m["attempts"] == 1
+        if m["status"] == "failed":
+            assert m["error"].startswith("template: content.html: divided_by") and m["sent_at"] is None
+        else:
+            assert m["status"] == "sent" and m["error"] is None and m["sent_at"] is not None
+
+
 async def test_a_worker_killed_mid_job_sends_nobody_twice_and_misses_nobody(settings):
     n = 400
     settings = msgspec.structs.replace(settings, job_ack_wait_s=3.0)

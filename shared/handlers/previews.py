@@ -15,7 +15,7 @@ from shared import audience, service
 from shared.domain import broadcast as b
 from shared.domain.errors import Invalid, NotFound
 from shared.handlers.broadcasts import DECIDER, INLINE, Actor
-from shared.jobs import Recipient
+from shared.jobs import RECIPIENT_JSON, Recipient, decode_recipient
 from shared.templates import CompiledContent, TemplateError
 from shared.views import broadcasts as view
 
@@ -59,7 +59,7 @@ async def preview(pool: asyncpg.Pool, tenant_id: uuid.UUID, broadcast_id: uuid.U
         runs = audience.reached_runs(row.reset_run, row.run)
         records = await audience.first_recipients(con, broadcast_id, row.list_id, runs, limit)
     content = _compiled(row)
-    return [_resolve(row, content, Recipient(*r)) for r in records]
+    return [_resolve(row, content, decode_recipient(r)) for r in records]
 
 
 async def test_send(
@@ -78,16 +78,16 @@ async def test_send(
         if provider_row is None:
             raise Invalid("provider_id", f"no provider {row.provider_id}")
         contacts = await con.fetch(
-            """SELECT c.id, c.email, c.external_id, c.email, c.phone, c.locale, c.attributes::text
-               FROM contacts c WHERE c.tenant_id = $1 AND c.id = ANY($2::bigint[])""",
+            f"""SELECT c.id, c.email IS NOT NULL AS reachable, ({RECIPIENT_JSON})::text AS recipient
+                FROM contacts c WHERE c.tenant_id = $1 AND c.id = ANY($2::bigint[])""",
             actor.tenant_id, contact_ids,
         )
     found = {r["id"] for r in contacts}
     for i, cid in enumerate(contact_ids):
         if cid not in found:
             raise Invalid(f"contact_ids[{i}]", f"no contact {cid}")
-    recipients = [Recipient(*r) for r in contacts if r["email"]]
-    recipients += [Recipient(0, e, None, e, None, None, "{}") for e in emails]
+    recipients = [decode_recipient(r["recipient"]) for r in contacts if r["reachable"]]
+    recipients += [Recipient(0, e, None, e, None, None) for e in emails]
     config: dict[str, Any] = provider_row["config"]
     content = _compiled(row)
     test_id = uuid.uuid4()
