@@ -233,70 +233,89 @@ class JobProcessor:
         self, job: Job, todo: list[Recipient], results: dict[int, SendResult], attempts: dict[int, int],
         ledger_has_rows: bool, batch_status: str = "done",
     ) -> bool:
-        """In one transaction: write the outcomes of `todo`, mark the batch done (or `batch_status`) and append its
-        BatchCompleted, counted from the ledger. Returns False if another attempt finished it first
-        (this transaction then writes nothing)."""
+        """In one transaction: write the outcomes of `todo`, mark the batch done (or `batch_status`) and
+        append its BatchCompleted. Returns False if another attempt finished it first (this one then
+        writes nothing)."""
         ledger = _LedgerColumns(todo, results, attempts, datetime.now(timezone.utc))
         try:
-            async with self.pool.acquire() as con, con.transaction():
-                await self._write_outcome(con, job, ledger, ledger_has_rows, batch_status)
+            async with self.pool.acquire() as con:
+                if ledger_has_rows:
+                    async with con.transaction():
+                        await self._finish_after_earlier_attempt(con, job, ledger, batch_status)
+                else:
+                    await self._finish_first_attempt(con, job, ledger)
         except _AlreadyDone:
             return False  # another attempt finished the batch first; this one wrote nothing
         return True
 
-    async def _write_outcome(
-        self, con: asyncpg.Connection, job: Job, ledger: "_LedgerColumns", ledger_has_rows: bool, batch_status: str
+    @staticmethod
+    async def _finish_first_attempt(con: asyncpg.Connection, job: Job, ledger: "_LedgerColumns") -> None:
+        """The common case: nothing of this batch is in the ledger yet. One statement, so one round
+        trip and one transaction: mark the batch done, write its ledger rows and its BatchCompleted,
+        all only if it was not done yet (a concurrent attempt waits on the batch row's lock, then
+        finds it done and writes nothing)."""
+        sent, failed = ledger.sent, len(ledger.contact_ids) - ledger.sent
+        if not await con.fetchval(
+            f"""WITH done AS (
+                    UPDATE batches SET status = 'done', attempts = attempts + 1, completed_at = now(),
+                                       sent = $4, failed = $5
+                    WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING 1),
+                written AS (
+                    INSERT INTO messages ({_LEDGER_COLUMNS}) {ledger.rows(11)} WHERE EXISTS (SELECT FROM done)),
+                recorded AS (
+                    {eventstore.first_event_insert(6)} WHERE EXISTS (SELECT FROM done))
+                SELECT EXISTS (SELECT FROM done)""",
+            job.broadcast_id, job.run, job.seq, sent, failed,
+            *eventstore.first_event_arguments(_stream(job), _completed(job, sent, failed)),
+            *ledger.arguments(job.channel),
+        ):
+            raise _AlreadyDone()
+
+    @staticmethod
+    async def _finish_after_earlier_attempt(
+        con: asyncpg.Connection, job: Job, ledger: "_LedgerColumns", batch_status: str
     ) -> None:
-        # Each path locks the batch row first, so a concurrent attempt of the same batch waits there,
-        # then finds the batch done and rolls back having written nothing.
-        if ledger_has_rows:  # rows of a crashed attempt may exist: overwrite the unfinished ones
-            if await con.fetchval(
-                "SELECT status FROM batches WHERE broadcast_id = $1 AND run = $2 AND seq = $3 FOR UPDATE",
-                job.broadcast_id, job.run, job.seq,
-            ) == "done":
-                raise _AlreadyDone()
-            await con.execute(
-                f"""INSERT INTO messages ({_LEDGER_COLUMNS}) {ledger.rows(4)}
-                    ON CONFLICT (broadcast_id, run, contact_id, channel) DO UPDATE
-                    SET status = excluded.status, attempts = messages.attempts + excluded.attempts,
-                        error = excluded.error, provider_message_id = excluded.provider_message_id,
-                        sent_at = excluded.sent_at
-                    WHERE messages.status NOT IN ('sent', 'failed')""",
-                job.broadcast_id, job.run, job.seq, *ledger.arguments(job.channel),
-            )
-            counts = await con.fetchrow(
-                """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
-                          count(*) FILTER (WHERE status = 'failed') AS failed
-                   FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
-                     AND channel = $4""",
-                job.broadcast_id, job.run, [r.contact_id for r in job.recipients], job.channel,
-            )
-            sent, failed = counts["sent"], counts["failed"]
-            await _mark_done(con, job, sent, failed, batch_status)
-        else:  # the common case: nothing of this batch in the ledger yet, so count here and insert
-            sent, failed = ledger.sent, len(ledger.contact_ids) - ledger.sent
-            # One statement (one round trip) marks the batch done and writes its rows, if not done yet.
-            if not await con.fetchval(
-                f"""WITH done AS (
-                        UPDATE batches SET status = 'done', attempts = attempts + 1, completed_at = now(),
-                                           sent = $4, failed = $5
-                        WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING 1),
-                    written AS (
-                        INSERT INTO messages ({_LEDGER_COLUMNS}) {ledger.rows(6)} WHERE EXISTS (SELECT FROM done))
-                    SELECT EXISTS (SELECT FROM done)""",
-                job.broadcast_id, job.run, job.seq, sent, failed, *ledger.arguments(job.channel),
-            ):
-                raise _AlreadyDone()
-        event = batch_events.BatchCompleted(
-            broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=sent, failed=failed,
-            at=datetime.now(timezone.utc),
+        """Rows of a crashed attempt may exist: overwrite the unfinished ones and count from the
+        ledger. In the caller's transaction; the batch row is locked first, so a concurrent attempt
+        waits there, then finds the batch done and rolls back having written nothing."""
+        if await con.fetchval(
+            "SELECT status FROM batches WHERE broadcast_id = $1 AND run = $2 AND seq = $3 FOR UPDATE",
+            job.broadcast_id, job.run, job.seq,
+        ) == "done":
+            raise _AlreadyDone()
+        await con.execute(
+            f"""INSERT INTO messages ({_LEDGER_COLUMNS}) {ledger.rows(4)}
+                ON CONFLICT (broadcast_id, run, contact_id, channel) DO UPDATE
+                SET status = excluded.status, attempts = messages.attempts + excluded.attempts,
+                    error = excluded.error, provider_message_id = excluded.provider_message_id,
+                    sent_at = excluded.sent_at
+                WHERE messages.status NOT IN ('sent', 'failed')""",
+            job.broadcast_id, job.run, job.seq, *ledger.arguments(job.channel),
         )
+        counts = await con.fetchrow(
+            """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+                      count(*) FILTER (WHERE status = 'failed') AS failed
+               FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
+                 AND channel = $4""",
+            job.broadcast_id, job.run, [r.contact_id for r in job.recipients], job.channel,
+        )
+        sent, failed = counts["sent"], counts["failed"]
+        await _mark_done(con, job, sent, failed, batch_status)
         await eventstore.append(
-            con,
-            batch_events.stream_name(job.broadcast_id, job.run, job.seq),
-            [codec.to_new_event(event, {"tenant_id": str(job.tenant_id), "actor": "sender:worker"})],
-            expected_version=eventstore.NO_STREAM,
+            con, _stream(job), [_completed(job, sent, failed)], expected_version=eventstore.NO_STREAM
         )
+
+
+def _stream(job: Job) -> str:
+    return batch_events.stream_name(job.broadcast_id, job.run, job.seq)
+
+
+def _completed(job: Job, sent: int, failed: int) -> eventstore.NewEvent:
+    event = batch_events.BatchCompleted(
+        broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=sent, failed=failed,
+        at=datetime.now(timezone.utc),
+    )
+    return codec.to_new_event(event, {"tenant_id": str(job.tenant_id), "actor": "sender:worker"})
 
 
 class _AlreadyDone(Exception):

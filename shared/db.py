@@ -1,10 +1,10 @@
 """Postgres adapter plumbing: connection pools and the numbered .sql migrations."""
 from __future__ import annotations
 
-import json
 from importlib import resources
 
 import asyncpg
+import msgspec
 
 from shared.logging import get_logger
 
@@ -12,9 +12,14 @@ log = get_logger(__name__)
 _MIGRATION_LOCK = 0x43726965_72000001  # advisory lock key: one migrator at a time across replicas
 
 
+def _json_text(value: object) -> str:
+    return msgspec.json.encode(value).decode()
+
+
 async def _init_connection(con: asyncpg.Connection) -> None:
+    # msgspec rather than the json module: the relay and the projector decode every event's data.
     for typ in ("json", "jsonb"):
-        await con.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await con.set_type_codec(typ, encoder=_json_text, decoder=msgspec.json.decode, schema="pg_catalog")
 
 
 async def _reset(con: asyncpg.Connection) -> None:

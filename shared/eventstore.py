@@ -116,6 +116,19 @@ async def append(
     return sorted((_recorded(r) for r in rows), key=lambda e: e.position)
 
 
+def first_event_insert(p: int) -> str:
+    """SQL: insert one event as the first of a new stream, from parameters $p to $p+4 (see
+    `first_event_arguments`), for a writer that records it in one statement with its other changes
+    (one round trip, where `append` in a transaction takes four). The unique (stream_name,
+    position) still refuses a second first event."""
+    return (f"INSERT INTO events (stream_name, position, id, type, data, metadata) "
+            f"SELECT ${p}::text, 1, ${p + 1}::uuid, ${p + 2}::text, ${p + 3}::jsonb, ${p + 4}::jsonb")
+
+
+def first_event_arguments(stream_name: str, event: NewEvent) -> tuple[Any, ...]:
+    return stream_name, event.id, event.type, event.data, event.metadata
+
+
 async def read_stream(con: asyncpg.Connection, stream_name: str, after_position: int = 0) -> list[RecordedEvent]:
     rows = await con.fetch(
         f"SELECT {_COLUMNS} FROM events WHERE stream_name = $1 AND position > $2 ORDER BY position",
