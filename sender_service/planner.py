@@ -205,7 +205,7 @@ class Planner:
         while not planned:
             async with self.pool.acquire() as con, con.transaction():
                 if not await _may_go_on(con, plan):
-                    return  # paused, cancelled or stopped: a resume plans on from here
+                    return  # cancelled or stopped (a run is pausable once snapshotted)
                 jobs, last_member = await _snapshot_chunk(con, plan, after, batch_size, seq, published)
             if last_member is None:
                 break
@@ -222,12 +222,9 @@ class Planner:
         async with self.pool.acquire() as con:
             if not await _may_go_on(con, plan):
                 return
-            published = await con.fetchval(
-                "SELECT published FROM runs WHERE broadcast_id = $1 AND run = $2", plan.broadcast_id, plan.run
-            )
             delay_ms = (await _provider_pacing(con, plan) or (0, 0))[1]
-        if published:
-            await self._publish_range(plan, 0, published, _Pacer(delay_ms / 1000), heartbeat, resumes, status="held")
+        # Every held batch, wherever it is: only a batch that was published can be held.
+        await self._publish_range(plan, 0, None, _Pacer(delay_ms / 1000), heartbeat, resumes, status="held")
         await self.plan(plan, heartbeat, resumes)
 
     async def _publish_from(
