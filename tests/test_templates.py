@@ -268,3 +268,23 @@ def test_any_text_compiles_or_raises_template_error(source: str) -> None:
         compile_template(source, html=True)
     except TemplateError as exc:
         assert exc.field == "template" and exc.reason
+
+
+@st.composite
+def contents(draw: st.DrawFn) -> tuple[tuple[str, str, str], dict]:
+    variables = draw(VARIABLES)
+    return (draw(templates_for(variables)), draw(templates_for(variables)), draw(templates_for(variables))), variables
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(case=contents())
+@example(case=(("{{ a }}", "<{{ a }}>{{ a.b }}", "{{ b }}"), {"a": "<&>", "b": None}))
+@example(case=(("{{ a.b }}", "{{ a.size }}", ""), {"a": OrderedDict(b="<x>")}))
+def test_subject_html_and_text_rendered_together_are_what_liquid_renders(case: tuple[tuple[str, str, str], dict]) -> None:
+    (subject, html, text), variables = case
+    try:
+        content = CompiledContent.compile(subject, html, text)
+    except TemplateError:
+        assume(False)
+    expected = tuple(t._liquid.render(variables) for t in (content.subject, content.html, content.text))
+    assert content.render(variables) == expected
