@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from contextlib import asynccontextmanager
 
 import asyncpg
 import msgspec
@@ -52,7 +53,11 @@ async def started_run(settings, api, n: int, batch_size: int) -> Plan:
          "content": {"subject": "Hi", "html": "<p>Hi</p>", "text": "Hi"}},
     )
     await api.post(f"/v1/broadcasts/{created['id']}/send", expect=202)
-    broadcast_id = uuid.UUID(created["id"])
+    return await plan_of(settings, uuid.UUID(created["id"]))
+
+
+async def plan_of(settings, broadcast_id: uuid.UUID) -> Plan:
+    """The plan of the broadcast's run, from its BroadcastStarted event."""
     con = await db.connect(settings.database_url)
     try:
         events = await eventstore.read_stream(con, b.stream_name(broadcast_id))
@@ -60,6 +65,23 @@ async def started_run(settings, api, n: int, batch_size: int) -> Plan:
         await con.close()
     started = next(codec.from_recorded(e, b.Event) for e in events if e.type == "BroadcastStarted")
     return Plan(started.tenant_id, broadcast_id, started)
+
+
+@asynccontextmanager
+async def planning(settings):
+    """JetStream, the stream names and a pool for a planner run by the test (no background tasks)."""
+    nc = await nats.connect(settings.nats_url)
+    pool = await db.create_pool(settings.database_url, max_size=4)
+    try:
+        js = nc.jetstream()
+        yield js, await bus.ensure_streams(js, settings), pool
+    finally:
+        await pool.close()
+        await nc.close()
+
+
+async def no_heartbeat() -> None:
+    pass
 
 
 async def published_jobs(js, names: bus.Names) -> list:
@@ -80,21 +102,14 @@ async def test_a_planner_crashing_half_way_resumes_without_duplicating_or_droppi
     # Given a started run of 95 members in batches of 4 (24 jobs), read 20 members per chunk
     monkeypatch.setattr(planner_module, "READ_CHUNK", 20)
     settings = msgspec.structs.replace(settings, run_background=False)
-    nc = await nats.connect(settings.nats_url)
-    js = nc.jetstream()
-    names = await bus.ensure_streams(js, settings)
-    pool = await db.create_pool(settings.database_url, max_size=4)
-    try:
+    async with planning(settings) as (js, names, pool):
         async with api_for(settings) as api:
             plan = await started_run(settings, api, 95, batch_size=4)
 
-        async def heartbeat() -> None:
-            pass
-
         # When the planner dies after `survive` publishes, and a fresh one plans the run again
         with pytest.raises(Crash):
-            await Planner(pool, CrashingJetStream(js, survive), names).plan(plan, heartbeat)
-        await Planner(pool, js, names).plan(plan, heartbeat)
+            await Planner(pool, CrashingJetStream(js, survive), names).plan(plan, no_heartbeat)
+        await Planner(pool, js, names).plan(plan, no_heartbeat)
 
         # Then JetStream holds each of the 24 jobs once, and every member is in exactly one of them
         jobs = await published_jobs(js, names)
@@ -109,9 +124,6 @@ async def test_a_planner_crashing_half_way_resumes_without_duplicating_or_droppi
             await con.close()
         assert (run["batches"], run["recipients"], run["published"], run["planned"]) == (24, 95, 24, True)
         assert history.count("AudienceSnapshotted") == 1
-    finally:
-        await pool.close()
-        await nc.close()
 
 
 async def test_batches_leave_out_members_without_an_address_and_stay_under_the_job_size_limit(settings, monkeypatch):
@@ -120,11 +132,7 @@ async def test_batches_leave_out_members_without_an_address_and_stay_under_the_j
     monkeypatch.setattr(planner_module, "READ_CHUNK", 10)
     monkeypatch.setattr(planner_module, "JOB_BYTES", 2_000)
     settings = msgspec.structs.replace(settings, run_background=False)
-    nc = await nats.connect(settings.nats_url)
-    js = nc.jetstream()
-    names = await bus.ensure_streams(js, settings)
-    pool = await db.create_pool(settings.database_url, max_size=4)
-    try:
+    async with planning(settings) as (js, names, pool):
         async with api_for(settings) as api:
             people = [
                 {"external_id": f"p{i}", "phone": f"+4930{i:07d}"} if 20 <= i < 45 else
@@ -146,17 +154,11 @@ async def test_batches_leave_out_members_without_an_address_and_stay_under_the_j
                  "content": {"subject": "Hi", "html": "<p>{{ bio }}</p>", "text": "Hi"}},
             )
             await api.post(f"/v1/broadcasts/{created['id']}/send", expect=202)
+        # When the run is planned
+        plan = await plan_of(settings, uuid.UUID(created["id"]))
+        await Planner(pool, js, names).plan(plan, no_heartbeat)
         con = await db.connect(settings.database_url)
         try:
-            events = await eventstore.read_stream(con, b.stream_name(uuid.UUID(created["id"])))
-            started = next(codec.from_recorded(e, b.Event) for e in events if e.type == "BroadcastStarted")
-            plan = Plan(started.tenant_id, uuid.UUID(created["id"]), started)
-
-            async def heartbeat() -> None:
-                pass
-
-            # When the run is planned
-            await Planner(pool, js, names).plan(plan, heartbeat)
             batches = await con.fetch(
                 "SELECT seq, contact_ids, addresses FROM batches WHERE broadcast_id = $1 ORDER BY seq", plan.broadcast_id
             )
@@ -179,6 +181,3 @@ async def test_batches_leave_out_members_without_an_address_and_stay_under_the_j
             (j.seq, [x.contact_id for x in j.recipients]) for j in jobs
         ]
         assert (run["batches"], run["recipients"], run["planned"]) == (len(jobs), len(with_email), True)
-    finally:
-        await pool.close()
-        await nc.close()
