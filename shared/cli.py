@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 import uuid
@@ -38,7 +39,17 @@ def cmd_sender(settings: Settings, args: argparse.Namespace) -> None:
     from sender_service.main import run_sender
 
     _require_urls(settings)
+    _tune_gc()
     asyncio.run(run_sender(settings))
+
+
+def _tune_gc() -> None:
+    """A sender allocates a few thousand objects per job (recipients, their attributes, messages),
+    none of them in reference cycles. With the default thresholds the cyclic collector ran every
+    700 allocations and its older generations walked every object the process holds. Objects
+    alive at start-up are frozen out of its reach, and it runs a hundred times less often."""
+    gc.freeze()
+    gc.set_threshold(70_000, 20, 20)
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import msgspec
 
 
-class Recipient(msgspec.Struct, frozen=True, array_like=True):
-    """One recipient with what rendering needs, so workers never read contacts."""
+class Recipient(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One recipient with what rendering needs, so workers never read contacts. (gc=False: it
+    cannot be part of a reference cycle, so the cyclic collector need not track it.)"""
 
     contact_id: int
     address: str
