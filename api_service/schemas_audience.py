@@ -32,6 +32,9 @@ except ImportError:  # without it, a phone is checked by the E.164 regex alone
 MAX_CONTACTS = 10_000  # per POST /v1/contacts
 MAX_MEMBERS = 100_000  # ids per membership change
 MAX_ERRORS = 50  # a 10,000-item import with a systematic mistake gets a readable answer
+# A contact's attributes as JSON: every batch job carries them, and nats-server refuses a message
+# over 1 MiB, so a contact beyond that could never be sent to.
+MAX_ATTRIBUTES_BYTES = 65_536
 
 ExternalId = Annotated[str, Meta(min_length=1, max_length=255, description="your id for the contact: the upsert key")]
 Email = Annotated[str, Meta(max_length=254, examples=["ada@example.com"])]
@@ -246,6 +249,10 @@ def contact_batch(items: list[ContactIn], array: bool) -> ContactBatch:
         if UNSET in column:
             column[:] = [None if v is UNSET else v for v in column]
     attributes_json = msgspec.json.encode(attributes)
+    if len(attributes_json) > MAX_ATTRIBUTES_BYTES:  # only then can one contact's be too large
+        for i, a in enumerate(attributes):
+            if a is not None and (size := len(msgspec.json.encode(a))) > MAX_ATTRIBUTES_BYTES:
+                errors.add(i, "attributes", f"must be at most {MAX_ATTRIBUTES_BYTES:,} bytes as JSON, not {size:,}")
     if b"\\u0000" in attributes_json:
         for i, a in enumerate(attributes):
             if a is not None and _NUL_ESCAPE.search(msgspec.json.encode(a)):

@@ -181,6 +181,7 @@ async def test_invalid_email_at_index_3_rejects_the_whole_request(env):
         ({"locale": "english"}, "locale"),
         ({"attributes": ["a"]}, "attributes"),
         ({"attributes": {"x": "nul \u0000"}}, "attributes"),
+        ({"attributes": {"bio": "x" * 70_000}}, "attributes"),  # over 64 KiB as JSON: no job could carry it
         ({"email": 5}, "email"),
         ({"external_id": ""}, "external_id"),
         ({"emial": "typo@example.com"}, "emial"),  # unknown field
@@ -195,6 +196,13 @@ async def test_bad_items_are_422_naming_the_field(env, item, field):
     assert single.status_code == 422, single.text
     assert [e["field"] for e in single.json()["errors"]] == [field]
     assert await env.count("SELECT count(*) FROM contacts") == 0
+
+
+async def test_many_contacts_with_attributes_just_under_the_limit_are_accepted(env):
+    body = [{"external_id": f"big{i}", "attributes": {"bio": "x" * 65_000}} for i in range(3)]
+    r = await env.writer.http.post("/v1/contacts", headers=env.writer.headers, json=body)
+    assert r.status_code == 200, r.text
+    assert await env.count("SELECT count(*) FROM contacts") == 3
 
 
 async def test_malformed_json_is_400(env):
