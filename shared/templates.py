@@ -208,17 +208,15 @@ def _compile_together(templates: tuple[_FastTemplate, ...]) -> Callable[[Mapping
             lines.append(f"        p{i} = text(v{i}, False)")
         if i in html_used:
             lines.append(f"        e{i} = text(v{i}, True)")
-        if i not in plain_used and i not in html_used:
-            lines[-1:] = []
     outputs = []
     for n, t in enumerate(templates):
-        pieces = list(t._parts)
-        for index, root, rest in t._slots:
-            pieces[index] = ("e" if t.html else "p") + str(slots[(root, rest)])
+        # Each template's pieces in order: its text as constants L<n>_<j>, its values as p<i> (plain)
+        # or e<i> (escaped).
+        values = {index: f"{'e' if t.html else 'p'}{slots[(root, rest)]}" for index, root, rest in t._slots}
         names = []
-        for j, piece in enumerate(pieces):
-            if any(index == j for index, _, _ in t._slots):
-                names.append(piece)
+        for j, piece in enumerate(t._parts):
+            if j in values:
+                names.append(values[j])
             elif piece:
                 namespace[f"L{n}_{j}"] = piece
                 names.append(f"L{n}_{j}")
