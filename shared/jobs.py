@@ -2,8 +2,8 @@
 
 A job is JSON. The planner does not build its recipients in Python: Postgres renders them as a
 JSON array (RECIPIENTS_JSON) and the planner wraps that text, untouched, in the job's envelope
-(`PlannedJob`). Building a million Recipient structs and encoding them took the planner, which
-is the critical path of a send, about as long as the workers took to send them.
+(`PlannedJob`). Decoding a million contact rows into Recipient structs and encoding them was a
+quarter of the planner's sender process (profiled), and the planner is a send's critical path.
 """
 from __future__ import annotations
 
