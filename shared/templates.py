@@ -130,26 +130,13 @@ class _FastTemplate(Template):
             for index, root, rest in self._slots:
                 value = get(root, _MISSING)
                 if rest is not None:
-                    for segment in rest:
-                        if type(value) is dict:
-                            value = value.get(segment, _MISSING)
-                        elif value is _MISSING or type(value) in _NOT_SUBSCRIPTABLE_BY_NAME:
-                            value = _MISSING
-                            break
-                        else:  # a Mapping subclass, a drop, ...: Liquid's own lookup decides
-                            raise _Unusual
-                kind = type(value)
-                if kind is str:
+                    value = _follow(value, rest)
+                if type(value) is str:
                     # escape() builds a Markup (~0.35 us); most values have nothing to escape.
                     if html and _needs_escape(value) is not None:
                         value = escape(value)
-                elif kind is int or kind is float:  # str() of these never holds a character to escape
-                    value = str(value)
-                elif value is None or value is _MISSING:
-                    continue
                 else:
-                    # The very function Liquid's output node uses, so bools, lists, objects agree.
-                    value = to_liquid_string(value, html)
+                    value = _text(value, html)
                 parts[index] = value
         except _Unusual:
             return super().render(variables)
@@ -157,24 +144,25 @@ class _FastTemplate(Template):
 
 
 def _follow(value: Any, rest: tuple[str, ...]) -> Any:
-    """`value.rest` the way _FastTemplate.render looks it up; raises _Unusual where only Liquid can tell."""
+    """`value.rest` as Liquid looks it up, or _MISSING; raises _Unusual where only Liquid can tell."""
     for segment in rest:
         if type(value) is dict:
             value = value.get(segment, _MISSING)
         elif value is _MISSING or type(value) in _NOT_SUBSCRIPTABLE_BY_NAME:
             return _MISSING
-        else:
+        else:  # a Mapping subclass, a drop, ...: Liquid's own lookup decides
             raise _Unusual
     return value
 
 
 def _text(value: Any, html: bool) -> str:
-    """What _FastTemplate.render writes for a value that is not a str."""
+    """What Liquid's output node writes for a value that is not a str."""
     kind = type(value)
-    if kind is int or kind is float:
+    if kind is int or kind is float:  # str() of these never holds a character to escape
         return str(value)
     if value is None or value is _MISSING:
         return ""
+    # The very function Liquid's output node uses, so bools, lists, objects agree.
     return to_liquid_string(value, html)
 
 
