@@ -10,18 +10,18 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from api_service.auth import auth_middleware
-from api_service.idempotency import idempotency_middleware
 from api_service.background import start_background_tasks, stop_background_tasks
+from api_service.idempotency import idempotency_middleware
 from api_service.problems import exception_handlers, problem_details_plugin
 from api_service.routes.broadcasts import BroadcastController
 from api_service.routes.contacts import ContactController
+from api_service.routes.health import healthz, readyz
 from api_service.routes.lists import ListController
 from api_service.routes.providers import ProviderController
-from api_service.routes.health import healthz, readyz
 from api_service.services import Services
-from shared import bus, db
-from shared.logging import get_logger
-from shared.settings import Settings
+from shared.platform import bus, db
+from shared.platform.logging import get_logger
+from shared.platform.settings import Settings
 
 log = get_logger(__name__)
 MAX_BODY = 32 * 1024 * 1024  # a 10,000-contact import fits; more is a 413

@@ -9,8 +9,8 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.middleware.base import DefineMiddleware
 
-from shared import tenants
-from shared.tenants import Principal
+from shared.tenants import store as tenants
+from shared.tenants.store import Principal
 
 PUBLIC_PATHS = ["/healthz", "/readyz", "/schema"]
 

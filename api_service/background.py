@@ -6,13 +6,13 @@ import asyncio
 import asyncpg
 
 from api_service.services import Services
-from shared.leader import run_as_leader
-from shared.logging import get_logger
-from shared.projections import Projection, run_projector
-from shared.progress import publish_progress
-from shared.relay import run_relay
-from shared.scheduler import run_scheduler
-from shared.views.counters import CountersView
+from shared.broadcasts.counters import CountersView
+from shared.broadcasts.progress import publish_progress
+from shared.broadcasts.scheduler import run_scheduler
+from shared.platform.leader import run_as_leader
+from shared.platform.logging import get_logger
+from shared.platform.projections import Projection, run_projector
+from shared.platform.relay import run_relay
 
 log = get_logger(__name__)
 

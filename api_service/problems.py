@@ -6,11 +6,21 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+from litestar.plugins.problem_details import (
+    ProblemDetailsConfig,
+    ProblemDetailsException,
+    ProblemDetailsPlugin,
+)
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from shared.domain.errors import AlreadyExists, DomainError, Invalid, NotFound, WrongStatus
-from shared.logging import get_logger
+from shared.kernel.errors import (
+    AlreadyExists,
+    DomainError,
+    Invalid,
+    NotFound,
+    WrongStatus,
+)
+from shared.platform.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -9,8 +9,8 @@ import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from shared.bus import Names
-from shared.settings import Settings
+from shared.platform.bus import Names
+from shared.platform.settings import Settings
 
 
 def utc_now() -> datetime:

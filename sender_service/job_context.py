@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from sender_service.providers.base import OutgoingMessage, Provider
-from sender_service.providers.factory import build_provider
-from shared.jobs import Job, Recipient
-from shared.templates import CompiledContent
+from shared.channels.provider import OutgoingMessage, Provider
+from shared.channels.registry import build_provider
+from shared.content.templates import CompiledContent
+from shared.sending.jobs import Job, Recipient
 
 PROVIDER_TTL_S = 5.0
 

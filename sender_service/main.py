@@ -7,9 +7,9 @@ import signal
 from sender_service.job_context import JobContextLoader
 from sender_service.planner import Planner, consume_starts
 from sender_service.worker import JobProcessor, consume
-from shared import bus, db
-from shared.logging import get_logger
-from shared.settings import Settings
+from shared.platform import bus, db
+from shared.platform.logging import get_logger
+from shared.platform.settings import Settings
 
 log = get_logger(__name__)
 

@@ -20,12 +20,13 @@ import asyncpg
 import msgspec
 from nats.js import JetStreamContext
 
-from shared import audience, service
-from shared.bus import Names, await_acks
-from shared.domain import broadcast as b
-from shared.handlers.broadcasts import DECIDER, INLINE
-from shared.jobs import RECIPIENT_JSON, RECIPIENTS_JSON, PlannedJob, encode_job
-from shared.logging import get_logger
+from shared.broadcasts import decider as b
+from shared.broadcasts.handlers import DECIDER, INLINE
+from shared.platform import commands as service
+from shared.platform.bus import Names, await_acks
+from shared.platform.logging import get_logger
+from shared.sending import snapshot as audience
+from shared.sending.jobs import RECIPIENT_JSON, RECIPIENTS_JSON, PlannedJob, encode_job
 
 log = get_logger(__name__)
 READ_CHUNK = 10_000  # members read per query; split into batch_size jobs
@@ -339,8 +340,8 @@ async def consume_starts(js: JetStreamContext, names: Names, planner: Planner, s
     import msgspec
     import nats.errors
 
-    from shared.bus import PLANNER_CONSUMER
-    from shared.relay import EventEnvelope
+    from shared.platform.bus import PLANNER_CONSUMER
+    from shared.platform.relay import EventEnvelope
 
     sub = await js.pull_subscribe_bind(durable=PLANNER_CONSUMER, stream=names.events_stream)
     decode = msgspec.json.Decoder(EventEnvelope).decode
@@ -375,8 +376,7 @@ async def consume_starts(js: JetStreamContext, names: Names, planner: Planner, s
 
 
 async def _started_event(pool: asyncpg.Pool, broadcast_id: uuid.UUID, run: int) -> b.BroadcastStarted | None:
-    from shared import eventstore
-    from shared.domain import codec
+    from shared.platform import codec, eventstore
 
     async with pool.acquire() as con:
         events = await eventstore.read_stream(con, b.stream_name(broadcast_id))

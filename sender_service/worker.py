@@ -19,14 +19,18 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from sender_service.job_context import JobContext, JobContextLoader
-from sender_service.providers.base import OutgoingMessage, Provider, ProviderUnavailable, SendResult
-from shared import eventstore
-from shared.bus import WORKERS_CONSUMER, Names
-from shared.domain import batch as batch_events
-from shared.domain import codec
-from shared.jobs import Job, Recipient, decode_job
-from shared.logging import get_logger
-from shared.templates import TemplateError
+from shared.channels.provider import (
+    OutgoingMessage,
+    Provider,
+    ProviderUnavailable,
+    SendResult,
+)
+from shared.content.templates import TemplateError
+from shared.platform import codec, eventstore
+from shared.platform.bus import WORKERS_CONSUMER, Names
+from shared.platform.logging import get_logger
+from shared.sending import batch as batch_events
+from shared.sending.jobs import Job, Recipient, decode_job
 
 log = get_logger(__name__)
 UNKNOWN_OUTCOME = "outcome unknown: the sender stopped while sending; not resent to avoid a duplicate"

@@ -1,7 +1,6 @@
 """Shared pieces of the REST API tests: the app under its real lifespan, tenants and their tokens."""
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,9 +11,10 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api_service.app import create_app
-from shared import db, tenants
-from shared.settings import Settings
-from shared.tenants import IssuedToken
+from shared.platform import db
+from shared.platform.settings import Settings
+from shared.tenants import store as tenants
+from shared.tenants.store import IssuedToken
 
 BROADCASTS = "/v1/broadcasts"
 PROBLEM_JSON = "application/problem+json"

@@ -14,10 +14,10 @@ import asyncpg
 import nats
 import pytest
 
-from shared.db import migrate
-from shared.embedded import start_nats, start_postgres
-from shared.logging import configure_logging
-from shared.settings import Settings
+from shared.platform.db import migrate
+from shared.platform.logging import configure_logging
+from shared.platform.settings import Settings
+from shared.tooling.embedded import start_nats, start_postgres
 
 configure_logging("console", os.environ.get("CRIER_TEST_LOG_LEVEL", "warning"))
 

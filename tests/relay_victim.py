@@ -1,11 +1,11 @@
 """A relay process for the crash tests: run with `python -m tests.relay_victim ...` and SIGKILL it.
 
 Modes:
-  relay   run shared.relay.run_relay directly (no leader lock).
-  leader  compete for the "relay" leader lock with shared.leader.run_as_leader; while leader, run
+  relay   run shared.platform.relay.run_relay directly (no leader lock).
+  leader  compete for the "relay" leader lock with shared.platform.leader.run_as_leader; while leader, run
           the relay and insert this process's pid into --beat-table every --beat-interval seconds.
 
---batch overrides shared.relay.BATCH (smaller batches make a mid-stream kill land between a
+--batch overrides shared.platform.relay.BATCH (smaller batches make a mid-stream kill land between a
 batch's acks and its checkpoint). --hang-after N lets exactly N JetStream publishes through and
 then blocks the next one forever, so the test can kill the process at a known point: events
 published, their batch's checkpoint not saved, later events committed but never published.
@@ -16,10 +16,10 @@ import argparse
 import asyncio
 import os
 
-from shared import bus, db, relay
-from shared.leader import run_as_leader
-from shared.logging import configure_logging
-from shared.settings import Settings
+from shared.platform import bus, db, relay
+from shared.platform.leader import run_as_leader
+from shared.platform.logging import configure_logging
+from shared.platform.settings import Settings
 
 
 def _throttle_publishes(js, hang_after: int | None, delay: float) -> None:

@@ -14,8 +14,9 @@ import uvicorn
 
 from api_service.app import create_app
 from sender_service.main import run_sender
-from shared import db, tenants
-from shared.settings import Settings
+from shared.platform import db
+from shared.platform.settings import Settings
+from shared.tenants import store as tenants
 
 
 class Api:
@@ -107,4 +108,4 @@ def sender_process(settings: Settings, **extra_env: str) -> subprocess.Popen:
         CRIER_LOG_LEVEL="warning",
         **extra_env,
     )
-    return subprocess.Popen([sys.executable, "-m", "shared.cli", "sender"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "shared.tooling.cli", "sender"], env=env)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from zoneinfo import ZoneInfo
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from shared import db
+from shared.platform import db
 from tests.api_helpers import (  # noqa: F401  (api, tenant_tokens are fixtures)
     BROADCASTS,
     api,
@@ -21,8 +21,6 @@ from tests.api_helpers import (  # noqa: F401  (api, tenant_tokens are fixtures)
     new_broadcast,
     tenant_tokens,
 )
-
-
 
 
 def parse_time(value: str) -> datetime:

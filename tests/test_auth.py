@@ -18,7 +18,6 @@ from tests.api_helpers import (  # noqa: F401  (api, tenant_tokens are fixtures)
     tenant_tokens,
 )
 
-
 # ---- 401: no, malformed, unknown or revoked token ----
 
 

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from shared.domain import broadcast as b
-from shared.domain.errors import AlreadyExists, Invalid, NotFound, WrongStatus
-from shared.handlers.broadcasts import DECIDER
+from shared.broadcasts import decider as b
+from shared.broadcasts.handlers import DECIDER
+from shared.kernel.errors import AlreadyExists, Invalid, NotFound, WrongStatus
 from tests.gwt import given_for
 
 given = given_for(DECIDER)

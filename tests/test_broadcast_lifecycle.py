@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from shared.domain import broadcast as b
-from shared.domain.errors import Invalid, WrongStatus
+from shared.broadcasts import decider as b
+from shared.kernel.errors import Invalid, WrongStatus
 from tests.test_broadcast_decider import CREATED, SNAPSHOTTED, STARTED, T1, given
 
 T2 = T1 + timedelta(minutes=5)

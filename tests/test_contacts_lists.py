@@ -10,12 +10,22 @@ from typing import Any
 import msgspec
 import pytest
 from email_validator import EmailNotValidError, validate_email
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from litestar.testing import AsyncTestClient
 
 from api_service.app import create_app
-from api_service.schemas_audience import _FAST_EMAIL, _all_fast_emails, canonical_locale, email_problem, phone_problem
-from shared import contacts, db, lists, tenants
+from api_service.schemas.audience import (
+    _FAST_EMAIL,
+    _all_fast_emails,
+    canonical_locale,
+    email_problem,
+    phone_problem,
+)
+from shared.audience import contacts, lists
+from shared.platform import db
+from shared.tenants import store as tenants
 
 
 class Client:

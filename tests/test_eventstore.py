@@ -10,8 +10,15 @@ from dataclasses import dataclass, field
 import asyncpg
 import pytest
 
-from shared import db, eventstore, projections
-from shared.eventstore import ANY_VERSION, NO_STREAM, Checkpoint, NewEvent, RecordedEvent, WrongExpectedVersion
+from shared.platform import db, eventstore, projections
+from shared.platform.eventstore import (
+    ANY_VERSION,
+    NO_STREAM,
+    Checkpoint,
+    NewEvent,
+    RecordedEvent,
+    WrongExpectedVersion,
+)
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -1,4 +1,4 @@
-"""Leader election over Postgres advisory locks (shared.leader.run_as_leader), against the real
+"""Leader election over Postgres advisory locks (shared.platform.leader.run_as_leader), against the real
 servers: one replica runs a task at a time, and another one takes over when the leader dies or
 loses its lock connection, with the relay delivering every event exactly once throughout."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from shared import bus, db, leader, relay
-from shared.bus import Names
+from shared.platform import bus, db, leader, relay
+from shared.platform.bus import Names
 from tests.test_relay import (  # noqa: F401  (fixtures are used by name)
     Proc,
     append,

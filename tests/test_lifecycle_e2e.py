@@ -15,8 +15,8 @@ import nats
 
 from api_service import idempotency
 from api_service.idempotency import fingerprint_of
-from shared import db
-from shared.bus import Names
+from shared.platform import db
+from shared.platform.bus import Names
 from tests.smtp_peer import SmtpPeer
 from tests.stack import Api, api_for, sender_in_process
 from tests.test_send_e2e import audience, smtp_broadcast

@@ -14,10 +14,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from sender_service import planner as planner_module
 from sender_service.planner import Plan, Planner
-from shared import bus, db, eventstore
-from shared.domain import broadcast as b
-from shared.domain import codec
-from shared.jobs import decode_job
+from shared.broadcasts import decider as b
+from shared.platform import bus, codec, db, eventstore
+from shared.sending.jobs import decode_job
 from tests.stack import api_for
 from tests.test_send_e2e import audience
 

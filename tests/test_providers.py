@@ -14,9 +14,12 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api_service.app import create_app
-from sender_service.providers import OutgoingMessage, ProviderUnavailable, build_provider
-from sender_service.providers.smtp import message_id_of
-from shared import db, providers_repo, tenants
+from shared.channels import accounts as providers_repo
+from shared.channels.provider import OutgoingMessage, ProviderUnavailable
+from shared.channels.registry import build_provider
+from shared.channels.smtp import message_id_of
+from shared.platform import db
+from shared.tenants import store as tenants
 from tests.smtp_peer import SmtpPeer, smtp_peer  # noqa: F401  (the fixture)
 
 SMTP_BODY = {

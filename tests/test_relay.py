@@ -20,10 +20,16 @@ import msgspec
 import pytest
 from nats.js.api import StreamConfig
 
-from shared import bus, db, eventstore, relay
-from shared.bus import Names
-from shared.eventstore import ANY_VERSION, Checkpoint, NewEvent, RecordedEvent, WrongExpectedVersion
-from shared.relay import EventEnvelope
+from shared.platform import bus, db, eventstore, relay
+from shared.platform.bus import Names
+from shared.platform.eventstore import (
+    ANY_VERSION,
+    Checkpoint,
+    NewEvent,
+    RecordedEvent,
+    WrongExpectedVersion,
+)
+from shared.platform.relay import EventEnvelope
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT_TYPES = ("BroadcastCreated", "BroadcastScheduled", "BroadcastStarted", "BroadcastCompleted")

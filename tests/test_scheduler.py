@@ -16,11 +16,14 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
-from shared import db, eventstore, lists, providers_repo, service, tenants
-from shared.domain import broadcast as b
-from shared.domain import codec
-from shared.handlers import broadcasts as handlers
-from shared.scheduler import tick
+from shared.audience import lists
+from shared.broadcasts import decider as b
+from shared.broadcasts import handlers
+from shared.broadcasts.scheduler import tick
+from shared.channels import accounts as providers_repo
+from shared.platform import codec, db, eventstore
+from shared.platform import commands as service
+from shared.tenants import store as tenants
 
 UTC = timezone.utc
 NEW_YORK = ZoneInfo("America/New_York")

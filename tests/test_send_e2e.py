@@ -1,7 +1,6 @@
 """End to end on the real stack: REST → events → relay → planner → workers → SMTP peer → ledger → counters."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import uuid

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from shared.templates import CompiledContent, TemplateError, compile_template
+from shared.content.templates import CompiledContent, TemplateError, compile_template
 
 RECIPIENT = {
     "first_name": "Ana",

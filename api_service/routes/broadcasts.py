@@ -10,19 +10,18 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.datastructures import State
-from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.params import FromPath, JSONBody, Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api_service.auth import require_write
 from api_service.problems import problem
-from api_service.schemas_audience import email_problem
-from api_service.schemas import (
+from api_service.schemas.audience import email_problem
+from api_service.schemas.broadcasts import (
     Broadcast,
     BroadcastCreate,
     BroadcastPatch,
     HistoryEvent,
     Message,
-    Page,
     Preview,
     PreviewMessage,
     ScheduleFields,
@@ -32,16 +31,15 @@ from api_service.schemas import (
     TestSendIn,
     TestSent,
 )
-from shared import eventstore, progress
-from shared.domain import broadcast as b
-from shared.handlers import broadcasts as handlers
-from shared.domain.errors import Invalid
-from shared.handlers.broadcasts import Actor
-from shared.tenants import Principal
-from shared.handlers import previews
-from shared.views import broadcasts as view
-from shared.views import messages as messages_view
-from shared.views.counters import Counters, counters_of, shown
+from api_service.schemas.common import Page
+from shared.broadcasts import decider as b
+from shared.broadcasts import handlers, previews, progress, view
+from shared.broadcasts import messages as messages_view
+from shared.broadcasts.counters import Counters, counters_of, shown
+from shared.broadcasts.handlers import Actor
+from shared.kernel.errors import Invalid
+from shared.platform import eventstore
+from shared.tenants.store import Principal
 
 Limit = Annotated[int, Parameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, Parameter(ge=0)]
@@ -83,7 +81,7 @@ async def with_counters(pool: Any, rows: list[view.BroadcastRow], audiences: boo
 
 def schedule_command(data: ScheduleFields, at: datetime) -> b.ScheduleBroadcast:
     """The domain command from the API's schedule fields (naive times are local to `timezone`)."""
-    from shared.schedule import zone
+    from shared.broadcasts.schedule import zone
 
     try:
         tz = zone(data.timezone)

@@ -15,10 +15,16 @@ from litestar.params import FromPath, QueryParameter, RawBody
 
 from api_service.auth import require_write
 from api_service.problems import invalid, problem
-from api_service.schemas import Page
-from api_service.schemas_audience import MAX_CONTACTS, Contact, ContactIn, ContactsImported, contact_batch
-from shared import contacts
-from shared.contacts import ContactRow
+from api_service.schemas.audience import (
+    MAX_CONTACTS,
+    Contact,
+    ContactIn,
+    ContactsImported,
+    contact_batch,
+)
+from api_service.schemas.common import Page
+from shared.audience import contacts
+from shared.audience.contacts import ContactRow
 
 Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="page size")]
 Offset = Annotated[int, QueryParameter(ge=0)]

@@ -6,7 +6,7 @@ import asyncio
 from litestar import Response, get
 from litestar.datastructures import State
 
-from api_service.schemas import Health
+from api_service.schemas.common import Health
 
 
 @get("/healthz", summary="The process is up", tags=["health"])

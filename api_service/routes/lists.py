@@ -11,10 +11,16 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from api_service.auth import require_write
 from api_service.problems import problem
-from api_service.schemas import Page
-from api_service.schemas_audience import ContactList, ListCreate, MembersAdded, MembersChange, MembersRemoved
-from shared import lists
-from shared.lists import ListRow, UnknownContacts
+from api_service.schemas.audience import (
+    ContactList,
+    ListCreate,
+    MembersAdded,
+    MembersChange,
+    MembersRemoved,
+)
+from api_service.schemas.common import Page
+from shared.audience import lists
+from shared.audience.lists import ListRow, UnknownContacts
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, QueryParameter(ge=0)]

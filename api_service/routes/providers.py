@@ -10,9 +10,16 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from api_service.auth import require_write
 from api_service.problems import problem
-from api_service.schemas import Page
-from api_service.schemas_providers import Provider, ProviderCreate, ProviderPatch, patched, to_response, validated
-from shared import providers_repo as repo
+from api_service.schemas.common import Page
+from api_service.schemas.providers import (
+    Provider,
+    ProviderCreate,
+    ProviderPatch,
+    patched,
+    to_response,
+    validated,
+)
+from shared.channels import accounts as repo
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, QueryParameter(ge=0)]

@@ -1,0 +1,165 @@
+"""Request and response bodies of the broadcasts API."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from api_service.schemas.common import Input, Name
+
+Subject = Annotated[str, Meta(min_length=1, max_length=998)]  # RFC 5322 line limit
+
+
+class ContentIn(Input, kw_only=True):
+    subject: Subject
+    html: str = ""
+    text: str = ""
+    from_email: str | None = None
+    reply_to: str | None = None
+
+
+class ContentPatch(Input, kw_only=True):
+    subject: Subject | UnsetType = UNSET
+    html: str | UnsetType = UNSET
+    text: str | UnsetType = UNSET
+    from_email: str | None | UnsetType = UNSET
+    reply_to: str | None | UnsetType = UNSET
+
+
+class ScheduleFields(Input, kw_only=True):
+    """When a broadcast starts by itself. One-off: `scheduled_at` (an offset, or local time in
+    `timezone`). Recurring: `recurring: true` with a 5-field `cron` in `timezone`."""
+
+    scheduled_at: datetime | None = None
+    timezone: str = "UTC"
+    recurring: bool = False
+    cron: str | None = None
+    missed_policy: Literal["send", "skip"] = "send"
+    max_lateness_s: Annotated[int, Meta(ge=0)] = 3600  # "send": later than this, an occurrence is skipped
+
+
+class ScheduleIn(ScheduleFields, kw_only=True):
+    pass
+
+
+class BroadcastCreate(ScheduleFields, kw_only=True):
+    name: Name
+    list_id: uuid.UUID | None = None
+    provider_id: uuid.UUID | None = None
+    content: ContentIn
+
+
+class TestSendIn(Input, kw_only=True):
+    """Where to send a test: up to 10 addresses and/or contacts (rendered with their variables)."""
+
+    emails: Annotated[list[str], Meta(max_length=10)] = []
+    contact_ids: Annotated[list[int], Meta(max_length=10)] = []
+
+
+class TestResult(msgspec.Struct, kw_only=True):
+    address: str
+    ok: bool
+    error: str | None
+
+
+class TestSent(msgspec.Struct, kw_only=True):
+    results: list[TestResult]
+
+
+class PreviewMessage(msgspec.Struct, kw_only=True):
+    contact_id: int
+    channel: str
+    address: str
+    subject: str
+    html: str
+    text: str
+
+
+class Preview(msgspec.Struct, kw_only=True):
+    items: list[PreviewMessage]
+
+
+class BroadcastPatch(Input, kw_only=True):
+    name: Name | UnsetType = UNSET
+    list_id: uuid.UUID | None | UnsetType = UNSET
+    provider_id: uuid.UUID | None | UnsetType = UNSET
+    content: ContentPatch | UnsetType = UNSET
+
+
+class Content(msgspec.Struct, kw_only=True):
+    subject: str
+    html: str
+    text: str
+    from_email: str | None
+    reply_to: str | None
+
+
+class Counters(msgspec.Struct, kw_only=True):
+    total: int = 0
+    queued: int = 0
+    sent: int = 0
+    failed: int = 0
+    dropped: int = 0  # not sent because the run was cancelled or stopped
+
+
+class ScheduleOut(msgspec.Struct, kw_only=True):
+    timezone: str
+    cron: str | None
+    missed_policy: str
+    max_lateness_s: int
+
+
+class Broadcast(msgspec.Struct, kw_only=True):
+    id: uuid.UUID
+    name: str
+    status: str
+    channel: str
+    list_id: uuid.UUID | None
+    provider_id: uuid.UUID | None
+    content: Content
+    counters: Counters
+    run: int
+    scheduled_at: datetime | None
+    next_run_at: datetime | None  # a recurring broadcast's next occurrence
+    recurring: bool
+    schedule: ScheduleOut | None
+    audience_total: int | None  # when not running: the list's current size
+    remaining: int | None  # when not running: audience members this broadcast has not reached yet
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class SendAccepted(msgspec.Struct, kw_only=True):
+    status: str
+    queued: int
+    run: int
+
+
+class Message(msgspec.Struct, kw_only=True):
+    """One recipient's record: queued until its batch is attempted, then sent or failed."""
+
+    run: int
+    contact_id: int
+    channel: str
+    address: str
+    status: str
+    attempts: int
+    error: str | None
+    provider_message_id: str | None
+    sent_at: datetime | None
+
+
+class HistoryEvent(msgspec.Struct, kw_only=True):
+    """One entry of a broadcast's history: what happened, with which data, by whom, when."""
+
+    position: int
+    id: uuid.UUID
+    type: str
+    data: dict[str, Any]
+    actor: str | None
+    correlation_id: str | None
+    created_at: datetime

@@ -1,0 +1,1 @@
+"""Audience: contacts and lists."""

@@ -1,0 +1,694 @@
+"""The Broadcast aggregate: its events, state, and the pure `decide` and `evolve`.
+
+One stream per broadcast (`broadcast-<id>`). Per-recipient outcomes are not events here; they
+live in the messages ledger (DESIGN.md).
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import Enum
+from typing import assert_never
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from shared.kernel.errors import AlreadyExists, Invalid, NotFound, WrongStatus
+
+CATEGORY = "broadcast"
+
+
+def stream_name(broadcast_id: uuid.UUID) -> str:
+    return f"{CATEGORY}-{broadcast_id}"
+
+
+class Status(str, Enum):
+    DRAFT = "draft"
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    SENDING = "sending"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    PARTIALLY_FAILED = "partially_failed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+EDITABLE = frozenset({Status.DRAFT, Status.SCHEDULED, Status.PAUSED})
+FINISHED = frozenset({Status.COMPLETED, Status.PARTIALLY_FAILED, Status.FAILED})
+RUNNING = frozenset({Status.QUEUED, Status.SENDING})
+ACTIVE = RUNNING | {Status.PAUSED}  # a run exists whose unsent messages are kept
+# `send` is always a top-up: only audience members this broadcast has not reached yet.
+SENDABLE = frozenset({Status.DRAFT, Status.SCHEDULED, Status.CANCELLED}) | FINISHED
+SCHEDULABLE = frozenset({Status.DRAFT, Status.SCHEDULED})
+CANCELLABLE = frozenset({Status.SCHEDULED}) | ACTIVE
+STOPPABLE = CANCELLABLE
+DELETABLE = frozenset(Status) - ACTIVE
+# An occurrence due this long ago is still sent under missed_policy "skip" (scheduler tick jitter).
+SKIP_GRACE_S = 60
+
+
+class Recurrence(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    cron: str  # 5 fields, in `timezone`
+    timezone: str = "UTC"
+
+
+class Schedule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """When a scheduled broadcast fires. One-off (`recurrence` None) or recurring (a cron)."""
+
+    recurrence: Recurrence | None = None
+    timezone: str = "UTC"
+    # What to do with an occurrence that was due while nothing ran: "send" it late (unless later
+    # than max_lateness_s) or "skip" it (anything later than SKIP_GRACE_S), recording the skip.
+    missed_policy: str = "send"
+    max_lateness_s: int = 3600
+
+
+class Content(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    subject: str
+    html: str = ""
+    text: str = ""
+    from_email: str | None = None
+    reply_to: str | None = None
+
+
+# ---- events (class names are the stored types: never rename) ----
+
+
+class BroadcastCreated(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    broadcast_id: uuid.UUID
+    tenant_id: uuid.UUID
+    name: str
+    channel: str
+    list_id: uuid.UUID | None
+    provider_id: uuid.UUID | None
+    content: Content
+    at: datetime
+
+
+class BroadcastEdited(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    list_id: uuid.UUID | None | UnsetType = UNSET
+    provider_id: uuid.UUID | None | UnsetType = UNSET
+    content: Content | UnsetType = UNSET
+    at: datetime
+
+
+class BroadcastDeleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    at: datetime
+
+
+class BroadcastStarted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A run began: the planner snapshots the audience and splits it into batch jobs."""
+
+    run: int
+    tenant_id: uuid.UUID
+    channel: str
+    list_id: uuid.UUID
+    provider_id: uuid.UUID
+    audience_size: int  # the audience counted when the send was accepted; the snapshot has the final figure
+    at: datetime
+    # A top-up run goes only to members not reached by runs after `reset_run`; a recurring
+    # occurrence goes to the whole current audience.
+    top_up: bool = True
+    reset_run: int = 0
+    occurrence_at: datetime | None = None  # the scheduled time it fired for, if any
+
+
+class AudienceSnapshotted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    run: int
+    recipients: int
+    batches: int
+    at: datetime
+
+
+class BroadcastCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    run: int
+    total: int
+    sent: int
+    failed: int
+    at: datetime
+
+
+class BroadcastPartiallyFailed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    run: int
+    total: int
+    sent: int
+    failed: int
+    at: datetime
+
+
+class BroadcastFailed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    run: int
+    reason: str
+    total: int = 0
+    sent: int = 0
+    failed: int = 0
+    at: datetime
+
+
+class BroadcastScheduled(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """It will start by itself at `scheduled_at` (for a recurring one: its next occurrence)."""
+
+    scheduled_at: datetime
+    schedule: Schedule
+    at: datetime
+
+
+class OccurrenceSkipped(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """An occurrence was due while nothing ran, and the missed policy said not to send it late."""
+
+    occurrence_at: datetime
+    reason: str
+    at: datetime
+
+
+class BroadcastPaused(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    run: int
+    at: datetime
+
+
+class BroadcastResumed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    run: int
+    resumes: int  # how many times this run was resumed, this one included (new job ids per resume)
+    at: datetime
+
+
+class BroadcastCancelled(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Stopped for good; unsent messages of the run are dropped, the reached set is kept."""
+
+    run: int
+    at: datetime
+
+
+class BroadcastStopped(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Back to draft; unsent messages of the run are dropped, the reached set is kept."""
+
+    run: int
+    at: datetime
+
+
+class BroadcastReset(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Back to draft with the reached set cleared: runs up to `through_run` no longer count."""
+
+    through_run: int
+    at: datetime
+
+
+class TestSent(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The content was sent to these addresses as a test; not part of any run or counter."""
+
+    addresses: list[str]
+    sent: int
+    failed: int
+    at: datetime
+
+
+Event = (
+    BroadcastCreated
+    | BroadcastEdited
+    | BroadcastDeleted
+    | BroadcastStarted
+    | AudienceSnapshotted
+    | BroadcastCompleted
+    | BroadcastPartiallyFailed
+    | BroadcastFailed
+    | BroadcastScheduled
+    | OccurrenceSkipped
+    | BroadcastPaused
+    | BroadcastResumed
+    | BroadcastCancelled
+    | BroadcastStopped
+    | BroadcastReset
+    | TestSent
+)
+
+
+# ---- commands (time comes in the command: deciders read no clock) ----
+
+
+class CreateBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    broadcast_id: uuid.UUID
+    tenant_id: uuid.UUID
+    name: str
+    channel: str = "email"
+    list_id: uuid.UUID | None = None
+    provider_id: uuid.UUID | None = None
+    content: Content
+    at: datetime
+
+
+class ContentChanges(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    subject: str | UnsetType = UNSET
+    html: str | UnsetType = UNSET
+    text: str | UnsetType = UNSET
+    from_email: str | None | UnsetType = UNSET
+    reply_to: str | None | UnsetType = UNSET
+
+
+class EditBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    name: str | UnsetType = UNSET
+    list_id: uuid.UUID | None | UnsetType = UNSET
+    provider_id: uuid.UUID | None | UnsetType = UNSET
+    content: ContentChanges | UnsetType = UNSET
+    at: datetime
+
+
+class DeleteBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    at: datetime
+
+
+class SendBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    audience_size: int
+    at: datetime
+
+
+class RecordSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    run: int
+    recipients: int
+    batches: int
+    at: datetime
+
+
+class FinishRun(msgspec.Struct, frozen=True, kw_only=True):
+    """Every batch of the run has an outcome; the counts come from the ledger."""
+
+    run: int
+    total: int
+    sent: int
+    failed: int
+    at: datetime
+
+
+class FailRun(msgspec.Struct, frozen=True, kw_only=True):
+    run: int
+    reason: str
+    at: datetime
+
+
+class ScheduleBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    """Schedule (or reschedule). One-off: `scheduled_at`; recurring: `schedule.recurrence`."""
+
+    scheduled_at: datetime | None
+    schedule: Schedule
+    at: datetime
+
+
+class FireOccurrence(msgspec.Struct, frozen=True, kw_only=True):
+    """The scheduler found the broadcast due at `occurrence_at`."""
+
+    occurrence_at: datetime
+    audience_size: int
+    at: datetime
+
+
+class PauseBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    at: datetime
+
+
+class ResumeBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    at: datetime
+
+
+class CancelBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    at: datetime
+
+
+class StopBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    at: datetime
+
+
+class ResetBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    at: datetime
+
+
+class RecordTestSend(msgspec.Struct, frozen=True, kw_only=True):
+    addresses: list[str]
+    sent: int
+    failed: int
+    at: datetime
+
+
+Command = (
+    CreateBroadcast
+    | EditBroadcast
+    | DeleteBroadcast
+    | SendBroadcast
+    | RecordSnapshot
+    | FinishRun
+    | FailRun
+    | ScheduleBroadcast
+    | FireOccurrence
+    | PauseBroadcast
+    | ResumeBroadcast
+    | CancelBroadcast
+    | StopBroadcast
+    | ResetBroadcast
+    | RecordTestSend
+)
+
+
+# ---- state ----
+
+
+class State(msgspec.Struct, frozen=True, kw_only=True):
+    exists: bool = False
+    deleted: bool = False
+    status: Status = Status.DRAFT
+    tenant_id: uuid.UUID | None = None
+    name: str = ""
+    channel: str = "email"
+    list_id: uuid.UUID | None = None
+    provider_id: uuid.UUID | None = None
+    content: Content | None = None
+    run: int = 0  # the latest run started (0: never sent)
+    snapshotted: bool = False  # the latest run's audience has been split into batches
+    resumes: int = 0  # times the latest run was resumed
+    reset_run: int = 0  # runs up to this one no longer count as reached (a reset)
+    scheduled_at: datetime | None = None  # the next occurrence, while scheduled (or recurring)
+    schedule: Schedule | None = None
+
+    @property
+    def recurring(self) -> bool:
+        return self.schedule is not None and self.schedule.recurrence is not None
+
+
+INITIAL = State()
+
+
+def evolve(state: State, event: Event) -> State:
+    match event:
+        case BroadcastCreated():
+            return msgspec.structs.replace(
+                state,
+                exists=True,
+                status=Status.DRAFT,
+                tenant_id=event.tenant_id,
+                name=event.name,
+                channel=event.channel,
+                list_id=event.list_id,
+                provider_id=event.provider_id,
+                content=event.content,
+            )
+        case BroadcastEdited():
+            changes = {
+                f: getattr(event, f)
+                for f in ("name", "list_id", "provider_id", "content")
+                if getattr(event, f) is not UNSET
+            }
+            return msgspec.structs.replace(state, **changes)
+        case BroadcastDeleted():
+            return msgspec.structs.replace(state, deleted=True)
+        case BroadcastStarted():
+            # A recurring broadcast keeps its schedule (the next occurrence is set when the run ends);
+            # a one-off schedule is used up.
+            schedule = state.schedule if state.recurring else None
+            return msgspec.structs.replace(
+                state, status=Status.QUEUED, run=event.run, snapshotted=False, resumes=0, scheduled_at=None,
+                schedule=schedule,
+            )
+        case AudienceSnapshotted():
+            status = Status.PAUSED if state.status is Status.PAUSED else Status.SENDING
+            return msgspec.structs.replace(state, status=status, snapshotted=True)
+        case BroadcastCompleted():
+            return msgspec.structs.replace(state, status=Status.COMPLETED)
+        case BroadcastPartiallyFailed():
+            return msgspec.structs.replace(state, status=Status.PARTIALLY_FAILED)
+        case BroadcastFailed():
+            return msgspec.structs.replace(state, status=Status.FAILED)
+        case BroadcastScheduled():
+            return msgspec.structs.replace(
+                state, status=Status.SCHEDULED, scheduled_at=event.scheduled_at, schedule=event.schedule
+            )
+        case OccurrenceSkipped():
+            # A recurring broadcast is rescheduled by the BroadcastScheduled that follows; a one-off
+            # one goes back to draft.
+            return msgspec.structs.replace(state, status=Status.DRAFT, scheduled_at=None, schedule=None)
+        case BroadcastPaused():
+            return msgspec.structs.replace(state, status=Status.PAUSED)
+        case BroadcastResumed():
+            status = Status.SENDING if state.snapshotted else Status.QUEUED
+            return msgspec.structs.replace(state, status=status, resumes=event.resumes)
+        case BroadcastCancelled():
+            return msgspec.structs.replace(state, status=Status.CANCELLED, scheduled_at=None, schedule=None)
+        case BroadcastStopped():
+            return msgspec.structs.replace(state, status=Status.DRAFT, scheduled_at=None, schedule=None)
+        case BroadcastReset():
+            return msgspec.structs.replace(
+                state, status=Status.DRAFT, reset_run=event.through_run, scheduled_at=None, schedule=None
+            )
+        case TestSent():
+            return state
+        case _:
+            assert_never(event)
+
+
+def fold(events: list[Event], state: State = INITIAL) -> State:
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+def _merge_content(current: Content, changes: ContentChanges) -> Content:
+    given = {f: v for f in ContentChanges.__struct_fields__ if (v := getattr(changes, f)) is not UNSET}
+    return msgspec.structs.replace(current, **given)
+
+
+def decide(command: Command, state: State) -> list[Event]:
+    match command:
+        case CreateBroadcast():
+            if state.exists:
+                same = state.tenant_id == command.tenant_id and state.name == command.name and (
+                    state.content == command.content
+                )
+                if same and not state.deleted:
+                    return []  # a retried create
+                raise AlreadyExists(f"broadcast {command.broadcast_id} already exists")
+            return [
+                BroadcastCreated(
+                    broadcast_id=command.broadcast_id,
+                    tenant_id=command.tenant_id,
+                    name=command.name,
+                    channel=command.channel,
+                    list_id=command.list_id,
+                    provider_id=command.provider_id,
+                    content=command.content,
+                    at=command.at,
+                )
+            ]
+        case EditBroadcast():
+            _require_live(state)
+            if state.status not in EDITABLE:
+                raise WrongStatus("edit", state.status.value)
+            assert state.content is not None
+            changed: dict[str, object] = {}
+            for f in ("name", "list_id", "provider_id"):
+                value = getattr(command, f)
+                if value is not UNSET and value != getattr(state, f):
+                    changed[f] = value
+            if command.content is not UNSET:
+                content = _merge_content(state.content, command.content)
+                if content != state.content:
+                    changed["content"] = content
+            if not changed:
+                return []  # nothing new: a retried or empty edit
+            return [BroadcastEdited(**changed, at=command.at)]
+        case DeleteBroadcast():
+            if not state.exists:
+                raise NotFound("broadcast not found")
+            if state.deleted:
+                return []
+            if state.status not in DELETABLE:
+                raise WrongStatus("delete", state.status.value)
+            return [BroadcastDeleted(at=command.at)]
+        case SendBroadcast():
+            return _send(command, state)
+        case RecordSnapshot():
+            return _record_snapshot(command, state)
+        case FinishRun():
+            return _finish(command, state)
+        case FailRun():
+            _require_live(state)
+            if command.run != state.run or state.status not in ACTIVE:
+                return []  # that run already ended (or a newer one began): nothing to fail
+            return _then_reschedule([BroadcastFailed(run=command.run, reason=command.reason, at=command.at)], state)
+        case ScheduleBroadcast():
+            return _schedule(command, state)
+        case FireOccurrence():
+            return _fire(command, state)
+        case PauseBroadcast():
+            _require_live(state)
+            if state.status is Status.PAUSED:
+                return []
+            if state.status is not Status.SENDING:
+                raise WrongStatus("pause", state.status.value)
+            return [BroadcastPaused(run=state.run, at=command.at)]
+        case ResumeBroadcast():
+            _require_live(state)
+            if state.status in RUNNING:
+                return []  # a retried resume
+            if state.status is not Status.PAUSED:
+                raise WrongStatus("resume", state.status.value)
+            return [BroadcastResumed(run=state.run, resumes=state.resumes + 1, at=command.at)]
+        case CancelBroadcast():
+            _require_live(state)
+            if state.status is Status.CANCELLED:
+                return []
+            if state.status not in CANCELLABLE:
+                raise WrongStatus("cancel", state.status.value)
+            return [BroadcastCancelled(run=state.run, at=command.at)]
+        case StopBroadcast():
+            _require_live(state)
+            if state.status is Status.DRAFT:
+                return []  # a retried stop
+            if state.status not in STOPPABLE:
+                raise WrongStatus("stop", state.status.value)
+            return [BroadcastStopped(run=state.run, at=command.at)]
+        case ResetBroadcast():
+            _require_live(state)
+            if state.status is Status.DRAFT and state.reset_run == state.run:
+                return []  # nothing reached since the last reset (or a retried reset)
+            if state.status not in FINISHED | {Status.CANCELLED, Status.DRAFT}:
+                raise WrongStatus("reset", state.status.value)
+            return [BroadcastReset(through_run=state.run, at=command.at)]
+        case RecordTestSend():
+            _require_live(state)
+            return [TestSent(addresses=command.addresses, sent=command.sent, failed=command.failed, at=command.at)]
+        case _:
+            assert_never(command)
+
+
+def _require_live(state: State) -> None:
+    if not state.exists or state.deleted:
+        raise NotFound("broadcast not found")
+
+
+def _send(command: SendBroadcast, state: State) -> list[Event]:
+    _require_live(state)
+    if state.status in RUNNING:
+        return []  # a retried send: the run it started is under way
+    if state.status not in SENDABLE:
+        raise WrongStatus("send", state.status.value)
+    _require_sendable(state)
+    if command.audience_size == 0:
+        return []  # everybody in the audience was reached already: nothing to top up
+    return [_started(state, command.audience_size, command.at, top_up=True)]
+
+
+def _require_sendable(state: State) -> None:
+    if state.list_id is None:
+        raise Invalid("list_id", "a broadcast needs a list to be sent")
+    if state.provider_id is None:
+        raise Invalid("provider_id", "a broadcast needs a provider to be sent")
+
+
+def _started(
+    state: State, audience_size: int, at: datetime, *, top_up: bool, occurrence_at: datetime | None = None
+) -> BroadcastStarted:
+    assert state.tenant_id is not None and state.list_id is not None and state.provider_id is not None
+    return BroadcastStarted(
+        run=state.run + 1,
+        tenant_id=state.tenant_id,
+        channel=state.channel,
+        list_id=state.list_id,
+        provider_id=state.provider_id,
+        audience_size=audience_size,
+        at=at,
+        top_up=top_up,
+        reset_run=state.reset_run,
+        occurrence_at=occurrence_at,
+    )
+
+
+def _schedule(command: ScheduleBroadcast, state: State) -> list[Event]:
+    from shared.broadcasts.schedule import check_cron, next_occurrence, zone
+
+    _require_live(state)
+    if state.status not in SCHEDULABLE:
+        raise WrongStatus("schedule", state.status.value)
+    schedule = command.schedule
+    if schedule.missed_policy not in ("send", "skip"):
+        raise Invalid("missed_policy", "must be send or skip")
+    try:
+        zone(schedule.timezone)
+    except ValueError as exc:
+        raise Invalid("timezone", str(exc)) from exc
+    if schedule.recurrence is not None:
+        try:
+            zone(schedule.recurrence.timezone)
+            check_cron(schedule.recurrence.cron)
+        except ValueError as exc:
+            raise Invalid("cron", str(exc)) from exc
+        scheduled_at = next_occurrence(schedule.recurrence.cron, schedule.recurrence.timezone, command.at)
+    else:
+        if command.scheduled_at is None:
+            raise Invalid("scheduled_at", "required unless the broadcast is recurring")
+        if command.scheduled_at <= command.at:
+            raise Invalid("scheduled_at", "must be in the future")
+        scheduled_at = command.scheduled_at
+    if state.status is Status.SCHEDULED and state.scheduled_at == scheduled_at and state.schedule == schedule:
+        return []  # a retried schedule
+    return [BroadcastScheduled(scheduled_at=scheduled_at, schedule=schedule, at=command.at)]
+
+
+def _fire(command: FireOccurrence, state: State) -> list[Event]:
+    if not state.exists or state.deleted:
+        return []
+    if state.status is not Status.SCHEDULED or state.scheduled_at != command.occurrence_at:
+        return []  # fired already (by this or another scheduler), rescheduled, or stopped meanwhile
+    assert state.schedule is not None
+    policy = state.schedule
+    lateness = (command.at - command.occurrence_at).total_seconds()
+    allowed = SKIP_GRACE_S if policy.missed_policy == "skip" else policy.max_lateness_s
+    if lateness > allowed:
+        reason = f"missed by {int(lateness)} s ({policy.missed_policy} policy allows {allowed} s)"
+        skipped: list[Event] = [OccurrenceSkipped(occurrence_at=command.occurrence_at, reason=reason, at=command.at)]
+        return _then_reschedule(skipped, state, after=command.at)
+    if state.list_id is None or state.provider_id is None:
+        skipped = [OccurrenceSkipped(occurrence_at=command.occurrence_at, reason="no list or provider", at=command.at)]
+        return _then_reschedule(skipped, state, after=command.at)
+    # A one-off schedule is a deferred `send` (a top-up); each recurring occurrence is a new run to
+    # the whole current audience.
+    return [
+        _started(state, command.audience_size, command.at, top_up=not state.recurring,
+                 occurrence_at=command.occurrence_at)
+    ]
+
+
+def _then_reschedule(events: list[Event], state: State, after: datetime | None = None) -> list[Event]:
+    """A recurring broadcast is scheduled for its next occurrence once a run (or a skip) ends."""
+    if not state.recurring:
+        return events
+    from shared.broadcasts.schedule import next_occurrence
+
+    assert state.schedule is not None and state.schedule.recurrence is not None
+    at = after or events[-1].at  # type: ignore[union-attr]
+    recurrence = state.schedule.recurrence
+    next_at = next_occurrence(recurrence.cron, recurrence.timezone, at)
+    return [*events, BroadcastScheduled(scheduled_at=next_at, schedule=state.schedule, at=at)]
+
+
+def _record_snapshot(command: RecordSnapshot, state: State) -> list[Event]:
+    _require_live(state)
+    if command.run != state.run or state.snapshotted or state.status not in ACTIVE:
+        return []  # already recorded, or the run was stopped meanwhile
+    events: list[Event] = [
+        AudienceSnapshotted(run=command.run, recipients=command.recipients, batches=command.batches, at=command.at)
+    ]
+    if command.recipients == 0:  # nobody to send to: the run is complete at once
+        events.append(BroadcastCompleted(run=command.run, total=0, sent=0, failed=0, at=command.at))
+        return _then_reschedule(events, state)
+    return events
+
+
+def _finish(command: FinishRun, state: State) -> list[Event]:
+    _require_live(state)
+    # A run can finish while paused: the batches in flight at the pause were its last ones.
+    if command.run != state.run or state.status not in (Status.SENDING, Status.PAUSED) or not state.snapshotted:
+        return []  # already finished (a replayed outcome), or not this run
+    counts = dict(run=command.run, total=command.total, sent=command.sent, failed=command.failed, at=command.at)
+    if command.failed == 0:
+        return _then_reschedule([BroadcastCompleted(**counts)], state)
+    if command.sent == 0:
+        return _then_reschedule([BroadcastFailed(reason="every recipient failed", **counts)], state)
+    return _then_reschedule([BroadcastPartiallyFailed(**counts)], state)

@@ -1,0 +1,120 @@
+"""Preview (the resolved messages of the first recipients, nothing sent) and test sends (the
+content to a few addresses now, through the broadcast's provider, recorded but not counted)."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from shared.broadcasts import decider as b
+from shared.broadcasts import view
+from shared.broadcasts.handlers import DECIDER, INLINE, Actor
+from shared.channels.provider import OutgoingMessage, ProviderUnavailable
+from shared.channels.registry import build_provider
+from shared.content.templates import CompiledContent, TemplateError
+from shared.kernel.errors import Invalid, NotFound
+from shared.platform import commands as service
+from shared.sending import snapshot as audience
+from shared.sending.jobs import RECIPIENT_JSON, Recipient, decode_recipient
+
+
+class Resolved(msgspec.Struct, frozen=True, kw_only=True):
+    contact_id: int
+    channel: str
+    address: str
+    subject: str
+    html: str
+    text: str
+
+
+def _compiled(row: view.BroadcastRow) -> CompiledContent:
+    c = row.content
+    return CompiledContent.compile(c["subject"], c.get("html", ""), c.get("text", ""))
+
+
+def _resolve(row: view.BroadcastRow, content: CompiledContent, recipient: Recipient) -> Resolved:
+    try:
+        subject, html, text = content.render(recipient.variables())
+    except TemplateError as exc:  # shown, as the send would fail this recipient
+        subject, html, text = f"(not rendered: {exc})", "", ""
+    return Resolved(contact_id=recipient.contact_id, channel=row.channel, address=recipient.address,
+                    subject=subject, html=html, text=text)
+
+
+async def _live(con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: uuid.UUID) -> view.BroadcastRow:
+    row = await view.get(con, tenant_id, broadcast_id)
+    if row is None:
+        raise NotFound("broadcast not found")
+    return row
+
+
+async def preview(pool: asyncpg.Pool, tenant_id: uuid.UUID, broadcast_id: uuid.UUID, limit: int) -> list[Resolved]:
+    """The first `limit` messages the next send would produce (a top-up: members not reached yet)."""
+    async with pool.acquire() as con:
+        row = await _live(con, tenant_id, broadcast_id)
+        if row.list_id is None:
+            return []
+        runs = audience.reached_runs(row.reset_run, row.run)
+        records = await audience.first_recipients(con, broadcast_id, row.list_id, runs, limit)
+    content = _compiled(row)
+    return [_resolve(row, content, decode_recipient(r)) for r in records]
+
+
+async def test_send(
+    pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, emails: list[str], contact_ids: list[int],
+    at: datetime,
+) -> list[tuple[str, bool, str | None]]:
+    """Send the content to `emails` (variables: just the address) and `contact_ids` (their own)."""
+    async with pool.acquire() as con:
+        row = await _live(con, actor.tenant_id, broadcast_id)
+        if row.provider_id is None:
+            raise Invalid("provider_id", "the broadcast has no provider to send the test through")
+        provider_row = await con.fetchrow(
+            "SELECT kind, config FROM providers WHERE id = $1 AND tenant_id = $2 AND NOT deleted",
+            row.provider_id, actor.tenant_id,
+        )
+        if provider_row is None:
+            raise Invalid("provider_id", f"no provider {row.provider_id}")
+        contacts = await con.fetch(
+            f"""SELECT c.id, c.email IS NOT NULL AS reachable, ({RECIPIENT_JSON})::text AS recipient
+                FROM contacts c WHERE c.tenant_id = $1 AND c.id = ANY($2::bigint[])""",
+            actor.tenant_id, contact_ids,
+        )
+    found = {r["id"] for r in contacts}
+    for i, cid in enumerate(contact_ids):
+        if cid not in found:
+            raise Invalid(f"contact_ids[{i}]", f"no contact {cid}")
+    recipients = [decode_recipient(r["recipient"]) for r in contacts if r["reachable"]]
+    recipients += [Recipient(0, e, None, e, None, None) for e in emails]
+    config: dict[str, Any] = provider_row["config"]
+    content = _compiled(row)
+    test_id = uuid.uuid4()
+    messages = []
+    for n, r in enumerate(recipients):
+        resolved = _resolve(row, content, r)
+        messages.append(OutgoingMessage(
+            contact_id=n, to=r.address, subject=f"[Test] {resolved.subject}", html=resolved.html, text=resolved.text,
+            from_email=row.content.get("from_email") or config.get("from_email") or "crier@localhost",
+            reply_to=row.content.get("reply_to"), idempotency_key=f"test:{test_id}:{n}",
+            headers={"X-Crier-Test": "true"},
+        ))
+    provider = build_provider(provider_row["kind"], config)
+    try:
+        await provider.open()
+        outcomes = {r.contact_id: r for r in await provider.send(messages)}
+        failure = None
+    except ProviderUnavailable as exc:
+        outcomes, failure = {}, f"provider unavailable: {exc}"
+    finally:
+        await provider.close()
+    results: list[tuple[str, bool, str | None]] = []
+    for m in messages:
+        r = outcomes.get(m.contact_id)
+        results.append((m.to, True, None) if r and r.ok else (m.to, False, r.error if r else failure))
+    ok = sum(1 for _, good, _ in results if good)
+    command = b.RecordTestSend(addresses=[m.to for m in messages], sent=ok, failed=len(results) - ok, at=at)
+    await service.handle(pool, DECIDER, b.stream_name(broadcast_id), command, actor.metadata(), INLINE)
+    return results

@@ -1,0 +1,187 @@
+"""The broadcasts view: one row per broadcast, updated inline with every append to its stream.
+
+Inline (in the command's transaction) so a client reads its own write at once; like any
+projection it can be rebuilt from the log (`crier rebuild broadcasts`).
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from shared.broadcasts import decider as b
+from shared.platform import codec
+from shared.platform.eventstore import RecordedEvent
+
+
+class BroadcastsView:
+    name = "broadcasts"
+    categories = (b.CATEGORY,)
+
+    async def apply(self, con: asyncpg.Connection, event: RecordedEvent) -> None:
+        decoded = codec.from_recorded(event, b.Event)
+        broadcast_id = event.stream_name.split("-", 1)[1]
+        match decoded:
+            case b.BroadcastCreated():
+                await con.execute(
+                    """INSERT INTO broadcasts (id, tenant_id, name, channel, status, list_id, provider_id,
+                                               content, version, created_at, updated_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
+                       ON CONFLICT (id) DO NOTHING""",
+                    decoded.broadcast_id,
+                    decoded.tenant_id,
+                    decoded.name,
+                    decoded.channel,
+                    b.Status.DRAFT.value,
+                    decoded.list_id,
+                    decoded.provider_id,
+                    msgspec.to_builtins(decoded.content),
+                    event.position,
+                    decoded.at,
+                )
+            case b.BroadcastEdited():
+                changes = {
+                    f: getattr(decoded, f)
+                    for f in ("name", "list_id", "provider_id", "content")
+                    if getattr(decoded, f) is not msgspec.UNSET
+                }
+                if "content" in changes:
+                    changes["content"] = msgspec.to_builtins(changes["content"])
+                sets = ", ".join(f"{col} = ${i + 4}" for i, col in enumerate(changes))
+                await con.execute(
+                    f"UPDATE broadcasts SET version = $2, updated_at = $3{', ' + sets if sets else ''} WHERE id = $1",
+                    broadcast_id,
+                    event.position,
+                    decoded.at,
+                    *changes.values(),
+                )
+            case b.BroadcastStarted():
+                await self._set_status(con, broadcast_id, event, b.Status.QUEUED, decoded.at, run=decoded.run)
+                # A one-off schedule is used up; a recurring one stays (its next time is set at the run's end).
+                await con.execute(
+                    """UPDATE broadcasts SET scheduled_at = NULL, resumes = 0,
+                           schedule = CASE WHEN schedule ? 'recurrence' AND schedule->'recurrence' <> 'null'
+                                           THEN schedule END
+                       WHERE id = $1""",
+                    broadcast_id,
+                )
+            case b.BroadcastScheduled():
+                await self._set_status(con, broadcast_id, event, b.Status.SCHEDULED, decoded.at)
+                await con.execute(
+                    "UPDATE broadcasts SET scheduled_at = $2, schedule = $3 WHERE id = $1",
+                    broadcast_id, decoded.scheduled_at, msgspec.to_builtins(decoded.schedule),
+                )
+            case b.OccurrenceSkipped():
+                await self._set_status(con, broadcast_id, event, b.Status.DRAFT, decoded.at)
+                await self._unschedule(con, broadcast_id)
+            case b.BroadcastPaused():
+                await self._set_status(con, broadcast_id, event, b.Status.PAUSED, decoded.at)
+            case b.BroadcastResumed():
+                status = b.Status.SENDING if await self._snapshotted(con, broadcast_id) else b.Status.QUEUED
+                await self._set_status(con, broadcast_id, event, status, decoded.at)
+                await con.execute("UPDATE broadcasts SET resumes = $2 WHERE id = $1", broadcast_id, decoded.resumes)
+            case b.BroadcastCancelled():
+                await self._set_status(con, broadcast_id, event, b.Status.CANCELLED, decoded.at)
+                await self._unschedule(con, broadcast_id)
+            case b.BroadcastStopped():
+                await self._set_status(con, broadcast_id, event, b.Status.DRAFT, decoded.at)
+                await self._unschedule(con, broadcast_id)
+            case b.BroadcastReset():
+                await self._set_status(con, broadcast_id, event, b.Status.DRAFT, decoded.at)
+                await self._unschedule(con, broadcast_id)
+                await con.execute(
+                    "UPDATE broadcasts SET reset_run = $2 WHERE id = $1", broadcast_id, decoded.through_run
+                )
+            case b.TestSent():
+                await con.execute("UPDATE broadcasts SET version = $2 WHERE id = $1", broadcast_id, event.position)
+            case b.AudienceSnapshotted():
+                await self._set_status(con, broadcast_id, event, b.Status.SENDING, decoded.at)
+            case b.BroadcastCompleted():
+                await self._set_status(con, broadcast_id, event, b.Status.COMPLETED, decoded.at)
+            case b.BroadcastPartiallyFailed():
+                await self._set_status(con, broadcast_id, event, b.Status.PARTIALLY_FAILED, decoded.at)
+            case b.BroadcastFailed():
+                await self._set_status(con, broadcast_id, event, b.Status.FAILED, decoded.at)
+            case b.BroadcastDeleted():
+                await con.execute(
+                    "UPDATE broadcasts SET deleted = true, version = $2, updated_at = $3 WHERE id = $1",
+                    broadcast_id,
+                    event.position,
+                    decoded.at,
+                )
+
+    async def _set_status(
+        self, con: asyncpg.Connection, broadcast_id: str, event: RecordedEvent, status: b.Status, at: datetime,
+        run: int | None = None,
+    ) -> None:
+        await con.execute(
+            """UPDATE broadcasts SET status = $2, version = $3, updated_at = $4, run = coalesce($5, run)
+               WHERE id = $1""",
+            broadcast_id, status.value, event.position, at, run,
+        )
+
+    @staticmethod
+    async def _unschedule(con: asyncpg.Connection, broadcast_id: str) -> None:
+        await con.execute("UPDATE broadcasts SET scheduled_at = NULL, schedule = NULL WHERE id = $1", broadcast_id)
+
+    @staticmethod
+    async def _snapshotted(con: asyncpg.Connection, broadcast_id: str) -> bool:
+        return bool(await con.fetchval(
+            """SELECT true FROM events WHERE stream_name = $1 AND type = 'AudienceSnapshotted'
+                 AND (data->>'run')::int = (SELECT run FROM broadcasts WHERE id = $2) LIMIT 1""",
+            f"{b.CATEGORY}-{broadcast_id}", uuid.UUID(broadcast_id),
+        ))
+
+    async def clear(self, con: asyncpg.Connection) -> None:
+        await con.execute("TRUNCATE broadcasts")
+
+
+
+class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    name: str
+    channel: str
+    status: str
+    list_id: uuid.UUID | None
+    provider_id: uuid.UUID | None
+    content: dict
+    run: int
+    reset_run: int
+    resumes: int
+    scheduled_at: datetime | None
+    schedule: dict | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+_ROW = (
+    "id, tenant_id, name, channel, status, list_id, provider_id, content, run, reset_run, resumes, scheduled_at, "
+    "schedule, version, created_at, updated_at"
+)
+
+
+async def get(con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: uuid.UUID) -> BroadcastRow | None:
+    """One live broadcast of this tenant; another tenant's broadcast is as absent as a missing one."""
+    row = await con.fetchrow(
+        f"SELECT {_ROW} FROM broadcasts WHERE id = $1 AND tenant_id = $2 AND NOT deleted", broadcast_id, tenant_id
+    )
+    return BroadcastRow(**dict(row)) if row else None
+
+
+async def page(
+    con: asyncpg.Connection, tenant_id: uuid.UUID, status: str | None, limit: int, offset: int
+) -> tuple[list[BroadcastRow], int]:
+    where = "tenant_id = $1 AND NOT deleted AND ($2::text IS NULL OR status = $2)"
+    total = await con.fetchval(f"SELECT count(*) FROM broadcasts WHERE {where}", tenant_id, status)
+    rows = await con.fetch(
+        f"SELECT {_ROW} FROM broadcasts WHERE {where} ORDER BY created_at DESC, id LIMIT $3 OFFSET $4",
+        tenant_id,
+        status,
+        limit,
+        offset,
+    )
+    return [BroadcastRow(**dict(r)) for r in rows], total

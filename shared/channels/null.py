@@ -1,0 +1,23 @@
+"""The null provider: every message succeeds and nothing leaves the process (load tests, dry runs)."""
+from __future__ import annotations
+
+from typing import Any
+
+from shared.channels.provider import OutgoingMessage, SendResult
+
+
+class NullProvider:
+    dedupes = True  # no side effects: a resend cannot reach anyone twice
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        self.sent = 0
+
+    async def open(self) -> None:
+        pass
+
+    async def send(self, messages: list[OutgoingMessage]) -> list[SendResult]:
+        self.sent += len(messages)
+        return [SendResult(contact_id=m.contact_id, ok=True, provider_message_id=m.idempotency_key) for m in messages]
+
+    async def close(self) -> None:
+        pass

@@ -1,1 +1,0 @@
-"""The pure domain: deciders (events, state, decide, evolve) with no I/O, clock or random ids."""

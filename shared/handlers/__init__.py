@@ -1,1 +1,0 @@
-"""The service layer: command handlers that load, fold, decide and append."""

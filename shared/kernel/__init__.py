@@ -1,0 +1,1 @@
+"""The pure vocabulary every feature shares: domain errors and stream names."""

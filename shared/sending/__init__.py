@@ -1,0 +1,1 @@
+"""Sending: the job contract, batch outcomes, the audience snapshot and the ledger."""

@@ -1,0 +1,108 @@
+"""Who a broadcast's next run goes to: its list's members with an address for the channel, minus
+(for a top-up) those already reached by runs since its last reset."""
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from shared.sending.jobs import RECIPIENT_JSON
+
+
+def reached_runs(reset_run: int, through_run: int) -> list[int]:
+    """The runs whose `sent` messages count as reached: after the last reset, up to `through_run`."""
+    return list(range(reset_run + 1, through_run + 1))
+
+
+def not_reached_clause(member: str, broadcast_param: int, runs_param: int) -> str:
+    """SQL: the member `member` (a qualified contact id column: an unqualified `contact_id` would
+    bind to the subquery's own column) has no `sent` message in those runs, and none `sending`:
+    a message claimed by a run that was just cancelled may still be on its way (or its outcome
+    is unknown after a crash), and sending it again would be the worse mistake.
+
+    It is one probe of the ledger's primary key (broadcast_id, run, contact_id) per member.
+    `OFFSET 0` keeps it that way: without it Postgres turns the NOT EXISTS into an anti-join, and
+    right after a run wrote its ledger the statistics still say the run has no rows, so it planned
+    a nested loop re-scanning the whole run for every member: 187 s to count 100,000 members
+    (measured), 0.25 s as probes."""
+    return (
+        f"NOT EXISTS (SELECT 1 FROM messages x WHERE x.broadcast_id = ${broadcast_param} "
+        f"AND x.run = ANY(${runs_param}::int[]) AND x.contact_id = {member} AND x.status IN ('sent', 'sending') OFFSET 0)"
+    )
+
+
+async def member_count(con: asyncpg.Connection, list_id: uuid.UUID) -> int:
+    """The list's size as kept by its triggers: what a first run is accepted with. Counting the
+    members with an address over a million-member list took 4.5 s of the `send` call (measured);
+    the planner's snapshot has the exact figure."""
+    return await con.fetchval("SELECT member_count FROM lists WHERE id = $1", list_id) or 0
+
+
+async def remaining(
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, runs: list[int]
+) -> tuple[int, int]:
+    """(audience_total, remaining): members with an email, and those of them not reached in `runs`."""
+    total = await con.fetchval(
+        """SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
+           WHERE m.list_id = $1 AND c.email IS NOT NULL""",
+        list_id,
+    )
+    if not runs:
+        return total, total
+    left = await con.fetchval(
+        f"""SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
+            WHERE m.list_id = $1 AND c.email IS NOT NULL AND {not_reached_clause('m.contact_id', 2, 3)}""",
+        list_id, broadcast_id, runs,
+    )
+    return total, left
+
+
+async def kept_remaining(
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, broadcast_version: int, list_id: uuid.UUID, runs: list[int]
+) -> tuple[int, int]:
+    """`remaining(...)`, kept in audience_counts while the broadcast and the list's membership stay
+    as they are and no batch of the broadcast is unfinished (its ledger could still change).
+
+    Not noticed: a contact's email cleared or set after the figures were kept (the next list or
+    broadcast change recounts)."""
+    members_version = await con.fetchval("SELECT members_version FROM lists WHERE id = $1", list_id)
+    kept = await con.fetchrow(
+        """SELECT total, remaining FROM audience_counts
+           WHERE broadcast_id = $1 AND broadcast_version = $2 AND list_id = $3 AND members_version = $4""",
+        broadcast_id, broadcast_version, list_id, members_version,
+    )
+    if kept is not None:
+        return kept["total"], kept["remaining"]
+    total, left = await remaining(con, broadcast_id, list_id, runs)
+    settled = not await con.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM batches WHERE broadcast_id = $1 AND status IN ('queued', 'sending'))",
+        broadcast_id,
+    )
+    if settled and members_version is not None:
+        await con.execute(
+            """INSERT INTO audience_counts (broadcast_id, broadcast_version, list_id, members_version, total, remaining)
+               VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT (broadcast_id) DO UPDATE SET
+                   broadcast_version = EXCLUDED.broadcast_version, list_id = EXCLUDED.list_id,
+                   members_version = EXCLUDED.members_version, total = EXCLUDED.total,
+                   remaining = EXCLUDED.remaining, computed_at = now()""",
+            broadcast_id, broadcast_version, list_id, members_version, total, left,
+        )
+    return total, left
+
+
+async def first_recipients(
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, runs: list[int], limit: int
+) -> list[str]:
+    """The first `limit` recipients the next run would send to, in the planner's order, as
+    Recipient JSON."""
+    reached = f"AND {not_reached_clause('c.id', 3, 4)}" if runs else ""
+    args: list[object] = [list_id, limit] + ([broadcast_id, runs] if runs else [])
+    rows = await con.fetch(
+        f"""SELECT ({RECIPIENT_JSON})::text
+            FROM list_members m JOIN contacts c ON c.id = m.contact_id
+            WHERE m.list_id = $1 AND c.email IS NOT NULL {reached}
+            ORDER BY m.contact_id LIMIT $2""",
+        *args,
+    )
+    return [r[0] for r in rows]

@@ -1,0 +1,229 @@
+"""`crier bench`: the whole pipeline on the embedded stack, measured end to end.
+
+Imports N contacts through the REST API, builds a list, and sends a broadcast through the `null`
+provider with two sender processes. Prints contacts imported/s, recipients/s from the `send` call
+to `completed` as the progress stream announces it (then checked: every ledger row written,
+counters exact), and peak memory per process.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from shared.platform import db
+from shared.tenants import store as tenants
+from shared.tooling.embedded import free_port, start_nats, start_postgres, wait_for_port
+
+CHUNK = 10_000
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _cpu_by_part(procs: dict[str, subprocess.Popen]) -> dict[str, float]:
+    """CPU seconds used so far by each Crier process, all Postgres processes and nats-server."""
+    cpu = {name: _cpu_seconds(p.pid) for name, p in procs.items()}
+    cpu["postgres"] = cpu["nats"] = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                comm = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in ("postgres", "nats-server"):
+                cpu["postgres" if comm == "postgres" else "nats"] += _cpu_seconds(int(entry.name))
+    return cpu
+
+
+def _contacts(start: int, count: int) -> list[dict]:
+    return [
+        {
+            "external_id": f"u{i}",
+            "email": f"user{i:08d}@example.com",
+            "attributes": {"first_name": f"First{i % 97}", "last_name": f"Last{i % 89}", "plan": "pro"},
+        }
+        for i in range(start, start + count)
+    ]
+
+
+async def _one_run(admin_url: str, nats_url: str, n: int, senders: int) -> dict:
+    dbname = f"crier_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await admin.close()
+    database_url = admin_url.rsplit("/", 1)[0] + "/" + dbname
+    await db.migrate(database_url)
+    con = await db.connect(database_url)
+    tenant = await tenants.create_tenant(con, "bench")
+    token = (await tenants.create_token(con, tenant.id, "write")).token
+    port = free_port()
+    env = dict(
+        os.environ,
+        CRIER_DATABASE_URL=database_url,
+        CRIER_NATS_URL=nats_url,
+        CRIER_API_PORT=str(port),
+        CRIER_NATS_PREFIX=f"b{uuid.uuid4().hex[:8]}",
+        CRIER_LOG_LEVEL="warning",
+    )
+    crier = [sys.executable, "-m", "shared.tooling.cli"]
+    procs = {"api": subprocess.Popen([*crier, "api"], env=env)}
+    for i in range(senders):
+        procs[f"sender{i + 1}"] = subprocess.Popen([*crier, "sender"], env=env)
+    try:
+        wait_for_port(port, timeout=60)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=300) as api:
+            bodies = [json.dumps(_contacts(s, min(CHUNK, n - s))).encode() for s in range(0, n, CHUNK)]
+            t0 = time.perf_counter()
+            sem = asyncio.Semaphore(2)
+
+            async def post(body: bytes) -> None:
+                async with sem:
+                    r = await api.post("/v1/contacts", content=body, headers={"content-type": "application/json"})
+                    r.raise_for_status()
+
+            await asyncio.gather(*(post(b) for b in bodies))
+            import_s = time.perf_counter() - t0
+
+            ids = [r["id"] for r in await con.fetch("SELECT id FROM contacts ORDER BY id")]
+            lst = (await api.post("/v1/lists", json={"name": "everyone"})).json()
+            t1 = time.perf_counter()
+            for s in range(0, len(ids), CHUNK):
+                r = await api.post(f"/v1/lists/{lst['id']}/members", json={"contact_ids": ids[s : s + CHUNK]})
+                r.raise_for_status()
+            list_s = time.perf_counter() - t1
+            provider = (
+                await api.post(
+                    "/v1/providers",
+                    json={"name": "null", "channel": "email", "kind": "null", "from_email": "news@example.com",
+                          "batch_size": 500, "batch_delay_ms": 0, "max_retries": 0},
+                )
+            ).json()
+            broadcast = (
+                await api.post(
+                    "/v1/broadcasts",
+                    json={"name": "bench", "list_id": lst["id"], "provider_id": provider["id"],
+                          "content": {"subject": "Hello {{ first_name }}", "html": _HTML, "text": _TEXT}},
+                )
+            ).json()
+            await con.execute("CHECKPOINT")
+            cpu_before = _cpu_by_part(procs)
+            t2 = time.perf_counter()
+            r = await api.post(f"/v1/broadcasts/{broadcast['id']}/send")
+            r.raise_for_status()
+            # Watched as a user would: the live progress stream, which ends on a finished status.
+            async with api.stream("GET", f"/v1/broadcasts/{broadcast['id']}/progress", timeout=None) as progress:
+                async for line in progress.aiter_lines():
+                    if line.startswith("event: finished"):
+                        break
+            send_s = time.perf_counter() - t2
+            cpu_after = _cpu_by_part(procs)
+            send_cpu = {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 1) for k in cpu_after}
+            got = (await api.get(f"/v1/broadcasts/{broadcast['id']}")).json()
+        ledger = await con.fetchval("SELECT count(*) FROM messages WHERE status = 'sent'")
+        phases = await _phases(con)
+        assert got["status"] == "completed", got
+        assert ledger == n == got["counters"]["sent"] == got["counters"]["total"], (ledger, got["counters"])
+        peaks = {name: round(_peak_rss_mb(p.pid)) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        await con.close()
+        admin = await asyncpg.connect(admin_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        await admin.close()
+    return {
+        "recipients": n,
+        "import_s": round(import_s, 2),
+        "contacts_per_s": round(n / import_s),
+        "list_build_s": round(list_s, 2),
+        "send_to_completed_s": round(send_s, 2),
+        "recipients_per_s": round(n / send_s),
+        "peak_rss_mb": peaks,
+        "phases_s": phases,
+        "send_cpu_s": send_cpu,
+    }
+
+
+async def _phases(con: asyncpg.Connection) -> dict[str, float]:
+    """Where the send → completed time went, from the commit times of the run's events."""
+    row = await con.fetchrow(
+        """SELECT min(created_at) FILTER (WHERE type = 'BroadcastStarted') AS started,
+                  min(created_at) FILTER (WHERE type = 'AudienceSnapshotted') AS snapshotted,
+                  min(created_at) FILTER (WHERE type = 'BatchCompleted') AS first_batch,
+                  max(created_at) FILTER (WHERE type = 'BatchCompleted') AS last_batch,
+                  min(created_at) FILTER (WHERE type = 'BroadcastCompleted') AS completed
+           FROM events"""
+    )
+    t0 = row["started"]
+    return {k: round((row[k] - t0).total_seconds(), 2) for k in ("snapshotted", "first_batch", "last_batch", "completed")}
+
+
+_HTML = (
+    "<h1>Hello {{ first_name }} {{ last_name }},</h1>"
+    + "<p>We are writing to let you know about the upcoming changes to your subscription and the new features "
+    "that are now available to everyone on our platform.</p>" * 3
+    + "<p>Your current plan: <b>{{ plan }}</b>.</p><p>This message was sent to {{ email }}.</p>"
+)
+_TEXT = "Hello {{ first_name }} {{ last_name }}, your plan is {{ plan }}. Sent to {{ email }}."
+
+
+def run_bench(n: int, runs: int, senders: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="crier-bench-"))
+    stops = []
+    admin_url, nats_url = os.environ.get("CRIER_DATABASE_URL", ""), os.environ.get("CRIER_NATS_URL", "")
+    try:
+        if not admin_url:
+            pg = start_postgres(root / "pg")
+            stops.append(pg.stop)
+            admin_url = pg.url
+        if not nats_url:
+            ns = start_nats(root / "nats")
+            stops.append(ns.stop)
+            nats_url = ns.url
+        results = []
+        for i in range(runs):
+            result = asyncio.run(_one_run(admin_url, nats_url, n, senders))
+            results.append(result)
+            print(json.dumps({"run": i + 1, **result}), flush=True)
+        if runs > 1:
+            med = {k: statistics.median(r[k] for r in results)
+                   for k in ("import_s", "contacts_per_s", "send_to_completed_s", "recipients_per_s")}
+            print(f"median of {runs}: import {med['import_s']} s ({med['contacts_per_s']:,.0f} contacts/s), "
+                  f"send → completed {med['send_to_completed_s']} s ({med['recipients_per_s']:,.0f} recipients/s)")
+    finally:
+        for stop in reversed(stops):
+            stop()
+        shutil.rmtree(root, ignore_errors=True)

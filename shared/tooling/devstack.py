@@ -1,0 +1,106 @@
+"""`crier dev`: the whole stack on one machine with nothing installed but Crier.
+
+Starts (or reuses, under .crier/) an embedded Postgres and nats-server unless CRIER_DATABASE_URL /
+CRIER_NATS_URL point elsewhere, migrates, makes a dev tenant and write token, and runs the API
+and one sender as child processes until Ctrl-C, then stops everything it started.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from shared.platform import db
+from shared.platform.settings import Settings
+from shared.tenants import store as tenants
+from shared.tooling.embedded import start_nats, start_postgres, wait_for_port
+
+DEV_TENANT = uuid.UUID("00000000-0000-4000-8000-00000000de00")
+
+
+async def _dev_token(database_url: str, token_file: Path) -> str:
+    """The dev tenant's write token: reused from the token file while it still works."""
+    await db.migrate(database_url)
+    con = await db.connect(database_url)
+    try:
+        if token_file.exists():
+            token = token_file.read_text().strip()
+            if await tenants.authenticate(con, token) is not None:
+                return token
+        if await tenants.get_tenant(con, DEV_TENANT) is None:
+            await tenants.create_tenant(con, "dev", DEV_TENANT)
+        issued = await tenants.create_token(con, DEV_TENANT, "write")
+    finally:
+        await con.close()
+    token_file.write_text(issued.token + "\n")
+    token_file.chmod(0o600)
+    return issued.token
+
+
+def run_dev(settings: Settings) -> None:
+    data = settings.data_path.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    stops: list = []
+    children: list[subprocess.Popen] = []
+    env = dict(os.environ)
+    try:
+        database_url = settings.database_url
+        if not database_url:
+            print(f"starting embedded Postgres (data in {data / 'pg'}) ...", flush=True)
+            pg = start_postgres(data / "pg")
+            stops.append(pg.stop)
+            database_url = pg.url
+        nats_url = settings.nats_url
+        if not nats_url:
+            ns = start_nats(data / "nats", log_file=data / "nats.log")
+            stops.append(ns.stop)
+            nats_url = ns.url
+        env.update(CRIER_DATABASE_URL=database_url, CRIER_NATS_URL=nats_url, CRIER_LOG_FORMAT=settings.log_format)
+        token = asyncio.run(_dev_token(database_url, data / "dev-token"))
+
+        crier = [sys.executable, "-m", "shared.tooling.cli"]
+        children.append(subprocess.Popen([*crier, "api"], env=env))
+        children.append(subprocess.Popen([*crier, "sender"], env=env))
+        wait_for_port(settings.api_port, timeout=60)
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        print(
+            "\n"
+            f"  Crier is running.\n"
+            f"  API:        {base}/v1\n"
+            f"  API docs:   {base}/schema  (Swagger UI: {base}/schema/swagger)\n"
+            f"  Token:      {token}\n"
+            f"              (also in {data / 'dev-token'})\n"
+            f"  Postgres:   {database_url}\n"
+            f"  NATS:       {nats_url}\n"
+            f"  Try:        curl -H 'Authorization: Bearer {token}' {base}/v1/broadcasts\n"
+            f"  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        while all(c.poll() is None for c in children):
+            time.sleep(0.5)
+        print("a child process exited; stopping", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+    finally:
+        _stop_children(children)
+        for stop in reversed(stops):
+            stop()
+    print("stopped.")
+
+
+def _stop_children(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 15
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
