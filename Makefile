@@ -24,6 +24,7 @@ dev: $(VENV)/.installed
 	$(BIN)/crier dev
 
 test: $(VENV)/.installed-test
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed

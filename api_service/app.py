@@ -10,7 +10,6 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from api_service.auth import auth_middleware
-from api_service.background import start_background_tasks, stop_background_tasks
 from api_service.idempotency import idempotency_middleware
 from api_service.problems import exception_handlers, problem_details_plugin
 from api_service.routes.broadcasts import BroadcastController
@@ -19,6 +18,7 @@ from api_service.routes.health import healthz, readyz
 from api_service.routes.lists import ListController
 from api_service.routes.providers import ProviderController
 from api_service.services import Services
+from shared.background import start_background_tasks, stop_background_tasks
 from shared.platform import bus, db
 from shared.platform.logging import get_logger
 from shared.platform.settings import Settings
@@ -37,7 +37,8 @@ def create_app(settings: Settings) -> Litestar:
         names = await bus.ensure_streams(js, settings)
         services = Services(settings=settings, pool=pool, nats=nc, js=js, names=names)
         app.state.services = services
-        tasks = start_background_tasks(services) if settings.run_background else []
+        tasks = (start_background_tasks(settings, pool, nc, js, names, services.clock)
+                 if settings.run_background else [])
         log.info("api ready", host=settings.api_host, port=settings.api_port)
         try:
             yield

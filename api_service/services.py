@@ -3,18 +3,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from shared.platform.bus import Names
+from shared.platform.clock import utc_now
 from shared.platform.settings import Settings
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass

@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from shared.channels.provider import OutgoingMessage, Provider
+from shared.channels import accounts
+from shared.channels.provider import EmailContent, OutgoingMessage, Provider
 from shared.channels.registry import build_provider
 from shared.content.templates import CompiledContent
 from shared.sending.jobs import Job, Recipient
@@ -36,12 +37,8 @@ class JobContext:
         return OutgoingMessage(
             contact_id=recipient.contact_id,
             to=recipient.address,
-            subject=subject,
-            html=html,
-            text=text,
-            from_email=self.from_email,
-            reply_to=self.reply_to,
             idempotency_key=f"{self._key_prefix}{recipient.contact_id}{self._key_suffix}",
+            content=EmailContent(subject=subject, html=html, text=text, from_email=self.from_email, reply_to=self.reply_to),
         )
 
 
@@ -54,7 +51,7 @@ class _Content(NamedTuple):
 class JobContextLoader:
     def __init__(self) -> None:
         self._content: dict[tuple[uuid.UUID, int], _Content] = {}
-        self._providers: dict[uuid.UUID, tuple[float, asyncpg.Record]] = {}
+        self._providers: dict[uuid.UUID, tuple[float, accounts.ProviderRow]] = {}
 
     async def load(self, con: asyncpg.Connection, job: Job, version: int) -> JobContext:
         """The context for `job` at broadcast `version` (read with the batch, so content is only
@@ -65,14 +62,13 @@ class JobContextLoader:
             if row is None:
                 raise LookupError(f"broadcast {job.broadcast_id} has no view row yet")
             compiled = self._compiled(job.broadcast_id, row["version"], row["content"])
-        provider = await self._provider(con, job.provider_id)
+        provider = await self._provider(con, job)
         if provider is None:
             raise LookupError(f"provider {job.provider_id} is gone")
-        config: dict[str, Any] = provider["config"]
-        from_email = compiled.from_email or config.get("from_email") or "crier@localhost"
+        from_email = compiled.from_email or provider.config.get("from_email") or "crier@localhost"
         return JobContext(
-            job,
-            compiled.templates, from_email, compiled.reply_to, build_provider(provider["kind"], config), provider["max_retries"]
+            job, compiled.templates, from_email, compiled.reply_to, build_provider(provider.kind, provider.config),
+            provider.max_retries,
         )
 
     def _compiled(self, broadcast_id: uuid.UUID, version: int, content: dict[str, Any]) -> "_Content":
@@ -89,13 +85,11 @@ class JobContextLoader:
             self._content[key] = compiled
         return compiled
 
-    async def _provider(self, con: asyncpg.Connection, provider_id: uuid.UUID) -> asyncpg.Record | None:
-        cached = self._providers.get(provider_id)
+    async def _provider(self, con: asyncpg.Connection, job: Job) -> accounts.ProviderRow | None:
+        cached = self._providers.get(job.provider_id)
         if cached and time.monotonic() - cached[0] < PROVIDER_TTL_S:
             return cached[1]
-        row = await con.fetchrow(
-            "SELECT kind, config, max_retries FROM providers WHERE id = $1 AND NOT deleted", provider_id
-        )
+        row = await accounts.get(con, job.tenant_id, job.provider_id)
         if row is not None:
-            self._providers[provider_id] = (time.monotonic(), row)
+            self._providers[job.provider_id] = (time.monotonic(), row)
         return row

@@ -7,7 +7,9 @@ import signal
 from sender_service.job_context import JobContextLoader
 from sender_service.planner import Planner, consume_starts
 from sender_service.worker import JobProcessor, consume
+from shared.background import start_background_tasks, stop_background_tasks
 from shared.platform import bus, db
+from shared.platform.clock import utc_now
 from shared.platform.logging import get_logger
 from shared.platform.settings import Settings
 
@@ -28,10 +30,15 @@ async def run_sender(settings: Settings, stop: asyncio.Event | None = None) -> N
         asyncio.create_task(consume_starts(js, names, Planner(pool, js, names), stop), name="planner"),
         asyncio.create_task(consume(js, names, processor, stop, settings.sender_concurrency), name="workers"),
     ]
+    # The relay, projector, scheduler and progress feed run somewhere under leader locks: here too,
+    # so a deployment whose API replicas run without them still completes its runs.
+    background = (start_background_tasks(settings, pool, nc, js, names, utc_now)
+                  if settings.run_background else [])
     log.info("sender ready", concurrency=settings.sender_concurrency)
     try:
         await stop.wait()
     finally:
+        await stop_background_tasks(background)
         # Let in-flight jobs finish (their fetch loops end at `stop`); unacked ones are redelivered anyway.
         await asyncio.wait(tasks, timeout=15)
         for task in tasks:

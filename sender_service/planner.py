@@ -22,11 +22,20 @@ from nats.js import JetStreamContext
 
 from shared.broadcasts import decider as b
 from shared.broadcasts.handlers import DECIDER, INLINE
-from shared.platform import commands as service
+from shared.broadcasts.status import RUNNING
+from shared.channels import accounts
+from shared.channels.registry import address_sql
+from shared.platform import commands
 from shared.platform.bus import Names, await_acks
 from shared.platform.logging import get_logger
-from shared.sending import snapshot as audience
-from shared.sending.jobs import RECIPIENT_JSON, RECIPIENTS_JSON, PlannedJob, encode_job
+from shared.sending import snapshot
+from shared.sending.jobs import (
+    PlannedJob,
+    encode_job,
+    reachable,
+    recipient_json,
+    recipients_json,
+)
 
 log = get_logger(__name__)
 READ_CHUNK = 10_000  # members read per query; split into batch_size jobs
@@ -45,16 +54,7 @@ class Plan:
     @property
     def reached_runs(self) -> list[int]:
         """Runs whose reached recipients a top-up leaves out (none for a recurring occurrence)."""
-        return audience.reached_runs(self.started.reset_run, self.run - 1) if self.started.top_up else []
-
-
-async def _provider_pacing(con: asyncpg.Connection, plan: Plan) -> tuple[int, int] | None:
-    row = await con.fetchrow(
-        "SELECT batch_size, batch_delay_ms FROM providers WHERE id = $1 AND tenant_id = $2 AND NOT deleted",
-        plan.started.provider_id,
-        plan.tenant_id,
-    )
-    return (row["batch_size"], row["batch_delay_ms"]) if row else None
+        return snapshot.reached_runs(self.started.reset_run, self.run - 1) if self.started.top_up else []
 
 
 async def _may_go_on(con: asyncpg.Connection, plan: Plan) -> bool:
@@ -62,10 +62,8 @@ async def _may_go_on(con: asyncpg.Connection, plan: Plan) -> bool:
 
     Read from the broadcasts view, which is written in the same transaction as the events."""
     row = await con.fetchrow("SELECT status, run, deleted FROM broadcasts WHERE id = $1", plan.broadcast_id)
-    return row is not None and row["run"] == plan.run and row["status"] in _GOING and not row["deleted"]
+    return row is not None and row["run"] == plan.run and row["status"] in RUNNING and not row["deleted"]
 
-
-_GOING = frozenset(s.value for s in b.RUNNING)
 
 
 # For the chunk's transaction only (SET LOCAL): see _snapshot_chunk.
@@ -82,14 +80,14 @@ def _job(plan: Plan, seq: int, recipients_json: str, resumes: int = 0) -> Planne
     )
 
 
-def _chunk_sql(top_up: bool, cut_by_size: bool) -> str:
+def _chunk_sql(channel: str, top_up: bool, cut_by_size: bool) -> str:
     """One statement for a chunk of the snapshot: the next members ($1 list, after contact id $2,
-    at most $3), their contacts with an address, cut into batches of $6 recipients that are written
+    at most $3), their contacts with an address on `channel`, cut into batches of $6 recipients that are written
     to `batches` ($4 broadcast, $5 run, seq from $7) and returned with the jobs' recipients JSON.
     A top-up leaves out members reached in runs $8. Cut by size too, a batch also ends before its
     recipients' JSON reaches $9 (or $8) bytes. The last row says where the chunk ended even when
     none of its members has an address."""
-    not_reached = f"AND {audience.not_reached_clause('lm.contact_id', 4, 8)}" if top_up else ""
+    not_reached = f"AND {snapshot.not_reached_clause('lm.contact_id', 4, 8)}" if top_up else ""
     if cut_by_size:
         size_limit = 9 if top_up else 8
         numbered = f"""SELECT *, dense_rank() OVER (ORDER BY by_count, by_size) - 1 AS k
@@ -105,13 +103,13 @@ def _chunk_sql(top_up: bool, cut_by_size: bool) -> str:
             WHERE lm.list_id = $1 AND lm.contact_id > $2 {not_reached}
             ORDER BY lm.contact_id LIMIT $3
         ), recipients AS (
-            SELECT id, email, j, (row_number() OVER (ORDER BY id) - 1) / $6 AS by_count
-            FROM (SELECT c.id, c.email, {RECIPIENT_JSON} AS j FROM members m
-                  CROSS JOIN LATERAL (SELECT * FROM contacts c WHERE c.id = m.contact_id AND c.email IS NOT NULL
+            SELECT id, address, j, (row_number() OVER (ORDER BY id) - 1) / $6 AS by_count
+            FROM (SELECT c.id, {address_sql(channel)} AS address, {recipient_json(channel)} AS j FROM members m
+                  CROSS JOIN LATERAL (SELECT * FROM contacts c WHERE c.id = m.contact_id AND {reachable(channel)}
                                       OFFSET 0) c) r
         ), numbered AS ({numbered}
         ), batched AS (
-            SELECT k, count(*) AS n, array_agg(id) AS ids, array_agg(email) AS addresses, json_agg(j)::text AS recipients
+            SELECT k, count(*) AS n, array_agg(id) AS ids, array_agg(address) AS addresses, json_agg(j)::text AS recipients
             FROM numbered GROUP BY k
         ), written AS (
             INSERT INTO batches (broadcast_id, run, seq, contact_ids, addresses)
@@ -141,11 +139,11 @@ async def _snapshot_chunk(
     args = [plan.started.list_id, after, READ_CHUNK, plan.broadcast_id, plan.run, batch_size, seq, *([runs] if runs else [])]
     try:
         async with con.transaction():  # a savepoint, rolled back when a batch comes out too big
-            rows = await con.fetch(_chunk_sql(bool(runs), cut_by_size=False), *args)
+            rows = await con.fetch(_chunk_sql(plan.started.channel, bool(runs), cut_by_size=False), *args)
             if any(r["bytes"] is not None and r["bytes"] > JOB_BYTES for r in rows):
                 raise _TooBig()
     except _TooBig:  # rare (large attributes): cut the batches by size too
-        rows = await con.fetch(_chunk_sql(bool(runs), cut_by_size=True), *args, JOB_BYTES)
+        rows = await con.fetch(_chunk_sql(plan.started.channel, bool(runs), cut_by_size=True), *args, JOB_BYTES)
     last_member = rows[0]["last_member"]
     if last_member is None:
         await con.execute(
@@ -178,7 +176,7 @@ class Planner:
             if not await _may_go_on(con, plan):
                 log.info("run not going on, nothing to plan", broadcast_id=str(plan.broadcast_id), run=plan.run)
                 return
-            pacing = await _provider_pacing(con, plan)
+            pacing = await accounts.pacing(con, plan.tenant_id, plan.started.provider_id)
             if pacing is None:
                 await self._fail(plan, "the broadcast's provider no longer exists")
                 return
@@ -223,7 +221,7 @@ class Planner:
         async with self.pool.acquire() as con:
             if not await _may_go_on(con, plan):
                 return
-            delay_ms = (await _provider_pacing(con, plan) or (0, 0))[1]
+            delay_ms = (await accounts.pacing(con, plan.tenant_id, plan.started.provider_id) or (0, 0))[1]
         # Every held batch, wherever it is: only a batch that was published can be held.
         await self._publish_range(plan, 0, None, _Pacer(delay_ms / 1000), heartbeat, resumes, status="held")
         await self.plan(plan, heartbeat, resumes)
@@ -280,8 +278,8 @@ class Planner:
         """A job again from its batch row (after a crash between writing and publishing it, or a pause)."""
         async with self.pool.acquire() as con:
             recipients = await con.fetchval(
-                f"""SELECT coalesce({RECIPIENTS_JSON}, '[]')::text
-                    FROM contacts c WHERE c.id = ANY($1::bigint[]) AND c.email IS NOT NULL""",
+                f"""SELECT coalesce({recipients_json(plan.started.channel)}, '[]')::text
+                    FROM contacts c WHERE c.id = ANY($1::bigint[]) AND {reachable(plan.started.channel)}""",
                 contact_ids,
             )
         return _job(plan, seq, recipients, resumes)
@@ -306,12 +304,12 @@ class Planner:
         command = b.RecordSnapshot(
             run=plan.run, recipients=totals["recipients"], batches=totals["batches"], at=datetime.now(timezone.utc)
         )
-        await service.handle(self.pool, DECIDER, b.stream_name(plan.broadcast_id), command, _metadata(plan), INLINE)
+        await commands.handle(self.pool, DECIDER, b.stream_name(plan.broadcast_id), command, _metadata(plan), INLINE)
         log.info("audience snapshotted", broadcast_id=str(plan.broadcast_id), run=plan.run, recipients=totals["recipients"])
 
     async def _fail(self, plan: Plan, reason: str) -> None:
         command = b.FailRun(run=plan.run, reason=reason, at=datetime.now(timezone.utc))
-        await service.handle(self.pool, DECIDER, b.stream_name(plan.broadcast_id), command, _metadata(plan), INLINE)
+        await commands.handle(self.pool, DECIDER, b.stream_name(plan.broadcast_id), command, _metadata(plan), INLINE)
 
 
 def _metadata(plan: Plan) -> dict[str, object]:
@@ -353,7 +351,7 @@ async def consume_starts(js: JetStreamContext, names: Names, planner: Planner, s
         for msg in msgs:
             try:
                 envelope = decode(msg.data)
-                broadcast_id = uuid.UUID(envelope.stream.split("-", 1)[1])
+                broadcast_id = b.id_from_stream(envelope.stream)
                 event = msgspec.convert({**envelope.data, "type": envelope.type}, b.Event, strict=False) if (
                     envelope.type in ("BroadcastStarted", "BroadcastResumed")) else None
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError, IndexError):

@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from sender_service.job_context import JobContext, JobContextLoader
+from shared.broadcasts.status import ACTIVE, RUNNING, Status, sql_list
 from shared.channels.provider import (
     OutgoingMessage,
     Provider,
@@ -38,9 +39,8 @@ _LEDGER_COLUMNS = ("broadcast_id, run, contact_id, channel, batch_seq, address, 
                    "provider_message_id, sent_at")
 
 
-_SENDING = ("queued", "sending")
 # SQL: broadcast $1's run $2 still goes on (a paused run does; cancelled, stopped or reset do not).
-_RUN_GOES_ON = "EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2 AND status IN ('queued', 'sending', 'paused'))"
+_RUN_GOES_ON = f"EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2 AND status IN {sql_list(ACTIVE)})"
 
 
 class _Heartbeat:
@@ -92,20 +92,20 @@ class JobProcessor:
             )
             if batch is None or batch["status"] in ("done", "dropped"):
                 return False
-            if batch["broadcast_status"] == "paused" and batch["current_run"] == job.run:
+            if batch["broadcast_status"] == Status.PAUSED and batch["current_run"] == job.run:
                 # Kept unsent: marked held (the resume publishes it again) while the broadcast is
                 # still paused; the share lock orders this against a resume's update of that row.
                 if await con.fetchval(
-                    """UPDATE batches SET status = 'held'
+                    f"""UPDATE batches SET status = 'held'
                        WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status = 'queued'
-                         AND EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2 AND status = 'paused'
+                         AND EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2 AND status = '{Status.PAUSED.value}'
                                      FOR SHARE)
                        RETURNING true""",
                     job.broadcast_id, job.run, job.seq,
                 ):
                     return False
                 raise _ResumedMeanwhile()  # redelivered shortly, and sent then
-            if batch["current_run"] != job.run or batch["broadcast_status"] not in _SENDING:
+            if batch["current_run"] != job.run or batch["broadcast_status"] not in RUNNING:
                 # Cancelled, stopped or reset: unsent messages are dropped.
                 await con.execute(
                     """UPDATE batches SET status = 'dropped', completed_at = now()

@@ -85,15 +85,6 @@ def test_edit_of_a_deleted_broadcast_is_not_found():
     given(CREATED, b.BroadcastDeleted(at=T1)).when(b.EditBroadcast(name="x", at=T1)).then_raises(NotFound)
 
 
-@pytest.mark.parametrize("status", sorted(set(b.Status) - b.EDITABLE, key=lambda s: s.value))
-def test_edit_outside_draft_scheduled_paused_is_refused_with_the_status(status):
-    state = b.fold([CREATED])
-    state = type(state)(**{**{f: getattr(state, f) for f in state.__struct_fields__}, "status": status})
-    with pytest.raises(WrongStatus) as info:
-        b.decide(b.EditBroadcast(name="x", at=T1), state)
-    assert info.value.status == status.value
-
-
 def test_delete_a_draft():
     state = given(CREATED).when(b.DeleteBroadcast(at=T1)).then(b.BroadcastDeleted(at=T1))
     assert state.deleted

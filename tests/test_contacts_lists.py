@@ -23,8 +23,9 @@ from api_service.schemas.audience import (
     email_problem,
     phone_problem,
 )
-from shared.audience import contacts, lists
+from shared.audience import contacts
 from shared.platform import db
+from shared.sending import snapshot
 from shared.tenants import store as tenants
 
 
@@ -313,18 +314,27 @@ async def test_idempotency_key_on_list_create(env):
     assert (await env.writer.call("GET", "/v1/lists", 200))["total"] == 1
 
 
-async def test_members_after_reads_a_list_in_contact_id_order(env):
-    ids = (await env.writer.call("POST", "/v1/contacts", 200, json=people(5)))["ids"]
+async def test_the_next_runs_recipients_are_members_with_an_address_on_the_channel_in_contact_id_order(env):
+    # Given a list of five, added in reverse order, of whom the even ones also have a phone
+    body = [{**p, **({"phone": f"+4930123456{i}"} if i % 2 == 0 else {})} for i, p in enumerate(people(5))]
+    ids = (await env.writer.call("POST", "/v1/contacts", 200, json=body))["ids"]
     lst = await env.writer.call("POST", "/v1/lists", 201, json={"name": "l"})
     await env.writer.call("POST", f"/v1/lists/{lst['id']}/members", 200, json={"contact_ids": ids[::-1]})
     con = await db.connect(env.database_url)
     try:
-        first = await lists.members_after(con, uuid.UUID(lst["id"]), 0, 3)
-        rest = await lists.members_after(con, uuid.UUID(lst["id"]), first[-1]["id"], 3)
+        # When the first recipients of a first run are read per channel
+        by_email = await snapshot.first_recipients(con, uuid.uuid4(), uuid.UUID(lst["id"]), "email", [], 3)
+        by_phone = await snapshot.first_recipients(con, uuid.uuid4(), uuid.UUID(lst["id"]), "sms", [], 10)
+        people_by_id = {r["id"]: r for r in await con.fetch("SELECT id, email, phone FROM contacts")}
     finally:
         await con.close()
-    assert [r["id"] for r in first + rest] == sorted(ids)
-    assert first[0]["email"] == "user0@example.com" and json.loads(first[0]["attributes"])["plan"] == "pro"
+    # Then email goes to the first three by contact id at their email, sms to those with a phone at it
+    email_recipients = [json.loads(r) for r in by_email]
+    assert [(r[0], r[1]) for r in email_recipients] == [(i, people_by_id[i]["email"]) for i in sorted(ids)[:3]]
+    assert email_recipients[0][6]["plan"] == "pro"  # attributes travel with the recipient
+    with_phone = sorted(i for i in ids if people_by_id[i]["phone"])
+    assert len(with_phone) == 3
+    assert [(r[0], r[1]) for r in map(json.loads, by_phone)] == [(i, people_by_id[i]["phone"]) for i in with_phone]
 
 
 # -- tenancy and scopes --------------------------------------------------------------------------

@@ -3,7 +3,7 @@ JetStream, an in-process sender, an SMTP peer that records every message).
 
 A hypothesis state machine plays a user who sends, pauses, resumes, cancels, stops, resets,
 schedules and edits one broadcast while its audience changes under it. After every step the
-status must be one the transition table (PRODUCT.md, Statuses) allows; at the end of each sequence
+status must be one the transition table (tests/test_broadcast_lifecycle.py) allows; at the end of each sequence
 a final top-up send must leave nobody in the final audience unreached, and nobody may have
 received the same run twice, nor the broadcast twice between two resets.
 

@@ -14,8 +14,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api_service.app import create_app
-from shared.channels import accounts as providers_repo
-from shared.channels.provider import OutgoingMessage, ProviderUnavailable
+from shared.channels import accounts
+from shared.channels.provider import EmailContent, OutgoingMessage, ProviderUnavailable
 from shared.channels.registry import build_provider
 from shared.channels.smtp import message_id_of
 from shared.platform import db
@@ -94,7 +94,7 @@ async def test_create_smtp_provider_keeps_the_password_but_never_returns_it(env)
     row = await stored_row(env, pid)
     assert row["config"]["password"] == "hunter2-secret" and row["tenant_id"] == env.tenant_id
     con = await db.connect(env.database_url)
-    loaded = await providers_repo.load_for_sending(con, uuid.UUID(pid))
+    loaded = await accounts.get(con, env.tenant_id, uuid.UUID(pid))
     await con.close()
     assert loaded is not None and loaded.kind == "smtp" and loaded.config["password"] == "hunter2-secret"
 
@@ -218,7 +218,7 @@ async def test_delete_is_soft_and_the_provider_is_gone_from_the_api(env):
     assert (await env.writer.request("GET", "/v1/providers")).json()["total"] == 0
     assert (await stored_row(env, pid))["deleted"] is True
     con = await db.connect(env.database_url)
-    assert await providers_repo.load_for_sending(con, uuid.UUID(pid)) is None
+    assert await accounts.get(con, env.tenant_id, uuid.UUID(pid)) is None
     await con.close()
 
 
@@ -299,7 +299,7 @@ async def test_a_provider_created_through_the_api_sends_in_the_sender(env, smtp_
     body = {"name": "peer", "kind": "smtp", **smtp_peer.provider_config()}
     pid = (await env.writer.create(body))["id"]
     con = await db.connect(env.database_url)
-    row = await providers_repo.load_for_sending(con, uuid.UUID(pid), env.tenant_id)
+    row = await accounts.get(con, env.tenant_id, uuid.UUID(pid))
     await con.close()
     assert row is not None
     provider = build_provider(row.kind, row.config)
@@ -313,11 +313,12 @@ async def test_a_provider_created_through_the_api_sends_in_the_sender(env, smtp_
 
 
 def message(i: int, to: str | None = None, **kw: Any) -> OutgoingMessage:
+    """An email to user{i}; `kw` overrides fields of its content."""
     fields: dict[str, Any] = dict(
-        contact_id=i, to=to or f"user{i}@example.com", subject=f"Hello {i} — news", html=f"<p>Hi <b>{i}</b></p>",
-        text=f"Hi {i}", from_email="News <news@example.com>", idempotency_key=f"{uuid.UUID(int=7)}:1:{i}:email",
+        subject=f"Hello {i} — news", html=f"<p>Hi <b>{i}</b></p>", text=f"Hi {i}", from_email="News <news@example.com>",
     )
-    return OutgoingMessage(**{**fields, **kw})
+    return OutgoingMessage(contact_id=i, to=to or f"user{i}@example.com", content=EmailContent(**{**fields, **kw}),
+                           idempotency_key=f"{uuid.UUID(int=7)}:1:{i}:email")
 
 
 async def send_job(peer: SmtpPeer, messages: list[OutgoingMessage], **config: Any):

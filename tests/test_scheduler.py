@@ -21,8 +21,7 @@ from shared.broadcasts import decider as b
 from shared.broadcasts import handlers
 from shared.broadcasts.scheduler import tick
 from shared.channels import accounts as providers_repo
-from shared.platform import codec, db, eventstore
-from shared.platform import commands as service
+from shared.platform import codec, commands, db, eventstore
 from shared.tenants import store as tenants
 
 UTC = timezone.utc
@@ -87,7 +86,7 @@ class Tenant:
         async with self.pool.acquire() as con:
             started = await con.fetch("SELECT id, run FROM broadcasts WHERE status = 'queued'")
         for row in started:
-            await service.handle(self.pool, handlers.DECIDER, b.stream_name(row["id"]),
+            await commands.handle(self.pool, handlers.DECIDER, b.stream_name(row["id"]),
                                  b.RecordSnapshot(run=row["run"], recipients=0, batches=0, at=now),
                                  self.actor.metadata(), handlers.INLINE)
 

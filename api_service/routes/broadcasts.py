@@ -37,6 +37,7 @@ from shared.broadcasts import handlers, previews, progress, view
 from shared.broadcasts import messages as messages_view
 from shared.broadcasts.counters import Counters, counters_of, shown
 from shared.broadcasts.handlers import Actor
+from shared.broadcasts.status import ACTIVE, ENDED
 from shared.kernel.errors import Invalid
 from shared.platform import eventstore
 from shared.tenants.store import Principal
@@ -278,8 +279,8 @@ class BroadcastController(Controller):
                 if snap is None:  # deleted meanwhile
                     return
                 status = snap["status"]
-                saw_running = saw_running or status in progress.RUNNING
-                final = status in progress.FINISHED or (saw_running and status not in progress.RUNNING)
+                saw_running = saw_running or status in ACTIVE
+                final = status in ENDED or (saw_running and status not in ACTIVE)
                 if snap != last or final:
                     last = snap
                     yield ServerSentEventMessage(event="finished" if final else "progress",

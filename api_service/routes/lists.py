@@ -21,6 +21,7 @@ from api_service.schemas.audience import (
 from api_service.schemas.common import Page
 from shared.audience import lists
 from shared.audience.lists import ListRow, UnknownContacts
+from shared.broadcasts import view as broadcasts_view
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, QueryParameter(ge=0)]
@@ -93,7 +94,7 @@ class ListController(Controller):
         async with state.services.pool.acquire() as con, con.transaction():
             if await lists.get_list(con, tenant_id, list_id) is None:
                 raise problem(404, NOT_FOUND)
-            if busy := await lists.snapshotting_broadcasts(con, tenant_id, list_id):
+            if busy := await broadcasts_view.snapshotting_list(con, tenant_id, list_id):
                 raise problem(
                     409, f"list is being snapshotted by {len(busy)} queued broadcast(s); retry when they are sending",
                     "list_in_use", broadcasts=[str(b) for b in busy],

@@ -19,6 +19,7 @@ from api_service.schemas.providers import (
     to_response,
     validated,
 )
+from shared.broadcasts import view as broadcasts_view
 from shared.channels import accounts as repo
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
@@ -104,7 +105,7 @@ class ProviderController(Controller):
             if await repo.get(con, tenant_id, provider_id, for_update=True) is None:
                 raise problem(404, NOT_FOUND)
             # Running jobs load the provider for every batch: deleting it would strand them.
-            active = await repo.active_broadcasts(con, tenant_id, provider_id)
+            active = await broadcasts_view.active_with_provider(con, tenant_id, provider_id)
             if active:
                 raise problem(
                     409,

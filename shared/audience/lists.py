@@ -66,15 +66,6 @@ async def page_lists(
     return [ListRow(**dict(r)) for r in rows], total
 
 
-async def snapshotting_broadcasts(con: asyncpg.Connection, tenant_id: uuid.UUID, list_id: uuid.UUID) -> list[uuid.UUID]:
-    """Broadcasts whose planner is reading this list right now (status queued)."""
-    rows = await con.fetch(
-        "SELECT id FROM broadcasts WHERE tenant_id = $1 AND list_id = $2 AND status = 'queued' AND NOT deleted",
-        tenant_id, list_id,
-    )
-    return [r["id"] for r in rows]
-
-
 async def delete_list(con: asyncpg.Connection, tenant_id: uuid.UUID, list_id: uuid.UUID) -> bool:
     """Delete a list and its memberships (the contacts stay)."""
     status = await con.execute("DELETE FROM lists WHERE id = $1 AND tenant_id = $2", list_id, tenant_id)
@@ -130,18 +121,3 @@ async def change_members(
             raise UnknownContacts(field, await _unknown(con, tenant_id, wanted, by_external_id))
         member_count = await con.fetchval("SELECT member_count FROM lists WHERE id = $1", list_id)
     return counts["changed"], member_count
-
-
-async def members_after(con: asyncpg.Connection, list_id: uuid.UUID, after: int, limit: int) -> list[asyncpg.Record]:
-    """The next `limit` members of a list after contact id `after`, with their fields, in contact id order.
-
-    Served by the list_members primary key (list_id, contact_id) and the contacts primary key; the
-    attributes stay JSON text so the caller decides when to decode them.
-    """
-    return await con.fetch(
-        """SELECT c.id, c.external_id, c.email, c.phone, c.locale, c.attributes::text AS attributes
-           FROM list_members m JOIN contacts c ON c.id = m.contact_id
-           WHERE m.list_id = $1 AND m.contact_id > $2
-           ORDER BY m.contact_id LIMIT $3""",
-        list_id, after, limit,
-    )

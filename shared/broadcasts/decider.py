@@ -1,49 +1,44 @@
 """The Broadcast aggregate: its events, state, and the pure `decide` and `evolve`.
 
 One stream per broadcast (`broadcast-<id>`). Per-recipient outcomes are not events here; they
-live in the messages ledger (DESIGN.md).
+live in the messages ledger (docs/architecture.md).
 """
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from enum import Enum
 from typing import assert_never
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from shared.broadcasts.status import (
+    ACTIVE,
+    CANCELLABLE,
+    DELETABLE,
+    EDITABLE,
+    RESETTABLE,
+    RUNNING,
+    SCHEDULABLE,
+    SENDABLE,
+    STOPPABLE,
+    Status,
+)
+from shared.kernel import streams
 from shared.kernel.errors import AlreadyExists, Invalid, NotFound, WrongStatus
 
 CATEGORY = "broadcast"
 
 
 def stream_name(broadcast_id: uuid.UUID) -> str:
-    return f"{CATEGORY}-{broadcast_id}"
+    return streams.stream_name(CATEGORY, broadcast_id)
 
 
-class Status(str, Enum):
-    DRAFT = "draft"
-    SCHEDULED = "scheduled"
-    QUEUED = "queued"
-    SENDING = "sending"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    PARTIALLY_FAILED = "partially_failed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+def id_from_stream(stream_name: str) -> uuid.UUID:
+    """The broadcast id of a `broadcast-<id>` stream; ValueError for anything else."""
+    return uuid.UUID(streams.id_of(stream_name))
 
 
-EDITABLE = frozenset({Status.DRAFT, Status.SCHEDULED, Status.PAUSED})
-FINISHED = frozenset({Status.COMPLETED, Status.PARTIALLY_FAILED, Status.FAILED})
-RUNNING = frozenset({Status.QUEUED, Status.SENDING})
-ACTIVE = RUNNING | {Status.PAUSED}  # a run exists whose unsent messages are kept
-# `send` is always a top-up: only audience members this broadcast has not reached yet.
-SENDABLE = frozenset({Status.DRAFT, Status.SCHEDULED, Status.CANCELLED}) | FINISHED
-SCHEDULABLE = frozenset({Status.DRAFT, Status.SCHEDULED})
-CANCELLABLE = frozenset({Status.SCHEDULED}) | ACTIVE
-STOPPABLE = CANCELLABLE
-DELETABLE = frozenset(Status) - ACTIVE
 # An occurrence due this long ago is still sent under missed_policy "skip" (scheduler tick jitter).
 SKIP_GRACE_S = 60
 
@@ -408,8 +403,8 @@ def evolve(state: State, event: Event) -> State:
                 schedule=schedule,
             )
         case AudienceSnapshotted():
-            status = Status.PAUSED if state.status is Status.PAUSED else Status.SENDING
-            return msgspec.structs.replace(state, status=status, snapshotted=True)
+            # Only a queued run is snapshotted: a run can be paused once it is `sending`, after this.
+            return msgspec.structs.replace(state, status=Status.SENDING, snapshotted=True)
         case BroadcastCompleted():
             return msgspec.structs.replace(state, status=Status.COMPLETED)
         case BroadcastPartiallyFailed():
@@ -427,8 +422,7 @@ def evolve(state: State, event: Event) -> State:
         case BroadcastPaused():
             return msgspec.structs.replace(state, status=Status.PAUSED)
         case BroadcastResumed():
-            status = Status.SENDING if state.snapshotted else Status.QUEUED
-            return msgspec.structs.replace(state, status=status, resumes=event.resumes)
+            return msgspec.structs.replace(state, status=Status.SENDING, resumes=event.resumes)
         case BroadcastCancelled():
             return msgspec.structs.replace(state, status=Status.CANCELLED, scheduled_at=None, schedule=None)
         case BroadcastStopped():
@@ -449,7 +443,7 @@ def fold(events: list[Event], state: State = INITIAL) -> State:
     return state
 
 
-def _merge_content(current: Content, changes: ContentChanges) -> Content:
+def merge_content(current: Content, changes: ContentChanges) -> Content:
     given = {f: v for f in ContentChanges.__struct_fields__ if (v := getattr(changes, f)) is not UNSET}
     return msgspec.structs.replace(current, **given)
 
@@ -487,7 +481,7 @@ def decide(command: Command, state: State) -> list[Event]:
                 if value is not UNSET and value != getattr(state, f):
                     changed[f] = value
             if command.content is not UNSET:
-                content = _merge_content(state.content, command.content)
+                content = merge_content(state.content, command.content)
                 if content != state.content:
                     changed["content"] = content
             if not changed:
@@ -548,7 +542,7 @@ def decide(command: Command, state: State) -> list[Event]:
             _require_live(state)
             if state.status is Status.DRAFT and state.reset_run == state.run:
                 return []  # nothing reached since the last reset (or a retried reset)
-            if state.status not in FINISHED | {Status.CANCELLED, Status.DRAFT}:
+            if state.status not in RESETTABLE:
                 raise WrongStatus("reset", state.status.value)
             return [BroadcastReset(through_run=state.run, at=command.at)]
         case RecordTestSend():

@@ -1,21 +1,32 @@
-"""Broadcast command handlers: build the domain command, run it, return the fresh view row."""
+"""Broadcast command handlers: each command is one trip on one connection, in one transaction —
+load the stream, fold it, check what the decider cannot (the tenant owns it, the list and provider
+it names exist), decide, append, update the broadcasts view, and read the fresh view row."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from email.utils import parseaddr
+from typing import Any
 
 import asyncpg
-import msgspec
+from email_validator import EmailNotValidError, validate_email
 
 from shared.broadcasts import decider as b
 from shared.broadcasts import view
+from shared.broadcasts.status import SENDABLE
 from shared.broadcasts.view import BroadcastsView
+from shared.channels import accounts
+from shared.content.templates import CompiledContent, TemplateError
 from shared.kernel.errors import Invalid, NotFound
-from shared.platform import commands as service
-from shared.sending import snapshot as audience
+from shared.platform import commands
+from shared.sending import snapshot
 
-DECIDER = service.Decider(event_union=b.Event, initial=b.INITIAL, evolve=b.evolve, decide=b.decide)
+DECIDER = commands.Decider(event_union=b.Event, initial=b.INITIAL, evolve=b.evolve, decide=b.decide)
 INLINE = (BroadcastsView(),)
+
+# What a handler decides with, given the connection and the folded state: the commands to run.
+Prepare = Callable[[asyncpg.Connection, b.State], Awaitable[Sequence[b.Command]]]
 
 
 class Actor:
@@ -31,21 +42,41 @@ class Actor:
         return meta
 
 
-async def _check_owner(con: asyncpg.Connection, actor: Actor, broadcast_id: uuid.UUID) -> None:
-    """Another tenant's broadcast is reported exactly like a missing one."""
-    owner = await con.fetchval("SELECT tenant_id FROM broadcasts WHERE id = $1", broadcast_id)
-    if owner != actor.tenant_id:
+def _live(state: b.State) -> bool:
+    return state.exists and not state.deleted
+
+
+async def _execute(
+    pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, prepare: Prepare
+) -> tuple[commands.Outcome[b.State], view.BroadcastRow | None]:
+    """One of the actor's broadcasts: another tenant's is reported exactly like a missing one.
+    Returns the outcome and the broadcast's view row (None once deleted)."""
+    stream = b.stream_name(broadcast_id)
+
+    async def trip(con: asyncpg.Connection) -> tuple[commands.Outcome[b.State], view.BroadcastRow | None]:
+        state, version = await commands.load(con, DECIDER, stream)
+        if state.exists and state.tenant_id != actor.tenant_id:
+            raise NotFound("broadcast not found")
+        decided = await prepare(con, state)
+        outcome = await commands.decide_and_append(
+            con, DECIDER, stream, state, version, decided, actor.metadata(), INLINE)
+        return outcome, await view.get(con, actor.tenant_id, broadcast_id)
+
+    return await commands.in_one_trip(pool, trip)
+
+
+async def _row(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, prepare: Prepare) -> view.BroadcastRow:
+    _, row = await _execute(pool, actor, broadcast_id, prepare)
+    if row is None:  # deleted by this very command's twin, or never this tenant's
         raise NotFound("broadcast not found")
+    return row
 
 
-async def run(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.Command) -> view.BroadcastRow | None:
-    """Run a command on one of the actor's broadcasts; returns its view row (None once deleted)."""
-    if not isinstance(command, b.CreateBroadcast):
-        async with pool.acquire() as con:
-            await _check_owner(con, actor, broadcast_id)
-    await service.handle(pool, DECIDER, b.stream_name(broadcast_id), command, actor.metadata(), INLINE)
-    async with pool.acquire() as con:
-        return await view.get(con, actor.tenant_id, broadcast_id)
+def _just(*decided: b.Command) -> Prepare:
+    async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
+        return decided
+
+    return prepare
 
 
 async def check_references(
@@ -57,9 +88,7 @@ async def check_references(
     ):
         raise Invalid("list_id", f"no list {list_id}")
     if provider_id is not None:
-        provider_channel = await con.fetchval(
-            "SELECT channel FROM providers WHERE id = $1 AND tenant_id = $2 AND NOT deleted", provider_id, tenant_id
-        )
+        provider_channel = await accounts.channel_of(con, tenant_id, provider_id)
         if provider_channel is None:
             raise Invalid("provider_id", f"no provider {provider_id}")
         if provider_channel != channel:
@@ -68,8 +97,6 @@ async def check_references(
 
 def check_content(content: b.Content) -> None:
     """Templates must parse, so a broadcast never fails at send time for a typo."""
-    from shared.content.templates import CompiledContent, TemplateError
-
     try:
         CompiledContent.compile(content.subject, content.html, content.text)
     except TemplateError as exc:
@@ -81,10 +108,6 @@ def check_content(content: b.Content) -> None:
 
 def _address_problem(value: str) -> str | None:
     """Why `value` is not an address ("news@example.com" or "News <news@example.com>"), or None."""
-    from email.utils import parseaddr
-
-    from email_validator import EmailNotValidError, validate_email
-
     _, address = parseaddr(value)
     if not address or "@" not in address:
         return "not an email address"
@@ -98,76 +121,61 @@ def _address_problem(value: str) -> str | None:
 async def create(
     pool: asyncpg.Pool, actor: Actor, command: b.CreateBroadcast, then: b.ScheduleBroadcast | None = None
 ) -> view.BroadcastRow:
-    """Create a draft, and with `then` schedule it in the same transaction (both or neither)."""
+    """Create a draft, and with `then` schedule it in the same trip (both or neither)."""
     check_content(command.content)
-    async with pool.acquire() as con:
+
+    async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
         await check_references(con, actor.tenant_id, command.channel, command.list_id, command.provider_id)
-        if then is not None:
-            stream = b.stream_name(command.broadcast_id)
-            async with con.transaction():
-                await service.handle(pool, DECIDER, stream, command, actor.metadata(), INLINE, con=con)
-                await service.handle(pool, DECIDER, stream, then, actor.metadata(), INLINE, con=con)
-    row = await run(pool, actor, command.broadcast_id, command)
-    if row is None:  # the id belongs to another tenant's (or a deleted) broadcast
-        raise NotFound("broadcast not found")
-    return row
+        return [command] if then is None else [command, then]
+
+    return await _row(pool, actor, command.broadcast_id, prepare)
 
 
 async def edit(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.EditBroadcast) -> view.BroadcastRow:
-    async with pool.acquire() as con:
-        current = await view.get(con, actor.tenant_id, broadcast_id)
-        if current is None:
-            raise NotFound("broadcast not found")
-        await check_references(
-            con,
-            actor.tenant_id,
-            current.channel,
-            command.list_id if isinstance(command.list_id, uuid.UUID) else None,
-            command.provider_id if isinstance(command.provider_id, uuid.UUID) else None,
-        )
-    if command.content is not msgspec.UNSET:
-        merged = msgspec.convert({**current.content, **msgspec.to_builtins(command.content)}, b.Content)
-        check_content(merged)
-    row = await run(pool, actor, broadcast_id, command)
-    assert row is not None
-    return row
+    async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
+        if _live(state):  # otherwise the decider says it is not found
+            await check_references(
+                con, actor.tenant_id, state.channel,
+                command.list_id if isinstance(command.list_id, uuid.UUID) else None,
+                command.provider_id if isinstance(command.provider_id, uuid.UUID) else None,
+            )
+            if isinstance(command.content, b.ContentChanges) and state.content is not None:
+                check_content(b.merge_content(state.content, command.content))
+        return [command]
+
+    return await _row(pool, actor, broadcast_id, prepare)
 
 
 async def delete(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: datetime) -> None:
-    await run(pool, actor, broadcast_id, b.DeleteBroadcast(at=at))
+    await _execute(pool, actor, broadcast_id, _just(b.DeleteBroadcast(at=at)))
 
 
 async def send(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: datetime) -> tuple[view.BroadcastRow, int]:
     """Start a top-up run (only members not reached yet); returns the broadcast and how many were queued.
 
-    Nobody left to reach: `queued` is 0 and the status does not change."""
-    async with pool.acquire() as con:
-        current = await view.get(con, actor.tenant_id, broadcast_id)
-        if current is None:
-            raise NotFound("broadcast not found")
-        if current.status in (b.Status.QUEUED, b.Status.SENDING):
-            return current, 0  # a retried send: the run under way is the answer
-        # Checked again at send: the list or provider may have been deleted since the broadcast was saved.
-        await check_references(con, actor.tenant_id, current.channel, current.list_id, current.provider_id)
-        left = await _remaining(con, current) if current.list_id else 0
-    outcome = await service.handle(
-        pool, DECIDER, b.stream_name(broadcast_id), b.SendBroadcast(audience_size=left, at=at),
-        actor.metadata(), INLINE,
-    )
-    async with pool.acquire() as con:
-        row = await view.get(con, actor.tenant_id, broadcast_id)
+    Nobody left to reach, or a run already under way: `queued` is 0 and the status does not change."""
+    async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
+        size = 0
+        if _live(state) and state.status in SENDABLE:  # the audience is counted only when a run may start
+            # Checked again at send: the list or provider may have been deleted since the broadcast was saved.
+            await check_references(con, actor.tenant_id, state.channel, state.list_id, state.provider_id)
+            size = await _top_up_size(con, broadcast_id, state)
+        return [b.SendBroadcast(audience_size=size, at=at)]
+
+    outcome, row = await _execute(pool, actor, broadcast_id, prepare)
     assert row is not None
     started = [e for e in outcome.events if e.type == "BroadcastStarted"]
     return row, started[0].data["audience_size"] if started else 0
 
 
-async def _remaining(con: asyncpg.Connection, row: view.BroadcastRow) -> int:
+async def _top_up_size(con: asyncpg.Connection, broadcast_id: uuid.UUID, state: b.State) -> int:
     """How many a top-up run would go to now (with nobody reached yet: the list's member count)."""
-    assert row.list_id is not None
-    runs = audience.reached_runs(row.reset_run, row.run)
+    if state.list_id is None:
+        return 0
+    runs = snapshot.reached_runs(state.reset_run, state.run)
     if not runs:
-        return await audience.member_count(con, row.list_id)
-    _, left = await audience.remaining(con, row.id, row.list_id, runs)
+        return await snapshot.member_count(con, state.list_id)
+    _, left = await snapshot.remaining(con, broadcast_id, state.list_id, state.channel, runs)
     return left
 
 
@@ -175,44 +183,38 @@ async def audience_of(con: asyncpg.Connection, row: view.BroadcastRow) -> tuple[
     """(audience_total, remaining) of a broadcast with a list."""
     if row.list_id is None:
         return None
-    return await audience.kept_remaining(
-        con, row.id, row.version, row.list_id, audience.reached_runs(row.reset_run, row.run))
+    return await snapshot.kept_remaining(
+        con, row.id, row.version, row.list_id, row.channel, snapshot.reached_runs(row.reset_run, row.run))
 
 
 async def schedule(
     pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.ScheduleBroadcast
 ) -> view.BroadcastRow:
-    row = await run(pool, actor, broadcast_id, command)
-    assert row is not None
-    return row
-
-
-async def fire(pool: asyncpg.Pool, broadcast_id: uuid.UUID, occurrence_at: datetime, at: datetime) -> bool:
-    """The scheduler's command: start the run due at `occurrence_at` (once, whoever calls it)."""
-    async with pool.acquire() as con:
-        row = await con.fetchrow(
-            f"SELECT {view._ROW} FROM broadcasts WHERE id = $1 AND NOT deleted", broadcast_id
-        )
-        if row is None:
-            return False
-        current = view.BroadcastRow(**dict(row))
-        recurring = bool(current.schedule and current.schedule.get("recurrence"))
-        if current.list_id is None:
-            size = 0
-        elif recurring:  # each occurrence goes to the whole current audience
-            size = await audience.member_count(con, current.list_id)
-        else:
-            size = await _remaining(con, current)
-    meta = {"tenant_id": str(current.tenant_id), "actor": "scheduler"}
-    outcome = await service.handle(
-        pool, DECIDER, b.stream_name(broadcast_id),
-        b.FireOccurrence(occurrence_at=occurrence_at, audience_size=size, at=at), meta, INLINE,
-    )
-    return bool(outcome.events)
+    return await _row(pool, actor, broadcast_id, _just(command))
 
 
 async def transition(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.Command) -> view.BroadcastRow:
     """pause, resume, cancel, stop, reset: the decider says whether the status allows it."""
-    row = await run(pool, actor, broadcast_id, command)
-    assert row is not None
-    return row
+    return await _row(pool, actor, broadcast_id, _just(command))
+
+
+async def fire(pool: asyncpg.Pool, broadcast_id: uuid.UUID, occurrence_at: datetime, at: datetime) -> bool:
+    """The scheduler's command: start the run due at `occurrence_at` (once, whoever calls it)."""
+    stream = b.stream_name(broadcast_id)
+
+    async def trip(con: asyncpg.Connection) -> bool:
+        state, version = await commands.load(con, DECIDER, stream)
+        if not _live(state):
+            return False
+        if state.list_id is None:
+            size = 0
+        elif state.recurring:  # each occurrence goes to the whole current audience
+            size = await snapshot.member_count(con, state.list_id)
+        else:
+            size = await _top_up_size(con, broadcast_id, state)
+        command = b.FireOccurrence(occurrence_at=occurrence_at, audience_size=size, at=at)
+        metadata: dict[str, Any] = {"tenant_id": str(state.tenant_id), "actor": "scheduler"}
+        outcome = await commands.decide_and_append(con, DECIDER, stream, state, version, [command], metadata, INLINE)
+        return bool(outcome.events)
+
+    return await commands.in_one_trip(pool, trip)

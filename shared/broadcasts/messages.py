@@ -9,6 +9,8 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
+from shared.broadcasts.status import ACTIVE, sql_list
+
 
 class MessageRecord(msgspec.Struct, frozen=True, kw_only=True):
     run: int
@@ -22,12 +24,12 @@ class MessageRecord(msgspec.Struct, frozen=True, kw_only=True):
     sent_at: datetime | None
 
 
-_RECORDS = """
+_RECORDS = f"""
     SELECT run, contact_id, channel, address, status, attempts::int, error, provider_message_id, sent_at
     FROM messages WHERE broadcast_id = $1
     UNION ALL
     SELECT bt.run, q.contact_id, b.channel, q.address,
-           CASE WHEN bt.status <> 'dropped' AND b.run = bt.run AND b.status IN ('queued', 'sending', 'paused')
+           CASE WHEN bt.status <> 'dropped' AND b.run = bt.run AND b.status IN {sql_list(ACTIVE)}
                 THEN 'queued' ELSE 'dropped' END,
            0, NULL, NULL, NULL
     FROM batches bt

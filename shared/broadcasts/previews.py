@@ -12,13 +12,14 @@ import msgspec
 from shared.broadcasts import decider as b
 from shared.broadcasts import view
 from shared.broadcasts.handlers import DECIDER, INLINE, Actor
-from shared.channels.provider import OutgoingMessage, ProviderUnavailable
+from shared.channels import accounts
+from shared.channels.provider import EmailContent, OutgoingMessage, ProviderUnavailable
 from shared.channels.registry import build_provider
 from shared.content.templates import CompiledContent, TemplateError
 from shared.kernel.errors import Invalid, NotFound
-from shared.platform import commands as service
-from shared.sending import snapshot as audience
-from shared.sending.jobs import RECIPIENT_JSON, Recipient, decode_recipient
+from shared.platform import commands
+from shared.sending import snapshot
+from shared.sending.jobs import Recipient, decode_recipient, reachable, recipient_json
 
 
 class Resolved(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,8 +58,8 @@ async def preview(pool: asyncpg.Pool, tenant_id: uuid.UUID, broadcast_id: uuid.U
         row = await _live(con, tenant_id, broadcast_id)
         if row.list_id is None:
             return []
-        runs = audience.reached_runs(row.reset_run, row.run)
-        records = await audience.first_recipients(con, broadcast_id, row.list_id, runs, limit)
+        runs = snapshot.reached_runs(row.reset_run, row.run)
+        records = await snapshot.first_recipients(con, broadcast_id, row.list_id, row.channel, runs, limit)
     content = _compiled(row)
     return [_resolve(row, content, decode_recipient(r)) for r in records]
 
@@ -72,14 +73,11 @@ async def test_send(
         row = await _live(con, actor.tenant_id, broadcast_id)
         if row.provider_id is None:
             raise Invalid("provider_id", "the broadcast has no provider to send the test through")
-        provider_row = await con.fetchrow(
-            "SELECT kind, config FROM providers WHERE id = $1 AND tenant_id = $2 AND NOT deleted",
-            row.provider_id, actor.tenant_id,
-        )
+        provider_row = await accounts.get(con, actor.tenant_id, row.provider_id)
         if provider_row is None:
             raise Invalid("provider_id", f"no provider {row.provider_id}")
         contacts = await con.fetch(
-            f"""SELECT c.id, c.email IS NOT NULL AS reachable, ({RECIPIENT_JSON})::text AS recipient
+            f"""SELECT c.id, {reachable(row.channel)} AS reachable, ({recipient_json(row.channel)})::text AS recipient
                 FROM contacts c WHERE c.tenant_id = $1 AND c.id = ANY($2::bigint[])""",
             actor.tenant_id, contact_ids,
         )
@@ -89,19 +87,21 @@ async def test_send(
             raise Invalid(f"contact_ids[{i}]", f"no contact {cid}")
     recipients = [decode_recipient(r["recipient"]) for r in contacts if r["reachable"]]
     recipients += [Recipient(0, e, None, e, None, None) for e in emails]
-    config: dict[str, Any] = provider_row["config"]
+    config: dict[str, Any] = provider_row.config
     content = _compiled(row)
     test_id = uuid.uuid4()
     messages = []
     for n, r in enumerate(recipients):
         resolved = _resolve(row, content, r)
         messages.append(OutgoingMessage(
-            contact_id=n, to=r.address, subject=f"[Test] {resolved.subject}", html=resolved.html, text=resolved.text,
-            from_email=row.content.get("from_email") or config.get("from_email") or "crier@localhost",
-            reply_to=row.content.get("reply_to"), idempotency_key=f"test:{test_id}:{n}",
-            headers={"X-Crier-Test": "true"},
+            contact_id=n, to=r.address, idempotency_key=f"test:{test_id}:{n}",
+            content=EmailContent(
+                subject=f"[Test] {resolved.subject}", html=resolved.html, text=resolved.text,
+                from_email=row.content.get("from_email") or config.get("from_email") or "crier@localhost",
+                reply_to=row.content.get("reply_to"), headers={"X-Crier-Test": "true"},
+            ),
         ))
-    provider = build_provider(provider_row["kind"], config)
+    provider = build_provider(provider_row.kind, config)
     try:
         await provider.open()
         outcomes = {r.contact_id: r for r in await provider.send(messages)}
@@ -116,5 +116,5 @@ async def test_send(
         results.append((m.to, True, None) if r and r.ok else (m.to, False, r.error if r else failure))
     ok = sum(1 for _, good, _ in results if good)
     command = b.RecordTestSend(addresses=[m.to for m in messages], sent=ok, failed=len(results) - ok, at=at)
-    await service.handle(pool, DECIDER, b.stream_name(broadcast_id), command, actor.metadata(), INLINE)
+    await commands.handle(pool, DECIDER, b.stream_name(broadcast_id), command, actor.metadata(), INLINE)
     return results

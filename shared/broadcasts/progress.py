@@ -16,15 +16,12 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from shared.broadcasts.counters import counters_of, shown
+from shared.broadcasts.status import ACTIVE, sql_list
 from shared.platform.bus import Names
 from shared.platform.logging import get_logger
 
 log = get_logger(__name__)
 INTERVAL_S = 0.25
-# A run is under way in these; leaving them ends it: finished, cancelled, stopped (back to draft),
-# or, for a recurring broadcast, rescheduled for its next occurrence.
-RUNNING = frozenset({"queued", "sending", "paused"})
-FINISHED = frozenset({"completed", "partially_failed", "failed", "cancelled"})
 
 
 async def snapshots(con: asyncpg.Connection, rows: list[asyncpg.Record]) -> dict[uuid.UUID, dict[str, Any]]:
@@ -51,8 +48,8 @@ async def publish_progress(pool: asyncpg.Pool, nc: NATS, names: Names) -> None:
         try:
             async with pool.acquire() as con:
                 rows = await con.fetch(
-                    """SELECT id, tenant_id, status, run FROM broadcasts
-                       WHERE NOT deleted AND (status IN ('queued', 'sending', 'paused') OR id = ANY($1::uuid[]))""",
+                    f"""SELECT id, tenant_id, status, run FROM broadcasts
+                       WHERE NOT deleted AND (status IN {sql_list(ACTIVE)} OR id = ANY($1::uuid[]))""",
                     list(last),
                 )
                 current = await snapshots(con, rows)
@@ -61,8 +58,10 @@ async def publish_progress(pool: asyncpg.Pool, nc: NATS, names: Names) -> None:
                 if last.get(broadcast_id) != snap:
                     subject = names.progress_subject(str(tenants[broadcast_id]), str(broadcast_id))
                     await nc.publish(subject, msgspec.json.encode(snap))
-            # A run that ended had its last update published just now: stop watching it.
-            last = {k: v for k, v in current.items() if v["status"] in RUNNING}
+            # A run under way is in an ACTIVE status; leaving it ends the run (finished, cancelled,
+            # stopped to draft, or a recurring broadcast rescheduled). Its last update went out just
+            # now: stop watching it.
+            last = {k: v for k, v in current.items() if v["status"] in ACTIVE}
         except (asyncpg.PostgresError, OSError) as exc:
             log.warning("progress publishing failed, will retry", error=str(exc))
         await asyncio.sleep(INTERVAL_S)

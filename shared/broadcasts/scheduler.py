@@ -14,6 +14,7 @@ from datetime import datetime
 import asyncpg
 
 from shared.broadcasts import handlers
+from shared.broadcasts.status import Status
 from shared.platform.logging import get_logger
 
 log = get_logger(__name__)
@@ -23,8 +24,8 @@ async def tick(pool: asyncpg.Pool, now: datetime, limit: int = 100) -> int:
     """Fire every broadcast due at `now`; returns how many runs this call started (or skipped)."""
     async with pool.acquire() as con:
         due = await con.fetch(
-            """SELECT id, scheduled_at FROM broadcasts
-               WHERE status = 'scheduled' AND NOT deleted AND scheduled_at <= $1
+            f"""SELECT id, scheduled_at FROM broadcasts
+               WHERE status = '{Status.SCHEDULED.value}' AND NOT deleted AND scheduled_at <= $1
                ORDER BY scheduled_at LIMIT $2""",
             now, limit,
         )

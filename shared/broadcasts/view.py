@@ -12,6 +12,7 @@ import asyncpg
 import msgspec
 
 from shared.broadcasts import decider as b
+from shared.broadcasts.status import ACTIVE, Status, sql_list
 from shared.platform import codec
 from shared.platform.eventstore import RecordedEvent
 
@@ -22,7 +23,7 @@ class BroadcastsView:
 
     async def apply(self, con: asyncpg.Connection, event: RecordedEvent) -> None:
         decoded = codec.from_recorded(event, b.Event)
-        broadcast_id = event.stream_name.split("-", 1)[1]
+        broadcast_id = b.id_from_stream(event.stream_name)
         match decoded:
             case b.BroadcastCreated():
                 await con.execute(
@@ -79,8 +80,7 @@ class BroadcastsView:
             case b.BroadcastPaused():
                 await self._set_status(con, broadcast_id, event, b.Status.PAUSED, decoded.at)
             case b.BroadcastResumed():
-                status = b.Status.SENDING if await self._snapshotted(con, broadcast_id) else b.Status.QUEUED
-                await self._set_status(con, broadcast_id, event, status, decoded.at)
+                await self._set_status(con, broadcast_id, event, b.Status.SENDING, decoded.at)
                 await con.execute("UPDATE broadcasts SET resumes = $2 WHERE id = $1", broadcast_id, decoded.resumes)
             case b.BroadcastCancelled():
                 await self._set_status(con, broadcast_id, event, b.Status.CANCELLED, decoded.at)
@@ -125,14 +125,6 @@ class BroadcastsView:
     @staticmethod
     async def _unschedule(con: asyncpg.Connection, broadcast_id: str) -> None:
         await con.execute("UPDATE broadcasts SET scheduled_at = NULL, schedule = NULL WHERE id = $1", broadcast_id)
-
-    @staticmethod
-    async def _snapshotted(con: asyncpg.Connection, broadcast_id: str) -> bool:
-        return bool(await con.fetchval(
-            """SELECT true FROM events WHERE stream_name = $1 AND type = 'AudienceSnapshotted'
-                 AND (data->>'run')::int = (SELECT run FROM broadcasts WHERE id = $2) LIMIT 1""",
-            f"{b.CATEGORY}-{broadcast_id}", uuid.UUID(broadcast_id),
-        ))
 
     async def clear(self, con: asyncpg.Connection) -> None:
         await con.execute("TRUNCATE broadcasts")
@@ -185,3 +177,23 @@ async def page(
         offset,
     )
     return [BroadcastRow(**dict(r)) for r in rows], total
+
+
+async def active_with_provider(con: asyncpg.Connection, tenant_id: uuid.UUID, provider_id: uuid.UUID) -> list[uuid.UUID]:
+    """Broadcasts whose current run still sends through this provider."""
+    rows = await con.fetch(
+        f"""SELECT id FROM broadcasts WHERE tenant_id = $1 AND provider_id = $2 AND status IN {sql_list(ACTIVE)}
+            AND NOT deleted ORDER BY created_at""",
+        tenant_id, provider_id,
+    )
+    return [r["id"] for r in rows]
+
+
+async def snapshotting_list(con: asyncpg.Connection, tenant_id: uuid.UUID, list_id: uuid.UUID) -> list[uuid.UUID]:
+    """Broadcasts whose planner is reading this list right now (status queued)."""
+    rows = await con.fetch(
+        f"""SELECT id FROM broadcasts WHERE tenant_id = $1 AND list_id = $2 AND status = '{Status.QUEUED.value}'
+            AND NOT deleted""",
+        tenant_id, list_id,
+    )
+    return [r["id"] for r in rows]

@@ -11,7 +11,6 @@ import msgspec
 DEFAULT_BATCH_SIZE = 50  # the defaults of seed 002: 50 per batch, 5 s apart, 3 retries
 DEFAULT_BATCH_DELAY_MS = 5000
 DEFAULT_MAX_RETRIES = 3
-ACTIVE_STATUSES = ("queued", "sending", "paused")  # a run that still needs its provider
 _UPDATABLE = frozenset({"name", "config", "batch_size", "batch_delay_ms", "max_retries"})
 
 
@@ -137,23 +136,17 @@ async def delete(
     return status.endswith(" 1")
 
 
-async def active_broadcasts(con: asyncpg.Connection, tenant_id: uuid.UUID, provider_id: uuid.UUID) -> list[uuid.UUID]:
-    """Broadcasts whose current run still sends through this provider."""
-    records = await con.fetch(
-        "SELECT id FROM broadcasts WHERE tenant_id = $1 AND provider_id = $2 AND status = ANY($3::text[]) "
-        "AND NOT deleted ORDER BY created_at",
-        tenant_id, provider_id, list(ACTIVE_STATUSES),
+async def channel_of(con: asyncpg.Connection, tenant_id: uuid.UUID, provider_id: uuid.UUID) -> str | None:
+    """The channel of the tenant's live provider, None if there is none."""
+    return await con.fetchval(
+        "SELECT channel FROM providers WHERE id = $1 AND tenant_id = $2 AND NOT deleted", provider_id, tenant_id
     )
-    return [r["id"] for r in records]
 
 
-async def load_for_sending(
-    con: asyncpg.Connection, provider_id: uuid.UUID, tenant_id: uuid.UUID | None = None
-) -> ProviderRow | None:
-    """The sender's view: the provider with its secrets, by id (and tenant when given); None if deleted."""
-    return _row(
-        await con.fetchrow(
-            f"SELECT {_ROW} FROM providers WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2) AND NOT deleted",
-            provider_id, tenant_id,
-        )
+async def pacing(con: asyncpg.Connection, tenant_id: uuid.UUID, provider_id: uuid.UUID) -> tuple[int, int] | None:
+    """(batch_size, batch_delay_ms) of the tenant's live provider, None if there is none."""
+    row = await con.fetchrow(
+        "SELECT batch_size, batch_delay_ms FROM providers WHERE id = $1 AND tenant_id = $2 AND NOT deleted",
+        provider_id, tenant_id,
     )
+    return (row["batch_size"], row["batch_delay_ms"]) if row else None

@@ -6,16 +6,29 @@ from typing import Protocol
 import msgspec
 
 
-class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
-    contact_id: int
-    to: str  # the address for the channel
+class EmailContent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A rendered email."""
+
     subject: str
     html: str
     text: str
     from_email: str
     reply_to: str | None = None
-    idempotency_key: str  # "broadcast:run:contact:channel": stable across retries
     headers: dict[str, str] = {}
+
+
+# What a message says, rendered for its channel: one struct per channel as channels come.
+Content = EmailContent
+
+
+class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One message to one recipient on a channel: the envelope every provider reads, and the
+    channel's content."""
+
+    contact_id: int
+    to: str  # the recipient's address on the channel (chosen by the channel registry)
+    idempotency_key: str  # "broadcast:run:contact:channel": stable across retries
+    content: Content
 
 
 class SendResult(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,4 +1,5 @@
-"""Builds a provider session from a stored provider row's kind and config."""
+"""The registry: the channels Crier sends on, with where each finds a contact's address, and the
+provider kinds that send on them. Adding a channel is a provider module and a line here."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +8,21 @@ from shared.channels.null import NullProvider
 from shared.channels.provider import Provider
 from shared.channels.smtp import SmtpProvider
 
+# SQL over a contact row `c`: its address on the channel, NULL when it has none (it is then not
+# part of that channel's audience). The one place that decides a recipient's address.
+ADDRESS_SQL: dict[str, str] = {
+    "email": "c.email",
+    "sms": "c.phone",  # E.164
+}
+
 KINDS: dict[str, Any] = {"smtp": SmtpProvider, "null": NullProvider}
+
+
+def address_sql(channel: str) -> str:
+    try:
+        return ADDRESS_SQL[channel]
+    except KeyError:
+        raise ValueError(f"unknown channel {channel!r}; known: {', '.join(sorted(ADDRESS_SQL))}") from None
 
 
 def build_provider(kind: str, config: dict[str, Any]) -> Provider:

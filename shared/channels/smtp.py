@@ -93,23 +93,24 @@ def text_of_html(html: str) -> str:
 
 def build_mime(message: OutgoingMessage, *, utf8: bool = False) -> bytes:
     """The RFC 5322 message: text/plain and text/html alternatives, quoted-printable so it is 7-bit clean."""
+    email = message.content
     mime = EmailMessage(policy=SMTPUTF8 if utf8 else SMTP)
-    mime["From"] = message.from_email
+    mime["From"] = email.from_email
     mime["To"] = message.to
-    mime["Subject"] = message.subject
+    mime["Subject"] = email.subject
     mime["Date"] = formatdate(usegmt=True)
     mime["Message-ID"] = message_id_of(message.idempotency_key)
-    if message.reply_to:
-        mime["Reply-To"] = message.reply_to
-    for name, value in message.headers.items():
+    if email.reply_to:
+        mime["Reply-To"] = email.reply_to
+    for name, value in email.headers.items():
         if name.lower() in _RESERVED_HEADERS:
             continue
         del mime[name]
         mime[name] = value
-    text = message.text or (text_of_html(message.html) if message.html else "")
+    text = email.text or (text_of_html(email.html) if email.html else "")
     mime.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
-    if message.html:
-        mime.add_alternative(wrap_html(message.html), subtype="html", charset="utf-8", cte="quoted-printable")
+    if email.html:
+        mime.add_alternative(wrap_html(email.html), subtype="html", charset="utf-8", cte="quoted-printable")
         for part in mime.iter_parts():
             del part["MIME-Version"]  # add_alternative stamps the part too; it belongs on the top level only
     return mime.as_bytes()
@@ -225,7 +226,7 @@ class SmtpProvider:
     async def _send_one(self, message: OutgoingMessage) -> SendResult:
         if not _is_bare_address(message.to):
             return _failed(message, f"not an email address: {message.to!r}", False)
-        envelope_from = parseaddr(message.from_email)[1] or message.from_email
+        envelope_from = parseaddr(message.content.from_email)[1] or message.content.from_email
         utf8 = not (envelope_from.isascii() and message.to.isascii())
         try:
             payload = build_mime(message, utf8=utf8)

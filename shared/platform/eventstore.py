@@ -14,6 +14,8 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from shared.kernel.streams import SEPARATOR, category_of
+
 NOTIFY_CHANNEL = "crier_events"  # notified by the events_notify trigger (migration 001)
 ANY_VERSION = -1  # expected_version that accepts whatever the stream holds
 NO_STREAM = 0  # expected_version of a stream that must not exist yet
@@ -55,10 +57,6 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
 class Checkpoint(msgspec.Struct, frozen=True):
     transaction_id: int = 0
     global_position: int = 0
-
-
-def category_of(stream_name: str) -> str:
-    return stream_name.split("-", 1)[0]
 
 
 _COLUMNS = "global_position, transaction_id, stream_name, position, id, type, data, metadata, created_at"
@@ -145,7 +143,7 @@ async def read_committed(
     categories: tuple[str, ...] | None = None,
 ) -> list[RecordedEvent]:
     """Events committed after `after`, in commit order, never past a transaction still running."""
-    category_filter = "AND split_part(stream_name, '-', 1) = ANY($4::text[])" if categories else ""
+    category_filter = f"AND split_part(stream_name, '{SEPARATOR}', 1) = ANY($4::text[])" if categories else ""
     args: list[Any] = [after.transaction_id, after.global_position, limit]
     if categories:
         args.append(list(categories))

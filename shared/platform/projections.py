@@ -3,6 +3,7 @@ in one transaction so a replay never counts an event twice, and rebuildable from
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import asyncpg
@@ -25,8 +26,17 @@ class Projection(Protocol):
         """Empty the view before a rebuild."""
 
 
-async def catch_up(pool: asyncpg.Pool, projection: Projection, batch_size: int = 500) -> int:
-    """Apply every committed event past the projection's checkpoint; returns how many were applied."""
+# What runs after a projection folded a batch of events, in the same transaction (run completion).
+AfterFold = Callable[[asyncpg.Connection, list[RecordedEvent]], Awaitable[None]]
+
+
+async def catch_up(
+    pool: asyncpg.Pool, projection: Projection, batch_size: int = 500, then: AfterFold | None = None
+) -> int:
+    """Apply every committed event past the projection's checkpoint; returns how many were applied.
+
+    `then` sees each batch of applied events before the transaction commits, so what it writes
+    commits with the view and the checkpoint, or not at all."""
     applied = 0
     while True:
         async with pool.acquire() as con, con.transaction():
@@ -36,6 +46,8 @@ async def catch_up(pool: asyncpg.Pool, projection: Projection, batch_size: int =
             for event in events:
                 await projection.apply(con, event)
             if events:
+                if then is not None:
+                    await then(con, events)
                 await eventstore.save_checkpoint(con, projection.name, events[-1].checkpoint)
         applied += len(events)
         if len(events) < batch_size:
@@ -82,15 +94,18 @@ class Wakeup:
 
 
 async def run_projector(
-    pool: asyncpg.Pool, listen_con: asyncpg.Connection, projections: list[Projection], poll_interval: float
+    pool: asyncpg.Pool,
+    listen_con: asyncpg.Connection,
+    projections: list[tuple[Projection, AfterFold | None]],
+    poll_interval: float,
 ) -> None:
-    """Keep every projection caught up until cancelled."""
+    """Keep every projection caught up (each with what runs after it folds) until cancelled."""
     wakeup = Wakeup(listen_con)
     await wakeup.start()
     while True:
-        for projection in projections:
+        for projection, then in projections:
             try:
-                await catch_up(pool, projection)
+                await catch_up(pool, projection, then=then)
             except (asyncpg.PostgresError, OSError) as exc:
                 log.warning("projection failed, will retry", projection=projection.name, error=str(exc))
         # A commit whose transaction was still below the horizon needs another look shortly.

@@ -28,7 +28,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sender_concurrency: int = 4
     # How long JetStream waits for a job's ack before redelivering it; workers heartbeat well within it.
     job_ack_wait_s: float = 60.0
-    # Whether this API replica competes for the relay/projector/scheduler leader locks.
+    # Whether this process (API or sender) competes for the relay/projector/scheduler/progress leader
+    # locks. At least one process of a deployment must.
     run_background: bool = True
 
     @property

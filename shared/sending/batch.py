@@ -10,11 +10,13 @@ from datetime import datetime
 
 import msgspec
 
+from shared.kernel import streams
+
 CATEGORY = "batch"
 
 
 def stream_name(broadcast_id: uuid.UUID, run: int, seq: int) -> str:
-    return f"{CATEGORY}-{broadcast_id}:{run}:{seq}"
+    return streams.stream_name(CATEGORY, f"{broadcast_id}:{run}:{seq}")
 
 
 class BatchCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):

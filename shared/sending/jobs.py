@@ -1,7 +1,7 @@
 """Batch jobs on CRIER_JOBS: what the planner publishes and every sender's workers consume.
 
 A job is JSON. The planner does not build its recipients in Python: Postgres renders them as a
-JSON array (RECIPIENTS_JSON) and the planner wraps that text, untouched, in the job's envelope
+JSON array (`recipients_json`) and the planner wraps that text, untouched, in the job's envelope
 (`PlannedJob`). Decoding a million contact rows into Recipient structs and encoding them was a
 quarter of the planner's sender process (profiled), and the planner is a send's critical path.
 """
@@ -11,6 +11,8 @@ import uuid
 from typing import Any
 
 import msgspec
+
+from shared.channels.registry import address_sql
 
 
 class Recipient(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -35,10 +37,20 @@ class Recipient(msgspec.Struct, frozen=True, array_like=True, gc=False):
         return variables
 
 
-# SQL: contact `c` as a Recipient in JSON (its fields in order; the address is the email, for the
-# email channel), and a JSON array of those, in contact-id order, from an aggregate over `c`.
-RECIPIENT_JSON = "json_build_array(c.id, c.email, c.external_id, c.email, c.phone, c.locale, c.attributes)"
-RECIPIENTS_JSON = f"json_agg({RECIPIENT_JSON} ORDER BY c.id)"
+def recipient_json(channel: str) -> str:
+    """SQL: contact `c` as a Recipient of `channel` in JSON (its fields in order, the address the
+    channel's, from the registry)."""
+    return f"json_build_array(c.id, {address_sql(channel)}, c.external_id, c.email, c.phone, c.locale, c.attributes)"
+
+
+def recipients_json(channel: str) -> str:
+    """SQL: a JSON array of Recipients in contact-id order, from an aggregate over contacts `c`."""
+    return f"json_agg({recipient_json(channel)} ORDER BY c.id)"
+
+
+def reachable(channel: str) -> str:
+    """SQL: contact `c` has an address on `channel`."""
+    return f"{address_sql(channel)} IS NOT NULL"
 
 
 class _JobFields(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,7 +77,7 @@ class Job(_JobFields, frozen=True, kw_only=True):
 
 
 class PlannedJob(_JobFields, frozen=True, kw_only=True):
-    """A job as the planner writes it: the recipients are Postgres's RECIPIENTS_JSON text."""
+    """A job as the planner writes it: the recipients are Postgres's `recipients_json` text."""
 
     recipients: msgspec.Raw
 

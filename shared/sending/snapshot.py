@@ -6,7 +6,7 @@ import uuid
 
 import asyncpg
 
-from shared.sending.jobs import RECIPIENT_JSON
+from shared.sending.jobs import reachable, recipient_json
 
 
 def reached_runs(reset_run: int, through_run: int) -> list[int]:
@@ -39,31 +39,33 @@ async def member_count(con: asyncpg.Connection, list_id: uuid.UUID) -> int:
 
 
 async def remaining(
-    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, runs: list[int]
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, channel: str, runs: list[int]
 ) -> tuple[int, int]:
-    """(audience_total, remaining): members with an email, and those of them not reached in `runs`."""
+    """(audience_total, remaining): members with an address on `channel`, and those of them not
+    reached in `runs`."""
     total = await con.fetchval(
-        """SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
-           WHERE m.list_id = $1 AND c.email IS NOT NULL""",
+        f"""SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
+            WHERE m.list_id = $1 AND {reachable(channel)}""",
         list_id,
     )
     if not runs:
         return total, total
     left = await con.fetchval(
         f"""SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
-            WHERE m.list_id = $1 AND c.email IS NOT NULL AND {not_reached_clause('m.contact_id', 2, 3)}""",
+            WHERE m.list_id = $1 AND {reachable(channel)} AND {not_reached_clause('m.contact_id', 2, 3)}""",
         list_id, broadcast_id, runs,
     )
     return total, left
 
 
 async def kept_remaining(
-    con: asyncpg.Connection, broadcast_id: uuid.UUID, broadcast_version: int, list_id: uuid.UUID, runs: list[int]
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, broadcast_version: int, list_id: uuid.UUID, channel: str,
+    runs: list[int],
 ) -> tuple[int, int]:
     """`remaining(...)`, kept in audience_counts while the broadcast and the list's membership stay
     as they are and no batch of the broadcast is unfinished (its ledger could still change).
 
-    Not noticed: a contact's email cleared or set after the figures were kept (the next list or
+    Not noticed: a contact's address cleared or set after the figures were kept (the next list or
     broadcast change recounts)."""
     members_version = await con.fetchval("SELECT members_version FROM lists WHERE id = $1", list_id)
     kept = await con.fetchrow(
@@ -73,7 +75,7 @@ async def kept_remaining(
     )
     if kept is not None:
         return kept["total"], kept["remaining"]
-    total, left = await remaining(con, broadcast_id, list_id, runs)
+    total, left = await remaining(con, broadcast_id, list_id, channel, runs)
     settled = not await con.fetchval(
         "SELECT EXISTS (SELECT 1 FROM batches WHERE broadcast_id = $1 AND status IN ('queued', 'sending'))",
         broadcast_id,
@@ -92,16 +94,16 @@ async def kept_remaining(
 
 
 async def first_recipients(
-    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, runs: list[int], limit: int
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, channel: str, runs: list[int], limit: int
 ) -> list[str]:
     """The first `limit` recipients the next run would send to, in the planner's order, as
     Recipient JSON."""
     reached = f"AND {not_reached_clause('c.id', 3, 4)}" if runs else ""
     args: list[object] = [list_id, limit] + ([broadcast_id, runs] if runs else [])
     rows = await con.fetch(
-        f"""SELECT ({RECIPIENT_JSON})::text
+        f"""SELECT ({recipient_json(channel)})::text
             FROM list_members m JOIN contacts c ON c.id = m.contact_id
-            WHERE m.list_id = $1 AND c.email IS NOT NULL {reached}
+            WHERE m.list_id = $1 AND {reachable(channel)} {reached}
             ORDER BY m.contact_id LIMIT $2""",
         *args,
     )

@@ -1,9 +1,11 @@
-"""`crier bench`: the whole pipeline on the embedded stack, measured end to end.
+"""`crier bench`: the whole pipeline on the embedded stack, measured end to end, beside the bare pipeline.
 
 Imports N contacts through the REST API, builds a list, and sends a broadcast through the `null`
 provider with two sender processes. Prints contacts imported/s, recipients/s from the `send` call
 to `completed` as the progress stream announces it (then checked: every ledger row written,
-counters exact), and peak memory per process.
+counters exact), and peak memory per process. After each send, the bare pipeline
+(shared.tooling.rawpipe) moves as many recipients on the same servers, and the ratio of the two
+is printed: the machine's speed drifts, the ratio measured in one run does not.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import httpx
 
 from shared.platform import db
 from shared.tenants import store as tenants
+from shared.tooling import rawpipe
 from shared.tooling.embedded import free_port, start_nats, start_postgres, wait_for_port
 
 CHUNK = 10_000
@@ -216,13 +219,19 @@ def run_bench(n: int, runs: int, senders: int) -> None:
         results = []
         for i in range(runs):
             result = asyncio.run(_one_run(admin_url, nats_url, n, senders))
+            # The pair interleaved: the bare pipeline right after the send, on the same servers.
+            bare_n = max(rawpipe.PER_JOB, n - n % rawpipe.PER_JOB)
+            result["bare_pipeline_s"] = round(asyncio.run(rawpipe.run_once(admin_url, nats_url, bare_n)) * n / bare_n, 2)
+            result["send_over_bare"] = round(result["send_to_completed_s"] / result["bare_pipeline_s"], 2)
             results.append(result)
             print(json.dumps({"run": i + 1, **result}), flush=True)
         if runs > 1:
             med = {k: statistics.median(r[k] for r in results)
-                   for k in ("import_s", "contacts_per_s", "send_to_completed_s", "recipients_per_s")}
+                   for k in ("import_s", "contacts_per_s", "send_to_completed_s", "recipients_per_s",
+                             "bare_pipeline_s", "send_over_bare")}
             print(f"median of {runs}: import {med['import_s']} s ({med['contacts_per_s']:,.0f} contacts/s), "
-                  f"send → completed {med['send_to_completed_s']} s ({med['recipients_per_s']:,.0f} recipients/s)")
+                  f"send → completed {med['send_to_completed_s']} s ({med['recipients_per_s']:,.0f} recipients/s), "
+                  f"bare pipeline {med['bare_pipeline_s']} s, send / bare {med['send_over_bare']}")
     finally:
         for stop in reversed(stops):
             stop()

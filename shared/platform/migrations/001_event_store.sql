@@ -1,7 +1,7 @@
 -- The event store: one table, message-db shaped. The source of truth for every aggregate.
 CREATE TABLE events (
     global_position bigserial PRIMARY KEY,
-    -- Assigned at insert, visible at commit: readers use it to never skip a late commit (DESIGN.md).
+    -- Assigned at insert, visible at commit: readers use it to never skip a late commit (docs/architecture.md).
     transaction_id  xid8        NOT NULL DEFAULT pg_current_xact_id(),
     stream_name     text        NOT NULL,
     position        bigint      NOT NULL,

@@ -1,42 +1,54 @@
-"""The API replica's run-once background tasks (relay, projector, scheduler, progress), each under a leader lock."""
+"""The run-once background tasks (relay, projector with run completion, scheduler, progress feed),
+each under a leader lock: any API or sender process may run them, one of each runs at a time, and
+another process takes over within seconds when that one dies. At least one process of the
+deployment must run them (CRIER_RUN_BACKGROUND, true by default everywhere)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from datetime import datetime
 
 import asyncpg
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
-from api_service.services import Services
+from shared.broadcasts.completion import finish_done_runs
 from shared.broadcasts.counters import CountersView
 from shared.broadcasts.progress import publish_progress
 from shared.broadcasts.scheduler import run_scheduler
+from shared.platform.bus import Names
 from shared.platform.leader import run_as_leader
 from shared.platform.logging import get_logger
-from shared.platform.projections import Projection, run_projector
+from shared.platform.projections import AfterFold, Projection, run_projector
 from shared.platform.relay import run_relay
+from shared.platform.settings import Settings
 
 log = get_logger(__name__)
 
 
-def async_projections() -> list[Projection]:
-    """Projections the projector keeps up to date (inline ones are updated by the handlers)."""
-    return [CountersView()]
+def async_projections() -> list[tuple[Projection, AfterFold | None]]:
+    """Projections the projector keeps up to date, each with what runs after it folds (inline
+    ones are updated by the command handlers)."""
+    return [(CountersView(), finish_done_runs)]
 
 
-def start_background_tasks(services: Services) -> list[asyncio.Task]:
-    settings = services.settings
+def start_background_tasks(
+    settings: Settings, pool: asyncpg.Pool, nc: NATS, js: JetStreamContext, names: Names,
+    clock: Callable[[], datetime],
+) -> list[asyncio.Task]:
     dsn, poll = settings.database_url, settings.poll_interval_s
 
     async def relay(con: asyncpg.Connection) -> None:
-        await run_relay(services.pool, con, services.js, services.names, poll)
+        await run_relay(pool, con, js, names, poll)
 
     async def projector(con: asyncpg.Connection) -> None:
-        await run_projector(services.pool, con, async_projections(), poll)
+        await run_projector(pool, con, async_projections(), poll)
 
     async def scheduler(_: asyncpg.Connection) -> None:
-        await run_scheduler(services.pool, services.clock)
+        await run_scheduler(pool, clock)
 
     async def progress(_: asyncpg.Connection) -> None:
-        await publish_progress(services.pool, services.nats, services.names)
+        await publish_progress(pool, nc, names)
 
     return [
         asyncio.create_task(run_as_leader(dsn, "progress", progress), name="progress"),

@@ -1,0 +1,157 @@
+"""The worker's branches, each on its own, against real Postgres and JetStream: a job of a paused run
+is held, one of a cancelled run dropped, a redelivered job after a crashed attempt sends nobody twice,
+and a channel other than email takes each contact's address on it from the snapshot to the ledger."""
+from __future__ import annotations
+
+import uuid
+from contextlib import asynccontextmanager
+
+import asyncpg
+import msgspec
+
+from sender_service.job_context import JobContextLoader
+from sender_service.planner import Planner
+from sender_service.worker import UNKNOWN_OUTCOME, JobProcessor
+from shared.broadcasts import decider as b
+from shared.broadcasts import handlers
+from shared.channels import accounts
+from shared.platform import db
+from shared.sending.jobs import Job
+from tests.smtp_peer import SmtpPeer, smtp_peer  # noqa: F401  (the fixture)
+from tests.stack import api_for
+from tests.test_planner import (
+    no_heartbeat,
+    plan_of,
+    planning,
+    published_jobs,
+    started_run,
+)
+from tests.test_send_e2e import audience, smtp_broadcast
+
+
+@asynccontextmanager
+async def planned(settings, n: int, batch_size: int, peer: SmtpPeer | None = None):
+    """A run of `n` members planned into jobs (nothing consumes them): yields the API, the broadcast
+    id, the jobs in seq order, a processor and a connection. No background tasks run: the test is
+    the only worker."""
+    settings = msgspec.structs.replace(settings, run_background=False)
+    async with planning(settings) as (js, names, pool), api_for(settings) as api:
+        if peer is None:
+            plan = await started_run(settings, api, n, batch_size=batch_size)
+        else:
+            broadcast_id = await smtp_broadcast(api, peer, await audience(api, n), batch_size=batch_size)
+            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            plan = await plan_of(settings, uuid.UUID(broadcast_id))
+        await Planner(pool, js, names).plan(plan, no_heartbeat)
+        jobs = sorted(await published_jobs(js, names), key=lambda j: j.seq)
+        con = await db.connect(settings.database_url)
+        try:
+            yield api, str(plan.broadcast_id), jobs, JobProcessor(pool, JobContextLoader(), backoff_s=0.01), con
+        finally:
+            await con.close()
+
+
+async def batch_status(con: asyncpg.Connection, job: Job) -> str:
+    return await con.fetchval("SELECT status FROM batches WHERE broadcast_id = $1 AND run = $2 AND seq = $3",
+                              job.broadcast_id, job.run, job.seq)
+
+
+async def ledger_of(con: asyncpg.Connection, job: Job) -> dict[int, tuple[str, str | None]]:
+    rows = await con.fetch("SELECT contact_id, status, error FROM messages WHERE broadcast_id = $1 AND batch_seq = $2",
+                           job.broadcast_id, job.seq)
+    return {r["contact_id"]: (r["status"], r["error"]) for r in rows}
+
+
+async def test_a_job_of_a_paused_run_is_held_unsent_and_sent_after_the_resume(settings):
+    async with planned(settings, 6, batch_size=3) as (api, broadcast_id, jobs, processor, con):
+        # Given a sending run of two jobs, paused
+        await api.post(f"/v1/broadcasts/{broadcast_id}/pause")
+        # When a worker takes its first job
+        assert await processor.process(jobs[0]) is False
+        # Then the batch is held and nobody of it is in the ledger
+        assert await batch_status(con, jobs[0]) == "held" and await ledger_of(con, jobs[0]) == {}
+        # And after the resume the same batch, published again, is sent
+        await api.post(f"/v1/broadcasts/{broadcast_id}/resume")
+        await con.execute("UPDATE batches SET status = 'queued' WHERE broadcast_id = $1 AND seq = 0",
+                          uuid.UUID(broadcast_id))  # what the planner's resume does before republishing
+        assert await processor.process(jobs[0]) is True
+        assert {s for s, _ in (await ledger_of(con, jobs[0])).values()} == {"sent"}
+        assert len(await ledger_of(con, jobs[0])) == 3
+
+
+async def test_a_job_of_a_cancelled_run_is_dropped_and_sends_nobody(settings):
+    async with planned(settings, 6, batch_size=3) as (api, broadcast_id, jobs, processor, con):
+        await api.post(f"/v1/broadcasts/{broadcast_id}/cancel")
+        assert await processor.process(jobs[1]) is False
+        assert await batch_status(con, jobs[1]) == "dropped" and await ledger_of(con, jobs[1]) == {}
+        # A redelivery of the dropped job changes nothing.
+        assert await processor.process(jobs[1]) is False
+        assert await batch_status(con, jobs[1]) == "dropped"
+        messages = await api.all_messages(broadcast_id)
+        assert sorted(m["status"] for m in messages) == ["dropped"] * 6
+
+
+async def test_a_job_redelivered_after_a_crashed_attempt_sends_nobody_twice(settings, smtp_peer):  # noqa: F811
+    async with planned(settings, 5, batch_size=5, peer=smtp_peer) as (api, broadcast_id, [job], processor, con):
+        first, second, *rest = [r.contact_id for r in job.recipients]
+        # Given an attempt that claimed the batch, sent the first recipient and died while sending the second
+        await con.execute("UPDATE batches SET status = 'sending' WHERE broadcast_id = $1", job.broadcast_id)
+        await con.execute(
+            """INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
+               VALUES ($1, 1, $2, 'email', 0, $3, 'sent', 1), ($1, 1, $4, 'email', 0, $5, 'sending', 1)""",
+            job.broadcast_id, first, job.recipients[0].address, second, job.recipients[1].address,
+        )
+        # When the job is redelivered
+        assert await processor.process(job) is True
+        # Then only the three nobody had tried are sent; the one in flight is failed as unknown, not resent
+        assert sorted(r.rcpt_tos[0] for r in smtp_peer.received) == sorted(r.address for r in job.recipients[2:])
+        ledger = await ledger_of(con, job)
+        assert ledger[first] == ("sent", None) and ledger[second] == ("failed", UNKNOWN_OUTCOME)
+        assert all(ledger[c] == ("sent", None) for c in rest)
+        # And the batch's outcome is counted from the ledger, both attempts together
+        done = await con.fetchrow("SELECT status, sent, failed FROM batches WHERE broadcast_id = $1", job.broadcast_id)
+        assert tuple(done) == ("done", 4, 1)
+        completed = await con.fetchval("SELECT data FROM events WHERE type = 'BatchCompleted'")
+        assert (completed["sent"], completed["failed"]) == (4, 1)
+        # And a second redelivery finds the batch done and sends nothing more
+        assert await processor.process(job) is False
+        assert len(smtp_peer.received) == 3
+
+
+async def test_a_broadcast_on_another_channel_goes_to_each_contacts_address_on_it(settings):
+    # Given five contacts of whom three have a phone, and an sms broadcast through a null provider
+    settings = msgspec.structs.replace(settings, run_background=False)
+    async with planning(settings) as (js, names, pool), api_for(settings) as api:
+        people = [{"external_id": f"s{i}", "email": f"s{i}@example.com",
+                   **({"phone": f"+4930555000{i}"} if i != 1 and i != 3 else {})} for i in range(5)]
+        ids = (await api.post("/v1/contacts", people))["ids"]
+        lst = await api.post("/v1/lists", {"name": "texters"})
+        await api.post(f"/v1/lists/{lst['id']}/members", {"contact_ids": ids})
+        con = await db.connect(settings.database_url)
+        try:
+            tenant_id = await con.fetchval("SELECT tenant_id FROM lists WHERE id = $1", uuid.UUID(lst["id"]))
+            provider = await accounts.create(con, tenant_id=tenant_id, name="texts", kind="null", config={},
+                                             channel="sms", batch_size=2, batch_delay_ms=0)
+            actor = handlers.Actor(tenant_id, "test")
+            created = await handlers.create(pool, actor, b.CreateBroadcast(
+                broadcast_id=uuid.uuid4(), tenant_id=tenant_id, name="sms", channel="sms",
+                list_id=uuid.UUID(lst["id"]), provider_id=provider.id, content=b.Content(subject="Hi"),
+                at=await con.fetchval("SELECT now()")))
+            _, queued = await handlers.send(pool, actor, created.id, await con.fetchval("SELECT now()"))
+            # When it is planned and its jobs processed
+            await Planner(pool, js, names).plan(await plan_of(settings, created.id), no_heartbeat)
+            processor = JobProcessor(pool, JobContextLoader())
+            jobs = await published_jobs(js, names)
+            for job in jobs:
+                assert await processor.process(job) is True
+            rows = await con.fetch("SELECT contact_id, channel, address, status FROM messages ORDER BY contact_id")
+            phones = {r["id"]: r["phone"] for r in await con.fetch("SELECT id, phone FROM contacts")}
+        finally:
+            await con.close()
+    # Then the three with a phone got it there, on the sms channel, and the two without were left out
+    assert queued == 5  # accepted with the list's size; the snapshot has the exact figure
+    assert sum(len(j.recipients) for j in jobs) == 3 and {j.channel for j in jobs} == {"sms"}
+    with_phone = sorted(i for i in ids if phones[i])
+    assert [(r["contact_id"], r["channel"], r["address"], r["status"]) for r in rows] == [
+        (i, "sms", phones[i], "sent") for i in with_phone
+    ]
