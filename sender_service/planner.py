@@ -338,8 +338,7 @@ async def consume_starts(js: JetStreamContext, names: Names, planner: Planner, s
     import msgspec
     import nats.errors
 
-    from shared.platform.bus import PLANNER_CONSUMER
-    from shared.platform.relay import EventEnvelope
+    from shared.platform.bus import PLANNER_CONSUMER, EventEnvelope
 
     sub = await js.pull_subscribe_bind(durable=PLANNER_CONSUMER, stream=names.events_stream)
     decode = msgspec.json.Decoder(EventEnvelope).decode

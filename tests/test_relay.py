@@ -21,7 +21,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from shared.platform import bus, db, eventstore, relay
-from shared.platform.bus import Names
+from shared.platform.bus import EventEnvelope, Names
 from shared.platform.eventstore import (
     ANY_VERSION,
     Checkpoint,
@@ -29,7 +29,6 @@ from shared.platform.eventstore import (
     RecordedEvent,
     WrongExpectedVersion,
 )
-from shared.platform.relay import EventEnvelope
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT_TYPES = ("BroadcastCreated", "BroadcastScheduled", "BroadcastStarted", "BroadcastCompleted")

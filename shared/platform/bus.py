@@ -1,8 +1,13 @@
-"""The NATS JetStream adapter: connection, stream names, subjects, and idempotent stream set-up."""
+"""The NATS JetStream adapter: connection, stream names, subjects, the event envelope every
+subscriber reads, and idempotent stream set-up."""
 from __future__ import annotations
 
 import asyncio
+import uuid
+from datetime import datetime
+from typing import Any
 
+import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -50,6 +55,20 @@ class Names:
     @property
     def jobs_all(self) -> str:
         return f"{self._subject}crier.jobs.>"
+
+
+class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """What outside subscribers receive on crier.events.<tenant>.<category>.<Type> (docs/events.md)."""
+
+    id: uuid.UUID
+    type: str
+    stream: str
+    position: int
+    global_position: int
+    tenant_id: str | None
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    created_at: datetime
 
 
 ACK_TIMEOUT_S = 5.0

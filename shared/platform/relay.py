@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime
-from typing import Any
 
 import asyncpg
 import msgspec
@@ -19,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared.platform import eventstore
-from shared.platform.bus import Names, await_acks
+from shared.platform.bus import EventEnvelope, Names, await_acks
 from shared.platform.eventstore import RecordedEvent
 from shared.platform.logging import get_logger
 from shared.platform.projections import Wakeup
@@ -27,20 +25,6 @@ from shared.platform.projections import Wakeup
 log = get_logger(__name__)
 CHECKPOINT = "relay"
 BATCH = 500
-
-
-class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True):
-    """What outside subscribers receive on crier.events.<tenant>.<category>.<Type> (docs/events.md)."""
-
-    id: uuid.UUID
-    type: str
-    stream: str
-    position: int
-    global_position: int
-    tenant_id: str | None
-    data: dict[str, Any]
-    metadata: dict[str, Any]
-    created_at: datetime
 
 
 _encode = msgspec.json.Encoder().encode
