@@ -90,6 +90,8 @@ async def published_jobs(js, names: bus.Names) -> list:
     jobs = []
     while len(jobs) < info.state.messages:
         jobs += [decode_job(m.data) for m in await sub.fetch(batch=100, timeout=5)]
+    # Deleted now, not when it times out: a work-queue stream takes one consumer per subject at a time.
+    await js.delete_consumer(names.jobs_stream, (await sub.consumer_info()).name)
     await sub.unsubscribe()
     return jobs
 

@@ -20,7 +20,7 @@ from shared.audience import lists
 from shared.broadcasts import decider as b
 from shared.broadcasts import handlers
 from shared.broadcasts.scheduler import tick
-from shared.channels import accounts as providers_repo
+from shared.channels import accounts
 from shared.platform import codec, commands, db, eventstore
 from shared.tenants import store as tenants
 
@@ -63,7 +63,7 @@ class Tenant:
                 "FROM generate_series(1, 3) i RETURNING id", tenant.id)]
             lst, _ = await lists.create_list(con, tenant.id, "everyone")
             await lists.change_members(con, tenant.id, lst.id, add=True, contact_ids=ids)
-            provider = await providers_repo.create(
+            provider = await accounts.create(
                 con, tenant_id=tenant.id, name="null", kind="null", config={"from_email": "news@example.com"})
         return cls(pool, tenant.id, lst.id, provider.id)
 

@@ -84,6 +84,21 @@ async def test_a_broadcast_reaches_every_address_exactly_once_with_its_own_varia
     assert history == ["BroadcastCreated", "BroadcastStarted", "AudienceSnapshotted", "BroadcastCompleted"]
 
 
+async def test_a_run_completes_when_only_a_sender_runs_the_background_tasks(settings):
+    # Given an API replica that runs no relay, projector or scheduler, and one sender that may
+    api_settings = msgspec.structs.replace(settings, run_background=False)
+    with SmtpPeer() as peer:
+        async with api_for(api_settings) as api, sender_in_process(settings):
+            broadcast_id = await smtp_broadcast(api, peer, await audience(api, 30))
+            # When a broadcast is sent
+            await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
+            done = await api.wait_for_status(broadcast_id, {"completed", "partially_failed", "failed"}, timeout=60)
+            history = (await api.get(f"/v1/broadcasts/{broadcast_id}/events"))["items"]
+    # Then the sender's relay fed its planner, and its projector counted and finished the run
+    assert done["status"] == "completed" and done["counters"]["sent"] == 30 and len(peer.received) == 30
+    assert [(e["type"], e["actor"]) for e in history][-1] == ("BroadcastCompleted", "projector:run-completion")
+
+
 async def test_failing_recipients_are_retried_then_failed_and_the_broadcast_partially_fails(settings):
     flaky, dead = "person3@example.com", {"person5@example.com", "person7@example.com"}
     with SmtpPeer(fail_permanently=dead, fail_transiently={flaky: 1, "person9@example.com": 10}) as peer:

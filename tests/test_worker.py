@@ -4,21 +4,24 @@ and a channel other than email takes each contact's address on it from the snaps
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import asyncpg
 import msgspec
+from nats.js import JetStreamContext
 
 from sender_service.job_context import JobContextLoader
-from sender_service.planner import Planner
+from sender_service.planner import Plan, Planner
 from sender_service.worker import UNKNOWN_OUTCOME, JobProcessor
 from shared.broadcasts import decider as b
 from shared.broadcasts import handlers
 from shared.channels import accounts
-from shared.platform import db
+from shared.platform import bus, db
 from shared.sending.jobs import Job
 from tests.smtp_peer import SmtpPeer, smtp_peer  # noqa: F401  (the fixture)
-from tests.stack import api_for
+from tests.stack import Api, api_for
 from tests.test_planner import (
     no_heartbeat,
     plan_of,
@@ -29,11 +32,23 @@ from tests.test_planner import (
 from tests.test_send_e2e import audience, smtp_broadcast
 
 
+@dataclass
+class Planned:
+    api: Api
+    broadcast_id: str
+    jobs: list[Job]  # in seq order
+    processor: JobProcessor
+    con: asyncpg.Connection
+    planner: Planner
+    plan: Plan
+    js: JetStreamContext
+    names: bus.Names
+
+
 @asynccontextmanager
-async def planned(settings, n: int, batch_size: int, peer: SmtpPeer | None = None):
-    """A run of `n` members planned into jobs (nothing consumes them): yields the API, the broadcast
-    id, the jobs in seq order, a processor and a connection. No background tasks run: the test is
-    the only worker."""
+async def planned(settings, n: int, batch_size: int, peer: SmtpPeer | None = None) -> AsyncIterator[Planned]:
+    """A run of `n` members planned into jobs that nothing consumes: the test is the only worker
+    (no background tasks run either)."""
     settings = msgspec.structs.replace(settings, run_background=False)
     async with planning(settings) as (js, names, pool), api_for(settings) as api:
         if peer is None:
@@ -42,11 +57,13 @@ async def planned(settings, n: int, batch_size: int, peer: SmtpPeer | None = Non
             broadcast_id = await smtp_broadcast(api, peer, await audience(api, n), batch_size=batch_size)
             await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
             plan = await plan_of(settings, uuid.UUID(broadcast_id))
-        await Planner(pool, js, names).plan(plan, no_heartbeat)
+        planner = Planner(pool, js, names)
+        await planner.plan(plan, no_heartbeat)
         jobs = sorted(await published_jobs(js, names), key=lambda j: j.seq)
         con = await db.connect(settings.database_url)
         try:
-            yield api, str(plan.broadcast_id), jobs, JobProcessor(pool, JobContextLoader(), backoff_s=0.01), con
+            yield Planned(api, str(plan.broadcast_id), jobs, JobProcessor(pool, JobContextLoader(), backoff_s=0.01),
+                          con, planner, plan, js, names)
         finally:
             await con.close()
 
@@ -63,36 +80,39 @@ async def ledger_of(con: asyncpg.Connection, job: Job) -> dict[int, tuple[str, s
 
 
 async def test_a_job_of_a_paused_run_is_held_unsent_and_sent_after_the_resume(settings):
-    async with planned(settings, 6, batch_size=3) as (api, broadcast_id, jobs, processor, con):
+    async with planned(settings, 6, batch_size=3) as run:
         # Given a sending run of two jobs, paused
-        await api.post(f"/v1/broadcasts/{broadcast_id}/pause")
+        await run.api.post(f"/v1/broadcasts/{run.broadcast_id}/pause")
         # When a worker takes its first job
-        assert await processor.process(jobs[0]) is False
+        assert await run.processor.process(run.jobs[0]) is False
         # Then the batch is held and nobody of it is in the ledger
-        assert await batch_status(con, jobs[0]) == "held" and await ledger_of(con, jobs[0]) == {}
-        # And after the resume the same batch, published again, is sent
-        await api.post(f"/v1/broadcasts/{broadcast_id}/resume")
-        await con.execute("UPDATE batches SET status = 'queued' WHERE broadcast_id = $1 AND seq = 0",
-                          uuid.UUID(broadcast_id))  # what the planner's resume does before republishing
-        assert await processor.process(jobs[0]) is True
-        assert {s for s, _ in (await ledger_of(con, jobs[0])).values()} == {"sent"}
-        assert len(await ledger_of(con, jobs[0])) == 3
+        assert await batch_status(run.con, run.jobs[0]) == "held" and await ledger_of(run.con, run.jobs[0]) == {}
+        # And the resume publishes exactly that batch again, under a job id of its own, and it is sent
+        await run.api.post(f"/v1/broadcasts/{run.broadcast_id}/resume")
+        await run.planner.resume(run.plan, 1, no_heartbeat)
+        republished = [j for j in await published_jobs(run.js, run.names) if j.resumes == 1]
+        assert [j.seq for j in republished] == [0]
+        assert await run.processor.process(republished[0]) is True
+        ledger = await ledger_of(run.con, run.jobs[0])
+        assert sorted(ledger) == sorted(r.contact_id for r in run.jobs[0].recipients)
+        assert {status for status, _ in ledger.values()} == {"sent"}
 
 
 async def test_a_job_of_a_cancelled_run_is_dropped_and_sends_nobody(settings):
-    async with planned(settings, 6, batch_size=3) as (api, broadcast_id, jobs, processor, con):
-        await api.post(f"/v1/broadcasts/{broadcast_id}/cancel")
-        assert await processor.process(jobs[1]) is False
-        assert await batch_status(con, jobs[1]) == "dropped" and await ledger_of(con, jobs[1]) == {}
+    async with planned(settings, 6, batch_size=3) as run:
+        await run.api.post(f"/v1/broadcasts/{run.broadcast_id}/cancel")
+        assert await run.processor.process(run.jobs[1]) is False
+        assert await batch_status(run.con, run.jobs[1]) == "dropped" and await ledger_of(run.con, run.jobs[1]) == {}
         # A redelivery of the dropped job changes nothing.
-        assert await processor.process(jobs[1]) is False
-        assert await batch_status(con, jobs[1]) == "dropped"
-        messages = await api.all_messages(broadcast_id)
+        assert await run.processor.process(run.jobs[1]) is False
+        assert await batch_status(run.con, run.jobs[1]) == "dropped"
+        messages = await run.api.all_messages(run.broadcast_id)
         assert sorted(m["status"] for m in messages) == ["dropped"] * 6
 
 
 async def test_a_job_redelivered_after_a_crashed_attempt_sends_nobody_twice(settings, smtp_peer):  # noqa: F811
-    async with planned(settings, 5, batch_size=5, peer=smtp_peer) as (api, broadcast_id, [job], processor, con):
+    async with planned(settings, 5, batch_size=5, peer=smtp_peer) as run:
+        [job], processor, con = run.jobs, run.processor, run.con
         first, second, *rest = [r.contact_id for r in job.recipients]
         # Given an attempt that claimed the batch, sent the first recipient and died while sending the second
         await con.execute("UPDATE batches SET status = 'sending' WHERE broadcast_id = $1", job.broadcast_id)

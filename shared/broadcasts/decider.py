@@ -367,6 +367,11 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     def recurring(self) -> bool:
         return self.schedule is not None and self.schedule.recurrence is not None
 
+    @property
+    def live(self) -> bool:
+        """Created and not deleted: commands other than create act only on a live broadcast."""
+        return self.exists and not self.deleted
+
 
 INITIAL = State()
 
@@ -553,7 +558,7 @@ def decide(command: Command, state: State) -> list[Event]:
 
 
 def _require_live(state: State) -> None:
-    if not state.exists or state.deleted:
+    if not state.live:
         raise NotFound("broadcast not found")
 
 
@@ -626,7 +631,7 @@ def _schedule(command: ScheduleBroadcast, state: State) -> list[Event]:
 
 
 def _fire(command: FireOccurrence, state: State) -> list[Event]:
-    if not state.exists or state.deleted:
+    if not state.live:
         return []
     if state.status is not Status.SCHEDULED or state.scheduled_at != command.occurrence_at:
         return []  # fired already (by this or another scheduler), rescheduled, or stopped meanwhile

@@ -42,10 +42,6 @@ class Actor:
         return meta
 
 
-def _live(state: b.State) -> bool:
-    return state.exists and not state.deleted
-
-
 async def _execute(
     pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, prepare: Prepare
 ) -> tuple[commands.Outcome[b.State], view.BroadcastRow | None]:
@@ -133,7 +129,7 @@ async def create(
 
 async def edit(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.EditBroadcast) -> view.BroadcastRow:
     async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
-        if _live(state):  # otherwise the decider says it is not found
+        if state.live:  # otherwise the decider says it is not found
             await check_references(
                 con, actor.tenant_id, state.channel,
                 command.list_id if isinstance(command.list_id, uuid.UUID) else None,
@@ -156,7 +152,7 @@ async def send(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: da
     Nobody left to reach, or a run already under way: `queued` is 0 and the status does not change."""
     async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
         size = 0
-        if _live(state) and state.status in SENDABLE:  # the audience is counted only when a run may start
+        if state.live and state.status in SENDABLE:  # the audience is counted only when a run may start
             # Checked again at send: the list or provider may have been deleted since the broadcast was saved.
             await check_references(con, actor.tenant_id, state.channel, state.list_id, state.provider_id)
             size = await _top_up_size(con, broadcast_id, state)
@@ -204,7 +200,7 @@ async def fire(pool: asyncpg.Pool, broadcast_id: uuid.UUID, occurrence_at: datet
 
     async def trip(con: asyncpg.Connection) -> bool:
         state, version = await commands.load(con, DECIDER, stream)
-        if not _live(state):
+        if not state.live:
             return False
         if state.list_id is None:
             size = 0

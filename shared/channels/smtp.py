@@ -24,7 +24,7 @@ _local_hostname: str | None = None
 
 
 class SmtpConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """The stored config of an smtp provider (see api_service/schemas_providers.py); unknown keys are ignored."""
+    """The stored config of an smtp provider (see api_service/schemas/providers.py); unknown keys are ignored."""
 
     host: str
     port: int | None = None  # 587, or 465 with implicit_tls

@@ -55,7 +55,8 @@ async def catch_up(
 
 
 async def rebuild(pool: asyncpg.Pool, projection: Projection) -> int:
-    """Clear the view, reset the checkpoint to zero and replay the whole log into it."""
+    """Clear the view, reset the checkpoint to zero and replay the whole log into it. What runs
+    after the projection folds (run completion) is not replayed: its events are in the log already."""
     async with pool.acquire() as con, con.transaction():
         await eventstore.load_checkpoint(con, projection.name, for_update=True)
         await projection.clear(con)
