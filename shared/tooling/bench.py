@@ -225,7 +225,7 @@ def run_bench(n: int, runs: int, senders: int) -> None:
             results.append(result)
             print(json.dumps({"run": i + 1, **result}), flush=True)
         if runs > 1:
-            med = {k: statistics.median(r[k] for r in results)
+            med = {k: round(statistics.median(r[k] for r in results), 2)
                    for k in ("import_s", "contacts_per_s", "send_to_completed_s", "recipients_per_s",
                              "bare_pipeline_s", "send_over_bare")}
             print(f"median of {runs}: import {med['import_s']} s ({med['contacts_per_s']:,.0f} contacts/s), "
