@@ -12,6 +12,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from api_service.auth import auth_middleware
 from api_service.idempotency import idempotency_middleware
 from api_service.problems import exception_handlers, problem_details_plugin
+from api_service.ratelimit import rate_limited
 from api_service.routes.broadcasts import BroadcastController
 from api_service.routes.contacts import ContactController
 from api_service.routes.health import healthz, readyz
@@ -50,7 +51,9 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[healthz, readyz, BroadcastController, ContactController, ListController, ProviderController],
         lifespan=[lifespan],
-        middleware=[auth_middleware(), idempotency_middleware()],  # auth first: keys are per tenant
+        # The failed-auth gate, auth, the rate limiter (it needs the token), then idempotency (keys are
+        # per token; a 401, 403 or 429 is never stored)
+        middleware=[*rate_limited(settings, auth_middleware()), idempotency_middleware()],
         plugins=[problem_details_plugin()],
         exception_handlers=exception_handlers,
         request_max_body_size=MAX_BODY,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.plugins.problem_details import (
@@ -61,6 +62,23 @@ def problem(status: int, detail: str, code: str | None = None, **extra: Any) -> 
         detail=detail,
         extra={"code": code, **extra},
     )
+
+
+async def send_problem(
+    send: Any, status: int, detail: str, code: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None, **extra: Any,
+) -> None:
+    """The same problem details, sent by a pure ASGI middleware that answers before any handler."""
+    code = code or _CODES.get(status, "error")
+    body = msgspec.json.encode({
+        "type": f"urn:crier:problem:{code}", "title": _TITLES.get(status, "Error"), "status": status,
+        "detail": detail, "code": code, **extra,
+    })
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode()),
+        *(headers or []),
+    ]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def invalid(field: str, reason: str) -> ProblemDetailsException:

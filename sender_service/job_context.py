@@ -49,7 +49,8 @@ class _Content(NamedTuple):
 
 
 class JobContextLoader:
-    def __init__(self) -> None:
+    def __init__(self, *, allow_private_networks: bool = False) -> None:
+        self.allow_private_networks = allow_private_networks  # the operator's setting, for the providers
         self._content: dict[tuple[uuid.UUID, int], _Content] = {}
         self._providers: dict[uuid.UUID, tuple[float, accounts.ProviderRow]] = {}
 
@@ -67,7 +68,8 @@ class JobContextLoader:
             raise LookupError(f"provider {job.provider_id} is gone")
         from_email = compiled.from_email or provider.config.get("from_email") or "crier@localhost"
         return JobContext(
-            job, compiled.templates, from_email, compiled.reply_to, build_provider(provider.kind, provider.config),
+            job, compiled.templates, from_email, compiled.reply_to,
+            build_provider(provider.kind, provider.config, allow_private_networks=self.allow_private_networks),
             provider.max_retries,
         )
 

@@ -1,23 +1,24 @@
-"""The planner: turns BroadcastStarted into batch jobs.
+"""The planner: turns BroadcastStarted into batches, written to Postgres.
 
-It snapshots the list's members (with everything needed to render) in contact-id order, writes
-each batch to Postgres before publishing it, and records how far it got in `runs`, in the same
-transaction: `planned_through` (the last contact id snapshotted) and `published` (how many batches
-JetStream has acknowledged, recorded with the next chunk, so publishing costs no commit of its own).
-A planner that crashes resumes from there: batches written but not known to be published are
-rebuilt from their rows and republished (JetStream drops copies by Nats-Msg-Id, workers skip
-finished batches), none is rebuilt differently and none is skipped.
+It snapshots the list's members with an address on the run's channel, in contact-id order, into
+`batches` rows, and records how far it got in `runs` in the same transaction (`planned_through`,
+the last contact id snapshotted), so a planner that crashes resumes there and none is written
+twice or skipped. It publishes nothing itself: the dispatcher hands the batches to JetStream a
+fair share at a time (sender_service.dispatcher), so planning is a bounded piece of work and
+several runs are planned at once. The one exception is a resume, which publishes again the
+batches workers held while the run was paused (at most a window of them).
 """
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 
 import asyncpg
 import msgspec
+import nats.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shared.broadcasts import decider as b
@@ -26,16 +27,10 @@ from shared.broadcasts.status import RUNNING
 from shared.channels import accounts
 from shared.channels.registry import address_sql
 from shared.platform import commands
-from shared.platform.bus import Names, await_acks
+from shared.platform.bus import PLANNER_CONSUMER, EventEnvelope, Names, await_acks
 from shared.platform.logging import get_logger
 from shared.sending import snapshot
-from shared.sending.jobs import (
-    PlannedJob,
-    encode_job,
-    reachable,
-    recipient_json,
-    recipients_json,
-)
+from shared.sending.jobs import Job, encode_job, reachable
 
 log = get_logger(__name__)
 READ_CHUNK = 10_000  # members read per query; split into batch_size jobs
@@ -50,6 +45,11 @@ class Plan:
     @property
     def run(self) -> int:
         return self.started.run
+
+    def job(self, seq: int, resumes: int = 0) -> Job:
+        s = self.started
+        return Job(tenant_id=self.tenant_id, broadcast_id=self.broadcast_id, run=self.run, seq=seq, channel=s.channel,
+                   provider_id=s.provider_id, resumes=resumes)
 
     @property
     def reached_runs(self) -> list[int]:
@@ -68,55 +68,57 @@ async def _may_go_on(con: asyncpg.Connection, plan: Plan) -> bool:
 
 # For the chunk's transaction only (SET LOCAL): see _snapshot_chunk.
 _ORDERED_LOOKUPS = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off"
-# A job's payload stays under this many bytes of recipients (a batch is cut early if need be):
-# nats-server refuses messages over its max_payload, 1 MiB by default.
+# A batch's recipients, as a worker reads them, stay under about this many bytes (a batch is cut
+# early if need be), so large attributes bound a worker's memory, not only batch_size does.
 JOB_BYTES = 512 * 1024
 
 
-def _job(plan: Plan, seq: int, recipients_json: str, resumes: int = 0) -> PlannedJob:
-    return PlannedJob(
-        tenant_id=plan.tenant_id, broadcast_id=plan.broadcast_id, run=plan.run, seq=seq, channel=plan.started.channel,
-        provider_id=plan.started.provider_id, recipients=msgspec.Raw(recipients_json.encode()), resumes=resumes,
-    )
+def _recipient_bytes(channel: str) -> str:
+    """SQL: about the size of contact `c` as a recipient. An estimate, not its JSON: rendering the
+    JSON of every contact here as well as in the worker cost a fifth of a 1M send (measured). The
+    stored size of attributes may be compressed (or numbers shorter than their text), so it is a
+    bound on memory within a small factor, not an exact one; nothing exact depends on it."""
+    return (f"octet_length({address_sql(channel)}) + coalesce(octet_length(c.external_id), 0) "
+            f"+ coalesce(octet_length(c.email), 0) + coalesce(octet_length(c.phone), 0) "
+            f"+ coalesce(octet_length(c.locale), 0) + pg_column_size(c.attributes) + 40")
 
 
 def _chunk_sql(channel: str, top_up: bool, cut_by_size: bool) -> str:
     """One statement for a chunk of the snapshot: the next members ($1 list, after contact id $2,
     at most $3), their contacts with an address on `channel`, cut into batches of $6 recipients that are written
-    to `batches` ($4 broadcast, $5 run, seq from $7) and returned with the jobs' recipients JSON.
-    A top-up leaves out members reached in runs $8. Cut by size too, a batch also ends before its
-    recipients' JSON reaches $9 (or $8) bytes. The last row says where the chunk ended even when
-    none of its members has an address."""
+    to `batches` ($4 broadcast, $5 run, seq from $7), each returned with its count and (about) its
+    recipients' size. A top-up leaves out members reached in runs $8. Cut by size too, a batch also
+    ends before its recipients reach $9 (or $8) bytes. The last row says where the chunk ended even
+    when none of its members has an address."""
     not_reached = f"AND {snapshot.not_reached_clause('lm.contact_id', 4, 8)}" if top_up else ""
     if cut_by_size:
         size_limit = 9 if top_up else 8
         numbered = f"""SELECT *, dense_rank() OVER (ORDER BY by_count, by_size) - 1 AS k
-                        FROM (SELECT *, sum(octet_length(j::text)) OVER (PARTITION BY by_count ORDER BY id)
-                                        / ${size_limit} AS by_size
+                        FROM (SELECT *, sum(bytes) OVER (PARTITION BY by_count ORDER BY id) / ${size_limit} AS by_size
                               FROM recipients) sized"""
     else:
         numbered = "SELECT *, by_count AS k FROM recipients"
-    # The aggregates need no ORDER BY: a batch's arrays and JSON only have to agree with each other.
     return f"""
         WITH members AS (
             SELECT lm.contact_id FROM list_members lm
             WHERE lm.list_id = $1 AND lm.contact_id > $2 {not_reached}
             ORDER BY lm.contact_id LIMIT $3
         ), recipients AS (
-            SELECT id, address, j, (row_number() OVER (ORDER BY id) - 1) / $6 AS by_count
-            FROM (SELECT c.id, {address_sql(channel)} AS address, {recipient_json(channel)} AS j FROM members m
+            SELECT id, address, bytes, (row_number() OVER (ORDER BY id) - 1) / $6 AS by_count
+            FROM (SELECT c.id, {address_sql(channel)} AS address, {_recipient_bytes(channel)} AS bytes
+                  FROM members m
                   CROSS JOIN LATERAL (SELECT * FROM contacts c WHERE c.id = m.contact_id AND {reachable(channel)}
                                       OFFSET 0) c) r
         ), numbered AS ({numbered}
         ), batched AS (
-            SELECT k, count(*) AS n, array_agg(id) AS ids, array_agg(address) AS addresses, json_agg(j)::text AS recipients
+            SELECT k, count(*) AS n, array_agg(id ORDER BY id) AS ids, array_agg(address ORDER BY id) AS addresses,
+                   sum(bytes) AS bytes
             FROM numbered GROUP BY k
         ), written AS (
             INSERT INTO batches (broadcast_id, run, seq, contact_ids, addresses)
             SELECT $4, $5, $7 + k, ids, addresses FROM batched
         )
-        SELECT (SELECT max(contact_id) FROM members) AS last_member, b.k, b.n, b.recipients,
-               octet_length(b.recipients) AS bytes
+        SELECT (SELECT max(contact_id) FROM members) AS last_member, b.k, b.n, b.bytes
         FROM (SELECT) one LEFT JOIN batched b ON true ORDER BY b.k"""
 
 
@@ -125,11 +127,10 @@ class _TooBig(Exception):
 
 
 async def _snapshot_chunk(
-    con: asyncpg.Connection, plan: Plan, after: int, batch_size: int, seq: int, published: int
-) -> tuple[list[PlannedJob], int | None]:
-    """Read the next members after contact id `after` and write them as batches, in one transaction,
-    with the count of batches published so far. Returns the jobs and the last member id read (None
-    when no member is left)."""
+    con: asyncpg.Connection, plan: Plan, after: int, batch_size: int, seq: int
+) -> bool:
+    """Read the next members after contact id `after` and write them as batches, in the caller's
+    transaction. Returns False when no member was left (the snapshot is complete)."""
     # The plan must walk the list's members in contact-id order and look each contact up by its key.
     # Right after a bulk import the statistics are stale or missing, and Postgres planned a bitmap
     # scan of every remaining member plus a sort per chunk (31 ms a chunk, quadratic over the
@@ -146,32 +147,25 @@ async def _snapshot_chunk(
         rows = await con.fetch(_chunk_sql(plan.started.channel, bool(runs), cut_by_size=True), *args, JOB_BYTES)
     last_member = rows[0]["last_member"]
     if last_member is None:
-        await con.execute(
-            "UPDATE runs SET planned = true, published = $3 WHERE broadcast_id = $1 AND run = $2",
-            plan.broadcast_id, plan.run, published,
-        )
-        return [], None
+        await con.execute("UPDATE runs SET planned = true WHERE broadcast_id = $1 AND run = $2", plan.broadcast_id, plan.run)
+        return False
     batches = [r for r in rows if r["k"] is not None]  # none when no member of the chunk has an address
-    jobs = [_job(plan, seq + r["k"], r["recipients"]) for r in batches]
     await con.execute(
-        """UPDATE runs SET planned_through = $3, batches = batches + $4, recipients = recipients + $5, published = $6
+        """UPDATE runs SET planned_through = $3, batches = batches + $4, recipients = recipients + $5
            WHERE broadcast_id = $1 AND run = $2""",
-        plan.broadcast_id,
-        plan.run,
-        last_member,
-        len(jobs),
-        sum(r["n"] for r in batches),
-        published,
+        plan.broadcast_id, plan.run, last_member, len(batches), sum(r["n"] for r in batches),
     )
-    return jobs, last_member
+    if batches:
+        await snapshot.notify_dispatcher(con)
+    return True
 
 
 class Planner:
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, names: Names) -> None:
         self.pool, self.js, self.names = pool, js, names
 
-    async def plan(self, plan: Plan, heartbeat: Callable[[], Awaitable[None]], resumes: int = 0) -> None:
-        """Snapshot the audience into batches and publish them; resumable after a crash or a pause."""
+    async def plan(self, plan: Plan, heartbeat: Callable[[], Awaitable[None]]) -> None:
+        """Snapshot the audience into batches; resumable after a crash or a pause."""
         async with self.pool.acquire() as con:
             if not await _may_go_on(con, plan):
                 log.info("run not going on, nothing to plan", broadcast_id=str(plan.broadcast_id), run=plan.run)
@@ -181,120 +175,56 @@ class Planner:
                 await self._fail(plan, "the broadcast's provider no longer exists")
                 return
             await con.execute(
-                "INSERT INTO runs (broadcast_id, run, tenant_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                plan.broadcast_id,
-                plan.run,
-                plan.tenant_id,
+                """INSERT INTO runs (broadcast_id, run, tenant_id, channel, provider_id) VALUES ($1, $2, $3, $4, $5)
+                   ON CONFLICT DO NOTHING""",
+                plan.broadcast_id, plan.run, plan.tenant_id, plan.started.channel, plan.started.provider_id,
             )
-            progress = await con.fetchrow(
-                """SELECT planned_through, batches, published, planned FROM runs
-                   WHERE broadcast_id = $1 AND run = $2""",
-                plan.broadcast_id,
-                plan.run,
-            )
-        batch_size, delay_ms = pacing
-        after, seq, planned = progress["planned_through"], progress["batches"], progress["planned"]
-        published = progress["published"]
-        # Unpaced, batches are published as they are written (the bulk path); paced, the whole
-        # audience is snapshotted first (so the broadcast is `sending` and pausable at once), then
-        # the batches go out one every batch_delay_ms.
-        inline = delay_ms == 0
-        if inline:  # batches a crashed planner wrote but may not have published go out first, in order
-            published = await self._publish_from(plan, published, _Pacer(0), heartbeat, resumes)
-        while not planned:
+        batch_size = pacing[0]
+        while True:
             async with self.pool.acquire() as con, con.transaction():
+                # One planner per run at a time (a resume may plan a run a paused planner left).
+                await snapshot.lock_run(con, plan.broadcast_id, plan.run)
                 if not await _may_go_on(con, plan):
-                    return  # cancelled or stopped (a run is pausable once snapshotted)
-                jobs, last_member = await _snapshot_chunk(con, plan, after, batch_size, seq, published)
-            if last_member is None:
+                    return  # paused, cancelled or stopped: a resume plans on from here
+                progress = await con.fetchrow(
+                    "SELECT planned_through, batches, planned FROM runs WHERE broadcast_id = $1 AND run = $2",
+                    plan.broadcast_id, plan.run,
+                )
+                more = not progress["planned"] and await _snapshot_chunk(
+                    con, plan, progress["planned_through"], batch_size, progress["batches"]
+                )
+            await heartbeat()
+            if not more:
                 break
-            after, seq = last_member, seq + len(jobs)
-            if jobs and inline:
-                await self._publish(jobs, _Pacer(0), heartbeat)
-                published = seq
         await self._record_snapshot(plan)
-        await self._publish_from(plan, published, _Pacer(delay_ms / 1000), heartbeat, resumes)
 
     async def resume(self, plan: Plan, resumes: int, heartbeat: Callable[[], Awaitable[None]]) -> None:
-        """After a pause: publish again every batch not sent yet (workers acked them unsent while the
-        broadcast was paused), under new job ids, then plan on if planning was cut short."""
-        async with self.pool.acquire() as con:
-            if not await _may_go_on(con, plan):
-                return
-            delay_ms = (await accounts.pacing(con, plan.tenant_id, plan.started.provider_id) or (0, 0))[1]
-        # Every held batch, wherever it is: only a batch that was published can be held.
-        await self._publish_range(plan, 0, None, _Pacer(delay_ms / 1000), heartbeat, resumes, status="held")
-        await self.plan(plan, heartbeat, resumes)
+        """After a pause: publish again the batches workers held unsent while the run was paused
+        (at most a window of them), under new job ids, then plan on if planning was cut short.
 
-    async def _publish_from(
-        self, plan: Plan, published: int, pacer: "_Pacer", heartbeat: Callable[[], Awaitable[None]], resumes: int
-    ) -> int:
-        """Publish the written batches from `published` on; returns the new count of published batches."""
-        return await self._publish_range(plan, published, None, pacer, heartbeat, resumes, record=True)
-
-    async def _publish_range(
-        self, plan: Plan, first: int, end: int | None, pacer: "_Pacer", heartbeat: Callable[[], Awaitable[None]],
-        resumes: int, record: bool = False, status: str = "queued",
-    ) -> int:
-        """Publish the unsent batches with seq in [first, end), 50 at a time, stopping when the run
-        is paused, cancelled or stopped. With `record`, runs.published follows.
-
-        `queued` ones when publishing what was written (after a planner crash too), only `held`
-        ones on a resume: a `queued` or `sending` batch published before may be in a worker's
+        Only `held` ones: a `queued` or `sending` batch published before may be in a worker's
         hands, and publishing it again made a second attempt that failed the first one's in-flight
         recipients as "outcome unknown"."""
         async with self.pool.acquire() as con:
-            rows = await con.fetch(
-                """SELECT seq, contact_ids FROM batches
-                   WHERE broadcast_id = $1 AND run = $2 AND seq >= $3 AND ($4::int IS NULL OR seq < $4)
-                     AND status = $5 ORDER BY seq""",
-                plan.broadcast_id, plan.run, first, end, status,
-            )
-        published = first
-        for start in range(0, len(rows), 50):
+            if not await _may_go_on(con, plan):
+                return
+            held = [r["seq"] for r in await con.fetch(
+                "SELECT seq FROM batches WHERE broadcast_id = $1 AND run = $2 AND status = 'held' ORDER BY seq",
+                plan.broadcast_id, plan.run,
+            )]
+        for start in range(0, len(held), 50):
+            group = held[start : start + 50]
+            await publish_jobs(self.js, self.names, [plan.job(seq, resumes) for seq in group])
+            # Published first, then counted in flight again: a crash in between publishes them again
+            # under the same ids (dropped as copies); a worker sends a held batch of a running run.
             async with self.pool.acquire() as con:
-                if not await _may_go_on(con, plan):
-                    break
-            group = rows[start : start + 50]
-            if status == "held":  # queued again before its job goes out, so a worker treats it as new
-                async with self.pool.acquire() as con:
-                    await con.execute(
-                        """UPDATE batches SET status = 'queued'
-                           WHERE broadcast_id = $1 AND run = $2 AND seq = ANY($3::int[]) AND status = 'held'""",
-                        plan.broadcast_id, plan.run, [r["seq"] for r in group],
-                    )
-            jobs = [await self._rebuild_job(plan, r["seq"], r["contact_ids"], resumes) for r in group]
-            await self._publish(jobs, pacer, heartbeat)
-            published = jobs[-1].seq + 1
-            if record:
-                async with self.pool.acquire() as con:
-                    await con.execute(
-                        "UPDATE runs SET published = greatest(published, $3) WHERE broadcast_id = $1 AND run = $2",
-                        plan.broadcast_id, plan.run, published,
-                    )
-        return published
-
-    async def _rebuild_job(self, plan: Plan, seq: int, contact_ids: list[int], resumes: int = 0) -> PlannedJob:
-        """A job again from its batch row (after a crash between writing and publishing it, or a pause)."""
-        async with self.pool.acquire() as con:
-            recipients = await con.fetchval(
-                f"""SELECT coalesce({recipients_json(plan.started.channel)}, '[]')::text
-                    FROM contacts c WHERE c.id = ANY($1::bigint[]) AND {reachable(plan.started.channel)}""",
-                contact_ids,
-            )
-        return _job(plan, seq, recipients, resumes)
-
-    async def _publish(self, jobs: list[PlannedJob], pacer: "_Pacer", heartbeat: Callable[[], Awaitable[None]]) -> None:
-        futures = []
-        for job in jobs:
-            await pacer.wait(heartbeat)
-            futures.append(
-                await self.js.publish_async(
-                    self.names.job_subject(job.channel), encode_job(job), headers={"Nats-Msg-Id": job.msg_id}
+                await con.execute(
+                    """UPDATE batches SET status = 'queued'
+                       WHERE broadcast_id = $1 AND run = $2 AND seq = ANY($3::int[]) AND status = 'held'""",
+                    plan.broadcast_id, plan.run, group,
                 )
-            )
-        await await_acks(futures)
-        await heartbeat()
+            await heartbeat()
+        await self.plan(plan, heartbeat)
 
     async def _record_snapshot(self, plan: Plan) -> None:
         async with self.pool.acquire() as con:
@@ -316,60 +246,60 @@ def _metadata(plan: Plan) -> dict[str, object]:
     return {"tenant_id": str(plan.tenant_id), "actor": "sender:planner"}
 
 
-class _Pacer:
-    """One batch every `delay_s` (batch_delay_ms), the first at once."""
-
-    def __init__(self, delay_s: float) -> None:
-        self.delay, self.next = delay_s, 0.0
-
-    async def wait(self, heartbeat: Callable[[], Awaitable[None]]) -> None:
-        """Sleep until the next batch is due, telling JetStream we are alive at least every 10 s."""
-        if self.delay <= 0:
-            return
-        while (wait := self.next - time.monotonic()) > 0:
-            await asyncio.sleep(min(wait, 10.0))
-            await heartbeat()
-        self.next = time.monotonic() + self.delay
+async def publish_jobs(js: JetStreamContext, names: Names, jobs: list[Job]) -> None:
+    """Publish and wait for JetStream's acks (the Nats-Msg-Id drops a copy of a job published again)."""
+    futures = [
+        await js.publish_async(names.job_subject(job.channel), encode_job(job), headers={"Nats-Msg-Id": job.msg_id})
+        for job in jobs
+    ]
+    await await_acks(futures)
 
 
-async def consume_starts(js: JetStreamContext, names: Names, planner: Planner, stop: asyncio.Event) -> None:
-    """Take broadcast events from the shared durable consumer, one at a time per sender: a
-    BroadcastStarted is planned, a BroadcastResumed republishes the unsent batches; others are acked."""
-    import msgspec
-    import nats.errors
-
-    from shared.platform.bus import PLANNER_CONSUMER, EventEnvelope
-
+async def consume_starts(
+    js: JetStreamContext, names: Names, planner: Planner, stop: asyncio.Event, concurrency: int = 4
+) -> None:
+    """Take broadcast events from the shared durable consumer, `concurrency` at a time per sender
+    (so one large snapshot never holds up another tenant's run): a BroadcastStarted is planned, a
+    BroadcastResumed republishes the held batches; others are acked."""
     sub = await js.pull_subscribe_bind(durable=PLANNER_CONSUMER, stream=names.events_stream)
-    decode = msgspec.json.Decoder(EventEnvelope).decode
-    while not stop.is_set():
-        try:
-            msgs = await sub.fetch(batch=1, timeout=1.0)
-        except nats.errors.TimeoutError:
-            continue
-        for msg in msgs:
+
+    async def loop() -> None:
+        while not stop.is_set():
             try:
-                envelope = decode(msg.data)
-                broadcast_id = b.id_from_stream(envelope.stream)
-                event = msgspec.convert({**envelope.data, "type": envelope.type}, b.Event, strict=False) if (
-                    envelope.type in ("BroadcastStarted", "BroadcastResumed")) else None
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, IndexError):
-                log.error("undecodable broadcast event terminated", subject=msg.subject)
-                await msg.term()
+                msgs = await sub.fetch(batch=1, timeout=1.0)
+            except nats.errors.TimeoutError:
                 continue
-            try:
-                if isinstance(event, b.BroadcastStarted):
-                    await planner.plan(Plan(event.tenant_id, broadcast_id, event), msg.in_progress)
-                elif isinstance(event, b.BroadcastResumed):
-                    started = await _started_event(planner.pool, broadcast_id, event.run)
-                    if started is not None:
-                        plan = Plan(started.tenant_id, broadcast_id, started)
-                        await planner.resume(plan, event.resumes, msg.in_progress)
-            except Exception as exc:  # Postgres or NATS trouble: another try soon, resuming where it stopped
-                log.warning("planning failed, will be retried", broadcast_id=str(broadcast_id), error=repr(exc))
-                await msg.nak(delay=2.0)
-                continue
-            await msg.ack()
+            for msg in msgs:
+                await _handle_event(msg, planner)
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+
+
+_decode_envelope = msgspec.json.Decoder(EventEnvelope).decode
+
+
+async def _handle_event(msg: Msg, planner: Planner) -> None:
+    try:
+        envelope = _decode_envelope(msg.data)
+        broadcast_id = b.id_from_stream(envelope.stream)
+        event = msgspec.convert({**envelope.data, "type": envelope.type}, b.Event, strict=False) if (
+            envelope.type in ("BroadcastStarted", "BroadcastResumed")) else None
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, IndexError):
+        log.error("undecodable broadcast event terminated", subject=msg.subject)
+        await msg.term()
+        return
+    try:
+        if isinstance(event, b.BroadcastStarted):
+            await planner.plan(Plan(event.tenant_id, broadcast_id, event), msg.in_progress)
+        elif isinstance(event, b.BroadcastResumed):
+            started = await _started_event(planner.pool, broadcast_id, event.run)
+            if started is not None:
+                await planner.resume(Plan(started.tenant_id, broadcast_id, started), event.resumes, msg.in_progress)
+    except Exception as exc:  # Postgres or NATS trouble: another try soon, resuming where it stopped
+        log.warning("planning failed, will be retried", broadcast_id=str(broadcast_id), error=repr(exc))
+        await msg.nak(delay=2.0)
+        return
+    await msg.ack()
 
 
 async def _started_event(pool: asyncpg.Pool, broadcast_id: uuid.UUID, run: int) -> b.BroadcastStarted | None:

@@ -9,6 +9,7 @@ ambiguous, and those are marked failed with an "outcome unknown" error rather th
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from datetime import datetime, timezone
 
@@ -31,12 +32,28 @@ from shared.platform import codec, eventstore
 from shared.platform.bus import WORKERS_CONSUMER, Names
 from shared.platform.logging import get_logger
 from shared.sending import batch as batch_events
-from shared.sending.jobs import Job, Recipient, decode_job
+from shared.sending.jobs import (
+    Job,
+    Recipient,
+    batch_recipients,
+    decode_job,
+    decode_recipients,
+)
 
 log = get_logger(__name__)
 UNKNOWN_OUTCOME = "outcome unknown: the sender stopped while sending; not resent to avoid a duplicate"
 _LEDGER_COLUMNS = ("broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts, error, "
                    "provider_message_id, sent_at")
+
+
+@functools.cache
+def _batch_sql(channel: str) -> str:
+    """SQL: batch $3 of broadcast $1's run $2 with its broadcast's state, and its recipients (read
+    here, not carried by the job: see shared.sending.jobs)."""
+    return f"""SELECT bt.status, b.version, b.status AS broadcast_status, b.run AS current_run,
+                      {batch_recipients(channel)} AS recipients
+               FROM batches bt JOIN broadcasts b ON b.id = bt.broadcast_id
+               WHERE bt.broadcast_id = $1 AND bt.run = $2 AND bt.seq = $3"""
 
 
 # SQL: broadcast $1's run $2 still goes on (a paused run does; cancelled, stopped or reset do not).
@@ -84,14 +101,10 @@ class JobProcessor:
         """Returns False when the batch was already done (nothing sent)."""
         heartbeat = heartbeat or _Heartbeat(None)
         async with self.pool.acquire() as con:
-            batch = await con.fetchrow(
-                """SELECT bt.status, b.version, b.status AS broadcast_status, b.run AS current_run
-                   FROM batches bt JOIN broadcasts b ON b.id = bt.broadcast_id
-                   WHERE bt.broadcast_id = $1 AND bt.run = $2 AND bt.seq = $3""",
-                job.broadcast_id, job.run, job.seq,
-            )
+            batch = await con.fetchrow(_batch_sql(job.channel), job.broadcast_id, job.run, job.seq)
             if batch is None or batch["status"] in ("done", "dropped"):
                 return False
+            recipients = decode_recipients(batch["recipients"])
             if batch["broadcast_status"] == Status.PAUSED and batch["current_run"] == job.run:
                 # Kept unsent: marked held (the resume publishes it again) while the broadcast is
                 # still paused; the share lock orders this against a resume's update of that row.
@@ -115,11 +128,11 @@ class JobProcessor:
                 return False
             # Ledger rows of an earlier attempt exist only after a claimed (non-deduping) send began,
             # which marks the batch `sending`; a deduping attempt writes its rows as it finishes.
-            previous = await self._ledger(con, job) if batch["status"] == "sending" else {}
+            previous = await self._ledger(con, job, recipients) if batch["status"] == "sending" else {}
             ctx = await self.contexts.load(con, job, batch["version"])
         done = {cid for cid, status in previous.items() if status in ("sent", "failed")}
         in_flight = {cid for cid, status in previous.items() if status == "sending"}
-        todo = [r for r in job.recipients if r.contact_id not in done]
+        todo = [r for r in recipients if r.contact_id not in done]
         try:
             await ctx.provider.open()
         except ProviderUnavailable as exc:
@@ -127,24 +140,24 @@ class JobProcessor:
                 raise  # the job is redelivered later
             # Retrying cannot help without a change of settings (bad login, TLS): fail the batch now.
             failure = SendResult(contact_id=0, ok=False, error=f"provider unavailable: {exc}")
-            return await self._finish(job, todo, {r.contact_id: failure for r in todo}, {}, bool(previous))
+            return await self._finish(job, recipients, todo, {r.contact_id: failure for r in todo}, {}, bool(previous))
         try:
             if ctx.provider.dedupes:
                 messages, results = self._render(ctx, todo)
                 sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
                 results.update(sent)
-                return await self._finish(job, todo, results, attempts, bool(previous))
+                return await self._finish(job, recipients, todo, results, attempts, bool(previous))
             called_off = await self._send_claimed(job, ctx, todo, in_flight, heartbeat)
         finally:
             await ctx.provider.close()
         # Called off half-way: the batch ends `dropped`, so its unsent recipients show as dropped.
-        return await self._finish(job, [], {}, {}, True, "dropped" if called_off else "done")
+        return await self._finish(job, recipients, [], {}, {}, True, "dropped" if called_off else "done")
 
-    async def _ledger(self, con: asyncpg.Connection, job: Job) -> dict[int, str]:
+    async def _ledger(self, con: asyncpg.Connection, job: Job, recipients: list[Recipient]) -> dict[int, str]:
         rows = await con.fetch(
             """SELECT contact_id, status FROM messages
                WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[]) AND channel = $4""",
-            job.broadcast_id, job.run, [r.contact_id for r in job.recipients], job.channel,
+            job.broadcast_id, job.run, [r.contact_id for r in recipients], job.channel,
         )
         return {r["contact_id"]: r["status"] for r in rows}
 
@@ -234,18 +247,18 @@ class JobProcessor:
         return True
 
     async def _finish(
-        self, job: Job, todo: list[Recipient], results: dict[int, SendResult], attempts: dict[int, int],
-        ledger_has_rows: bool, batch_status: str = "done",
+        self, job: Job, recipients: list[Recipient], todo: list[Recipient], results: dict[int, SendResult],
+        attempts: dict[int, int], ledger_has_rows: bool, batch_status: str = "done",
     ) -> bool:
-        """In one transaction: write the outcomes of `todo`, mark the batch done (or `batch_status`) and
-        append its BatchCompleted. Returns False if another attempt finished it first (this one then
-        writes nothing)."""
+        """In one transaction: write the outcomes of `todo` (of the batch's `recipients`), mark the batch
+        done (or `batch_status`) and append its BatchCompleted. Returns False if another attempt
+        finished it first (this one then writes nothing)."""
         ledger = _LedgerColumns(todo, results, attempts, datetime.now(timezone.utc))
         try:
             async with self.pool.acquire() as con:
                 if ledger_has_rows:
                     async with con.transaction():
-                        await self._finish_after_earlier_attempt(con, job, ledger, batch_status)
+                        await self._finish_after_earlier_attempt(con, job, recipients, ledger, batch_status)
                 else:
                     await self._finish_first_attempt(con, job, ledger)
         except _AlreadyDone:
@@ -277,7 +290,7 @@ class JobProcessor:
 
     @staticmethod
     async def _finish_after_earlier_attempt(
-        con: asyncpg.Connection, job: Job, ledger: "_LedgerColumns", batch_status: str
+        con: asyncpg.Connection, job: Job, recipients: list[Recipient], ledger: "_LedgerColumns", batch_status: str
     ) -> None:
         """Rows of a crashed attempt may exist: overwrite the unfinished ones and count from the
         ledger. In the caller's transaction; the batch row is locked first, so a concurrent attempt
@@ -301,7 +314,7 @@ class JobProcessor:
                       count(*) FILTER (WHERE status = 'failed') AS failed
                FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
                  AND channel = $4""",
-            job.broadcast_id, job.run, [r.contact_id for r in job.recipients], job.channel,
+            job.broadcast_id, job.run, [r.contact_id for r in recipients], job.channel,
         )
         sent, failed = counts["sent"], counts["failed"]
         await _mark_done(con, job, sent, failed, batch_status)

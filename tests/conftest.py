@@ -106,4 +106,10 @@ def settings(infra, db_url, nats_prefix) -> Settings:
         nats_prefix=nats_prefix,
         poll_interval_s=0.2,
         log_level="warning",
+        # The suite makes many requests quickly from one token and one address: limits far above
+        # it (tests/test_rate_limits.py sets its own small ones)
+        rate_limit_per_s=100_000.0, rate_limit_burst=100_000,
+        tenant_rate_limit_per_s=100_000.0, tenant_rate_limit_burst=100_000,
+        auth_failures_per_minute=10_000,
+        allow_private_networks=True,  # the SMTP peers listen on 127.0.0.1
     )

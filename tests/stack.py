@@ -106,6 +106,7 @@ def sender_process(settings: Settings, **extra_env: str) -> subprocess.Popen:
         CRIER_NATS_URL=settings.nats_url,
         CRIER_NATS_PREFIX=settings.nats_prefix,
         CRIER_LOG_LEVEL="warning",
+        CRIER_ALLOW_PRIVATE_NETWORKS=str(settings.allow_private_networks).lower(),
         **extra_env,
     )
     return subprocess.Popen([sys.executable, "-m", "shared.tooling.cli", "sender"], env=env)

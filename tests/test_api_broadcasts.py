@@ -1,6 +1,7 @@
 """/v1/broadcasts through the real app: create, read, list, edit, delete, history, and validation."""
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -444,7 +445,8 @@ async def test_readyz_reports_postgres_and_nats_ok(api):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ok"
-    assert body["checks"] == {"postgres": "ok", "nats": "ok"}
+    assert body["checks"] == {"postgres": "ok", "nats": "ok", "relay": "ok", "projector": "ok"}
+    assert body["parked_events"] == 0
 
 
 # ---- errors outside the handlers are problem details too ----
@@ -573,3 +575,66 @@ async def test_a_scheduled_broadcast_can_be_edited_stopped_and_deleted(api, tena
     await api.post(f"{path}/schedule", json={"scheduled_at": "2099-01-02T09:00:00Z"}, headers=headers)
     assert (await api.delete(path, headers=headers)).status_code == 204
     assert (await api.get(path, headers=headers)).status_code == 404
+
+
+# ---- templates within a message's limits ----
+
+# 240 bytes of nested loops writing a 60-character string: 6 MB per message before the limits.
+RUNAWAY = (
+    "{% assign s = '<p>All work and no play makes Jack a dull boy, all day long.</p>' %}"
+    "{% for a in (1..100) %}{% for b in (1..100) %}{% for c in (1..10) %}{{ s }}"
+    "{% endfor %}{% endfor %}{% endfor %}<p>Hello {{ first_name }}</p>"
+)
+
+
+async def test_a_template_past_the_limits_whatever_the_data_is_a_422_naming_its_field(api, tenant_tokens):
+    headers = bearer(tenant_tokens.a_write)
+    response = await api.post(BROADCASTS, json=new_broadcast(content={"subject": "S", "html": RUNAWAY}), headers=headers)
+    problem = await assert_rejected_without_writes(api, tenant_tokens, response, 422)
+    [error] = problem["errors"]
+    assert error["field"] == "content.html" and "more than 10,000 loop iterations" in error["reason"], error
+
+    created = await create_broadcast(api, tenant_tokens.a_write)
+    path = f"{BROADCASTS}/{created['id']}"
+    response = await api.patch(path, json={"content": {"text": RUNAWAY}}, headers=headers)
+    assert error_fields(assert_problem(response, 422, "validation_error")) == ["content.text"]
+    assert (await api.get(path, headers=headers)).json() == created
+
+
+async def _previewed(api, tenant_tokens, html: str, bios: list[str]) -> tuple[list[dict[str, Any]], float]:
+    """Preview, as a user would, a broadcast of `html` to contacts with these bios (in order)."""
+    headers = bearer(tenant_tokens.a_write)
+    people = [{"external_id": f"p{i}", "email": f"p{i}@example.com", "attributes": {"bio": bio}}
+              for i, bio in enumerate(bios)]
+    ids = (await api.post("/v1/contacts", json=people, headers=headers)).json()["ids"]
+    list_id = (await api.post("/v1/lists", json={"name": "bios"}, headers=headers)).json()["id"]
+    added = await api.post(f"/v1/lists/{list_id}/members", json={"contact_ids": ids}, headers=headers)
+    assert added.status_code < 300, added.text
+    created = await create_broadcast(api, tenant_tokens.a_write, list_id=list_id,
+                                     content={"subject": "Hi", "html": html, "text": "Hi"})
+    started = time.perf_counter()
+    response = await api.get(f"{BROADCASTS}/{created['id']}/preview", params={"limit": 10}, headers=headers)
+    took = time.perf_counter() - started
+    assert response.status_code == 200, response.text
+    return response.json()["items"], took
+
+
+async def test_a_preview_shows_the_message_the_data_takes_past_the_limits_as_not_rendered(api, tenant_tokens):
+    # Saved (with no data the loop writes nothing); one contact's 8 KiB bio makes 1.6 MB
+    items, took = await _previewed(api, tenant_tokens, "{% for i in (1..200) %}<p>{{ bio }}</p>{% endfor %}",
+                                   ["short", "b" * 8192, "also short"])
+    assert [i["subject"] for i in items] == [
+        "Hi", "(not rendered: content.html: output over 1 MiB (the limit per message) on line 1)", "Hi",
+    ]
+    assert items[0]["html"] == "<p>short</p>" * 200 and items[1]["html"] == ""
+    assert took < 2
+
+
+async def test_a_preview_of_a_heavy_template_stops_after_a_few_messages(api, tenant_tokens):
+    # Each message takes 9,000 loop iterations (under the 10,000 of a message): a preview of ten
+    # renders until two messages' worth is used, and says so for the rest
+    items, took = await _previewed(api, tenant_tokens, "{% for i in (1..9000) %}{{ bio }}{% endfor %}",
+                                   [f"{n}" for n in range(10)])
+    assert [i["html"] for i in items[:3]] == [f"{n}" * 9000 for n in range(3)]
+    assert {i["subject"] for i in items[3:]} == {"(not rendered: the preview's budget of two messages' work is used up)"}
+    assert len(items) == 10 and took < 2

@@ -14,11 +14,13 @@ import msgspec
 import nats
 
 from api_service import idempotency
+from api_service.app import MAX_BODY, create_app
 from api_service.idempotency import fingerprint_of
 from shared.platform import db
 from shared.platform.bus import Names
+from shared.tenants import store as tenants
 from tests.smtp_peer import SmtpPeer
-from tests.stack import Api, api_for, sender_in_process
+from tests.stack import Api, api_for, sender_in_process, served
 from tests.test_send_e2e import audience, smtp_broadcast
 
 FINISHED = {"completed", "partially_failed", "failed", "cancelled"}
@@ -243,7 +245,7 @@ async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires
     async with api_for(settings) as api:
         con = await db.connect(settings.database_url)
         try:
-            tenant_id = await con.fetchval("SELECT id FROM tenants")
+            tenant_id, token_id = await con.fetchrow("SELECT tenant_id, id FROM api_tokens")
             body = msgspec.json.encode({"name": "keyed", "content": {"subject": "Hi"}})
 
             async def create(key: str) -> Any:
@@ -252,9 +254,9 @@ async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires
 
             async def first_request(key: str, started_ago: timedelta, answered: bool) -> None:
                 await con.execute(
-                    """INSERT INTO idempotency_keys (tenant_id, key, fingerprint, status_code, body, created_at)
-                       VALUES ($1, $2, $3, $4, $5, now() - $6::interval)""",
-                    tenant_id, key, fingerprint_of("/v1/broadcasts", body), 201 if answered else None,
+                    """INSERT INTO idempotency_keys (tenant_id, token_id, key, fingerprint, status_code, body, created_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, now() - $7::interval)""",
+                    tenant_id, token_id, key, fingerprint_of("/v1/broadcasts", body), 201 if answered else None,
                     b"{}" if answered else None, started_ago)
 
             # Given first requests: one still running, one whose replica died 10 minutes ago, one
@@ -276,6 +278,98 @@ async def test_an_idempotency_key_in_flight_is_a_409_until_abandoned_and_expires
     assert abandoned.status_code == 201 and "idempotent-replayed" not in abandoned.headers
     assert old.status_code == 201 and "idempotent-replayed" not in old.headers
     assert kept == {"running", "abandoned", "old", "new"}
+
+
+async def test_an_idempotency_key_is_per_token_and_a_refusal_is_not_kept(settings):
+    async with api_for(settings) as api:
+        con = await db.connect(settings.database_url)
+        try:
+            tenant_id = await con.fetchval("SELECT id FROM tenants")
+            reader = {"Authorization": f"Bearer {(await tenants.create_token(con, tenant_id, 'read')).token}"}
+            body = {"name": "keyed", "content": {"subject": "Hi"}}
+
+            async def create(headers: dict[str, str], key: str) -> Any:
+                return await api.client.post("/v1/broadcasts", json=body, headers={**headers, "Idempotency-Key": key})
+
+            # A write token's answer is not replayed to a read token using its key
+            written = await create(api.headers, "shared-1")
+            read_after = await create(reader, "shared-1")
+            # Nor is a read token's refusal replayed to a write token using its key
+            read_first = await create(reader, "shared-2")
+            written_after = await create(api.headers, "shared-2")
+            retried = await create(api.headers, "shared-2")
+            kept = sorted((r["key"], r["status_code"]) for r in await con.fetch("SELECT * FROM idempotency_keys"))
+        finally:
+            await con.close()
+
+    assert written.status_code == 201
+    assert read_after.status_code == read_first.status_code == 403
+    assert "idempotent-replayed" not in read_after.headers and "idempotent-replayed" not in read_first.headers
+    assert written_after.status_code == 201 and "idempotent-replayed" not in written_after.headers
+    assert retried.headers["idempotent-replayed"] == "true" and retried.json() == written_after.json()
+    assert kept == [("shared-1", 201), ("shared-2", 201)]  # the refusals left nothing
+
+
+async def test_a_keyed_post_is_answered_without_reading_a_body_it_refuses(settings):
+    mib = b" " * 2**20
+    con = await db.connect(settings.database_url)
+    try:
+        tenant = await tenants.create_tenant(con, "big bodies")
+        writer = (await tenants.create_token(con, tenant.id, "write")).token
+        reader = (await tenants.create_token(con, tenant.id, "read")).token
+    finally:
+        await con.close()
+    app = create_app(settings)
+
+    async def post(token: str, mib_chunks: int, content_length: int | None = None) -> tuple[int, dict, int, float]:
+        """POST a body of `mib_chunks` MiB, streamed (chunked unless a Content-Length is declared)
+        straight into the app; returns the status, the problem, the chunks read and the time taken."""
+        read = 0
+
+        async def receive() -> dict:
+            nonlocal read
+            read += 1
+            if read > mib_chunks:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": mib, "more_body": read < mib_chunks}
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [(b"host", b"test"), (b"authorization", f"Bearer {token}".encode()),
+                   (b"idempotency-key", b"big-1"), (b"content-type", b"application/json")]
+        if content_length is not None:
+            headers.append((b"content-length", str(content_length).encode()))
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/broadcasts", "raw_path": b"/v1/broadcasts", "query_string": b"",
+                 "root_path": "", "headers": headers, "client": ("127.0.0.1", 4000), "server": ("test", 80),
+                 "state": {}, "extensions": {}}
+        started = time.monotonic()
+        await app(scope, receive, send)
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], msgspec.json.decode(body), read, time.monotonic() - started
+
+    async with served(app):  # its lifespan in this event loop; requests go straight into it below
+        # A read token's keyed POST of 100 MiB: refused by its scope, not one chunk read
+        refused = await post(reader, 100)
+        # A write token's, declaring 100 MiB: refused by its Content-Length, not one chunk read
+        declared = await post(writer, 100, content_length=100 * 2**20)
+        # A write token's, streamed without a length: read only until past the cap
+        streamed = await post(writer, 100)
+        con = await db.connect(settings.database_url)
+        try:
+            kept = await con.fetchval("SELECT count(*) FROM idempotency_keys")
+        finally:
+            await con.close()
+
+    assert refused[:3] == (403, refused[1], 0) and refused[1]["code"] == "forbidden"
+    assert declared[:3] == (413, declared[1], 0) and declared[1]["code"] == "payload_too_large"
+    assert streamed[0] == 413 and streamed[1]["code"] == "payload_too_large"
+    assert streamed[2] == MAX_BODY // 2**20 + 1  # the chunk that passed the cap, and no further
+    assert max(refused[3], declared[3]) < 1.0
+    assert kept == 0
 
 
 @asynccontextmanager

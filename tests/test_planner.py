@@ -1,5 +1,6 @@
-"""The planner against real Postgres and JetStream: a crash half-way through planning a run, then
-a resume, publishes every batch exactly once and puts every member in exactly one batch."""
+"""The planner and the dispatcher against real Postgres and JetStream: a crash half-way through
+planning or dispatching a run, then a resume, publishes every batch exactly once and puts every
+member in exactly one batch."""
 from __future__ import annotations
 
 import uuid
@@ -13,10 +14,17 @@ import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from sender_service import planner as planner_module
+from sender_service.dispatcher import Dispatcher, FixedBudget
 from sender_service.planner import Plan, Planner
 from shared.broadcasts import decider as b
 from shared.platform import bus, codec, db, eventstore
-from shared.sending.jobs import decode_job
+from shared.sending.jobs import (
+    Job,
+    Recipient,
+    batch_recipients,
+    decode_job,
+    decode_recipients,
+)
 from tests.stack import api_for
 from tests.test_send_e2e import audience
 
@@ -96,8 +104,38 @@ async def published_jobs(js, names: bus.Names) -> list:
     return jobs
 
 
-@pytest.mark.parametrize("survive", [0, 7, 23])
-async def test_a_planner_crashing_half_way_resumes_without_duplicating_or_dropping_a_job(
+class DyingHeartbeat:
+    """The planner's heartbeat after each snapshot chunk: the process 'dies' at the `survive`-th."""
+
+    def __init__(self, survive: int) -> None:
+        self.left = survive
+
+    async def __call__(self) -> None:
+        if self.left == 0:
+            raise Crash()
+        self.left -= 1
+
+
+def dispatcher(pool, js, names: bus.Names) -> Dispatcher:
+    """A dispatcher whose windows hold any test's whole run."""
+    return Dispatcher(pool, js, names, FixedBudget(10_000), run_window=10_000, tenant_window=10_000)
+
+
+async def planned_and_dispatched(pool, js, names: bus.Names, plan: Plan) -> None:
+    await Planner(pool, js, names).plan(plan, no_heartbeat)
+    await dispatcher(pool, js, names).dispatch_once()
+
+
+async def recipients_of(con: asyncpg.Connection, job: Job) -> list[Recipient]:
+    """The recipients a worker reads for `job` (jobs name a batch; they do not carry its recipients)."""
+    return decode_recipients(await con.fetchval(
+        f"SELECT {batch_recipients(job.channel)} FROM batches bt WHERE broadcast_id = $1 AND run = $2 AND seq = $3",
+        job.broadcast_id, job.run, job.seq,
+    ))
+
+
+@pytest.mark.parametrize("survive", [0, 2, 4])
+async def test_a_planner_and_a_dispatcher_crashing_half_way_resume_without_duplicating_or_dropping_a_job(
     settings, monkeypatch, survive
 ):
     # Given a started run of 95 members in batches of 4 (24 jobs), read 20 members per chunk
@@ -107,18 +145,24 @@ async def test_a_planner_crashing_half_way_resumes_without_duplicating_or_droppi
         async with api_for(settings) as api:
             plan = await started_run(settings, api, 95, batch_size=4)
 
-        # When the planner dies after `survive` publishes, and a fresh one plans the run again
+        # When the planner dies after `survive` chunks and a fresh one plans the run again,
         with pytest.raises(Crash):
-            await Planner(pool, CrashingJetStream(js, survive), names).plan(plan, no_heartbeat)
+            await Planner(pool, js, names).plan(plan, DyingHeartbeat(survive))
         await Planner(pool, js, names).plan(plan, no_heartbeat)
+        # and the dispatcher dies after `survive * 5` publishes and a fresh one dispatches again
+        with pytest.raises(Crash):
+            await Dispatcher(pool, CrashingJetStream(js, survive * 5), names, FixedBudget(10_000), 10_000,
+                             10_000).dispatch_once()
+        await dispatcher(pool, js, names).dispatch_once()
 
         # Then JetStream holds each of the 24 jobs once, and every member is in exactly one of them
         jobs = await published_jobs(js, names)
         assert sorted(j.seq for j in jobs) == list(range(24))
-        per_member = Counter(r.contact_id for j in jobs for r in j.recipients)
-        assert len(per_member) == 95 and set(per_member.values()) == {1}
         con: asyncpg.Connection = await db.connect(settings.database_url)
         try:
+            per_job = [await recipients_of(con, j) for j in jobs]
+            per_member = Counter(r.contact_id for rs in per_job for r in rs)
+            assert len(per_member) == 95 and set(per_member.values()) == {1}
             run = await con.fetchrow("SELECT * FROM runs WHERE broadcast_id = $1", plan.broadcast_id)
             history = [e.type for e in await eventstore.read_stream(con, b.stream_name(plan.broadcast_id))]
         finally:
@@ -157,28 +201,29 @@ async def test_batches_leave_out_members_without_an_address_and_stay_under_the_j
             await api.post(f"/v1/broadcasts/{created['id']}/send", expect=202)
         # When the run is planned
         plan = await plan_of(settings, uuid.UUID(created["id"]))
-        await Planner(pool, js, names).plan(plan, no_heartbeat)
+        await planned_and_dispatched(pool, js, names, plan)
+        jobs = sorted(await published_jobs(js, names), key=lambda j: j.seq)
         con = await db.connect(settings.database_url)
         try:
             batches = await con.fetch(
                 "SELECT seq, contact_ids, addresses FROM batches WHERE broadcast_id = $1 ORDER BY seq", plan.broadcast_id
             )
             run = await con.fetchrow("SELECT * FROM runs WHERE broadcast_id = $1", plan.broadcast_id)
+            per_job = [await recipients_of(con, j) for j in jobs]
         finally:
             await con.close()
 
         # Then every member with an email is in exactly one job, with its own data, and nobody else is
-        jobs = sorted(await published_jobs(js, names), key=lambda j: j.seq)
         assert [j.seq for j in jobs] == list(range(len(jobs)))
-        recipients = [r for j in jobs for r in j.recipients]
+        recipients = [r for job_recipients in per_job for r in job_recipients]
         assert sorted(r.contact_id for r in recipients) == sorted(with_email)
         assert all(r.address == r.email and r.attributes["bio"] == "x" * 400 for r in recipients)
         # and no job is over the size limit by more than one recipient, or over batch_size
-        assert all(len(j.recipients) <= 8 for j in jobs)
-        assert all(len(msgspec.json.encode(j.recipients[1:])) <= 2_000 for j in jobs)
-        assert max(len(j.recipients) for j in jobs) < 8  # the size limit, not batch_size, cut them
+        assert all(len(rs) <= 8 for rs in per_job)
+        assert all(len(msgspec.json.encode(rs[1:])) <= 2_000 for rs in per_job)
+        assert max(len(rs) for rs in per_job) < 8  # the size limit, not batch_size, cut them
         # and the batch rows say the same as the jobs
         assert [(r["seq"], r["contact_ids"]) for r in batches] == [
-            (j.seq, [x.contact_id for x in j.recipients]) for j in jobs
+            (j.seq, [x.contact_id for x in rs]) for j, rs in zip(jobs, per_job)
         ]
         assert (run["batches"], run["recipients"], run["planned"]) == (len(jobs), len(with_email), True)

@@ -2,10 +2,15 @@
 against a real SMTP peer on loopback."""
 from __future__ import annotations
 
+import asyncio
 import shutil
+import socket
 import ssl
 import subprocess
+import threading
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +56,8 @@ class Env(msgspec.Struct):
     database_url: str
 
 
-@pytest.fixture
-async def env(settings):
+@asynccontextmanager
+async def env_for(settings) -> AsyncIterator[Env]:
     settings = msgspec.structs.replace(settings, run_background=False)
     con = await db.connect(settings.database_url)
     one = await tenants.create_tenant(con, "one")
@@ -63,6 +68,20 @@ async def env(settings):
     await con.close()
     async with AsyncTestClient(app=create_app(settings)) as http:
         yield Env(http, Client(http, write), Client(http, read), Client(http, other), one.id, settings.database_url)
+
+
+@pytest.fixture
+async def env(settings):
+    """The API as the tests run it: private networks allowed (the SMTP peers are on 127.0.0.1)."""
+    async with env_for(settings) as e:
+        yield e
+
+
+@pytest.fixture
+async def strict_env(settings):
+    """The API of an installation as deployed by default: private networks not allowed."""
+    async with env_for(msgspec.structs.replace(settings, allow_private_networks=False)) as e:
+        yield e
 
 
 async def stored_row(env: Env, provider_id: str) -> dict[str, Any]:
@@ -302,7 +321,7 @@ async def test_a_provider_created_through_the_api_sends_in_the_sender(env, smtp_
     row = await accounts.get(con, env.tenant_id, uuid.UUID(pid))
     await con.close()
     assert row is not None
-    provider = build_provider(row.kind, row.config)
+    provider = build_provider(row.kind, row.config, allow_private_networks=True)
     await provider.open()
     [result] = await provider.send([message(1)])
     await provider.close()
@@ -322,7 +341,7 @@ def message(i: int, to: str | None = None, **kw: Any) -> OutgoingMessage:
 
 
 async def send_job(peer: SmtpPeer, messages: list[OutgoingMessage], **config: Any):
-    provider = build_provider("smtp", peer.provider_config(**config))
+    provider = build_provider("smtp", peer.provider_config(**config), allow_private_networks=True)
     await provider.open()
     try:
         return await provider.send(messages)
@@ -405,7 +424,7 @@ async def test_peer_restart_between_jobs_and_within_a_session(smtp_peer):
     smtp_peer.restart()
     assert all(r.ok for r in await send_job(smtp_peer, [message(2)]))
 
-    provider = build_provider("smtp", smtp_peer.provider_config())
+    provider = build_provider("smtp", smtp_peer.provider_config(), allow_private_networks=True)
     await provider.open()
     assert (await provider.send([message(3)]))[0].ok
     smtp_peer.restart()  # cuts the open connection
@@ -417,7 +436,7 @@ async def test_peer_restart_between_jobs_and_within_a_session(smtp_peer):
 
 async def test_an_unreachable_server_fails_open_and_sends_retryable_failures(smtp_peer):
     smtp_peer.stop()
-    provider = build_provider("smtp", smtp_peer.provider_config(timeout_s=2.0))
+    provider = build_provider("smtp", smtp_peer.provider_config(timeout_s=2.0), allow_private_networks=True)
     with pytest.raises(ProviderUnavailable) as raised:
         await provider.open()
     assert raised.value.retryable
@@ -443,7 +462,8 @@ async def test_international_addresses_use_smtputf8_and_bad_addresses_fail_alone
 async def test_login_with_credentials():
     with SmtpPeer(credentials={"mailer": "s3cret"}) as peer:
         assert (await send_job(peer, [message(1)], username="mailer", password="s3cret"))[0].ok
-        provider = build_provider("smtp", peer.provider_config(username="mailer", password="wrong"))
+        provider = build_provider("smtp", peer.provider_config(username="mailer", password="wrong"),
+                                  allow_private_networks=True)
         with pytest.raises(ProviderUnavailable) as raised:
             await provider.open()
         assert not raised.value.retryable and "login" in str(raised.value)
@@ -470,12 +490,12 @@ async def test_starttls(self_signed):
     with SmtpPeer(tls_context=self_signed, require_starttls=True) as peer:
         assert (await send_job(peer, [message(1)], starttls=True, tls_verify=False))[0].ok
         assert peer.connections == 1
-        untrusted = build_provider("smtp", peer.provider_config(starttls=True))
+        untrusted = build_provider("smtp", peer.provider_config(starttls=True), allow_private_networks=True)
         with pytest.raises(ProviderUnavailable) as raised:
             await untrusted.open()
         assert not raised.value.retryable
     with SmtpPeer() as plain:  # STARTTLS required by the provider but not offered: never send in clear
-        provider = build_provider("smtp", plain.provider_config(starttls=True))
+        provider = build_provider("smtp", plain.provider_config(starttls=True), allow_private_networks=True)
         with pytest.raises(ProviderUnavailable) as raised:
             await provider.open()
         assert not raised.value.retryable and plain.received == []
@@ -499,3 +519,186 @@ def test_factory():
     assert build_provider("smtp", {"host": "mx.example.com"}).dedupes is False
     with pytest.raises(ValueError, match="unknown provider kind"):
         build_provider("pigeon", {})
+
+
+# -- hosts outside the public internet, logins in clear, and what a test tells ---------------------
+
+MARKER = "SECRET-7f3a"  # in every reply of the scripted server below: it must never reach a tenant
+SERVER_WORDS = f"{MARKER} relay.corp.internal Exim 4.96"
+
+
+class ScriptedSmtp:
+    """A TCP server on 127.0.0.1 speaking just enough SMTP to say the lines it is given (a
+    distinctive banner, EHLO and AUTH replies); counts the connections it accepts."""
+
+    def __init__(self, greeting: str, ehlo: str = "250 ok", auth: str = "535 5.7.8 no") -> None:
+        self.replies = {"greeting": greeting, "EHLO": ehlo, "HELO": ehlo.split("\r\n")[-1], "AUTH": auth}
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+
+    def __enter__(self) -> ScriptedSmtp:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(self.replies["greeting"].encode() + b"\r\n")
+            for line in lines:
+                verb = line[:4].decode(errors="replace").upper()
+                if verb == "QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                conn.sendall(self.replies.get(verb, "250 ok").encode() + b"\r\n")
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "10.0.0.1", "localhost", "127.0.0.1", "[::1]",
+                                  "::ffff:127.0.0.1", "100.64.0.1", "127.1"])
+async def test_a_host_outside_the_public_internet_is_422_when_private_networks_are_not_allowed(strict_env, host):
+    r = await strict_env.writer.request("POST", "/v1/providers", json={**SMTP_BODY, "host": host})
+    assert r.status_code == 422, r.text
+    [error] = r.json()["errors"]
+    assert error["field"] == "host" and "private networks are not allowed" in r.json()["detail"], r.text
+    assert (await strict_env.writer.request("GET", "/v1/providers")).json()["total"] == 0
+
+
+async def test_a_patch_to_a_private_host_is_422_and_public_hosts_are_saved(strict_env):
+    public = await strict_env.writer.create({**SMTP_BODY, "host": "8.8.8.8"})
+    # A name that does not resolve now is saved: the check when connecting decides.
+    await strict_env.writer.create({**SMTP_BODY, "host": "smtp.does-not-exist.invalid"})
+    before = await stored_row(strict_env, public["id"])
+    r = await strict_env.writer.request("PATCH", f"/v1/providers/{public['id']}", json={"host": "10.0.0.1"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "host", r.text
+    assert await stored_row(strict_env, public["id"]) == before
+
+
+async def test_a_stored_private_host_is_refused_when_connecting(strict_env):
+    with ScriptedSmtp(greeting=f"220 {SERVER_WORDS}") as server:
+        config = {"host": "127.0.0.1", "port": server.port, "starttls": False, "from_email": "news@example.com"}
+        con = await db.connect(strict_env.database_url)  # saved before the rule, or while it was off
+        row = await accounts.create(con, tenant_id=strict_env.tenant_id, name="inside", kind="smtp", config=config)
+        await con.close()
+
+        r = await strict_env.writer.request("POST", f"/v1/providers/{row.id}/test")
+        assert r.status_code == 200 and r.json() == {"ok": False, "failure": "refused_private_address"}, r.text
+        broadcast = await strict_env.writer.request("POST", "/v1/broadcasts", json={
+            "name": "b", "provider_id": str(row.id), "content": {"subject": "Hi", "text": "Hello"}})
+        assert broadcast.status_code == 201, broadcast.text
+        sent = await strict_env.writer.request("POST", f"/v1/broadcasts/{broadcast.json()['id']}/test",
+                                               json={"emails": ["me@example.com"]})
+        assert sent.status_code == 200, sent.text
+        assert sent.json()["results"] == [{"address": "me@example.com", "ok": False,
+                                           "error": "refused_private_address"}]
+
+        provider = build_provider(row.kind, row.config)  # as a sender builds it, by default
+        with pytest.raises(ProviderUnavailable) as raised:
+            await provider.open()
+        assert (raised.value.retryable, raised.value.failure) == (False, "refused_private_address")
+        [result] = await provider.send([message(1)])
+        assert (result.ok, result.retryable, result.failure) == (False, False, "refused_private_address")
+        await provider.close()
+        await asyncio.sleep(0.1)
+        assert server.connections == 0  # nothing reached the host
+
+
+@pytest.mark.parametrize(
+    ("script", "login", "failure"),
+    [
+        ({"greeting": f"554 5.3.2 {SERVER_WORDS}"}, {}, "rejected"),
+        ({"greeting": f"220 {SERVER_WORDS} ESMTP", "ehlo": f"250-{SERVER_WORDS}\r\n250 AUTH PLAIN LOGIN",
+          "auth": f"535 5.7.8 {SERVER_WORDS}: bad credentials"},
+         {"username": "mailer", "password": "s3cret", "allow_insecure_auth": True}, "auth_failed"),
+    ],
+)
+async def test_a_test_tells_a_failure_class_never_the_servers_words(env, script, login, failure):
+    with ScriptedSmtp(**script) as server:
+        pid = (await env.writer.create({"name": "scripted", "kind": "smtp", "host": "127.0.0.1", "port": server.port,
+                                        "starttls": False, "from_email": "news@example.com", **login}))["id"]
+        r = await env.writer.request("POST", f"/v1/providers/{pid}/test")
+        assert r.status_code == 200 and r.json() == {"ok": False, "failure": failure}, r.text
+        broadcast = (await env.writer.request("POST", "/v1/broadcasts", json={
+            "name": "b", "provider_id": pid, "content": {"subject": "Hi", "text": "Hello"}})).json()
+        sent = await env.writer.request("POST", f"/v1/broadcasts/{broadcast['id']}/test",
+                                        json={"emails": ["me@example.com"]})
+        assert sent.status_code == 200 and sent.json()["results"][0]["error"] == failure, sent.text
+        assert server.connections == 2
+    for text in (r.text, sent.text):
+        assert MARKER not in text and "corp.internal" not in text and "Exim" not in text
+
+
+async def test_a_test_send_names_a_refused_recipient_by_class(env, smtp_peer):
+    smtp_peer.configure(fail_permanently={"gone@example.com"}, fail_transiently={"busy@example.com": 5})
+    pid = (await env.writer.create({"name": "peer", "kind": "smtp", **smtp_peer.provider_config()}))["id"]
+    broadcast = (await env.writer.request("POST", "/v1/broadcasts", json={
+        "name": "b", "provider_id": pid, "content": {"subject": "Hi", "text": "Hello"}})).json()
+    sent = await env.writer.request("POST", f"/v1/broadcasts/{broadcast['id']}/test",
+                                    json={"emails": ["gone@example.com", "busy@example.com", "me@example.com"]})
+    assert sent.status_code == 200, sent.text
+    assert {r["address"]: r["error"] for r in sent.json()["results"]} == {
+        "gone@example.com": "rejected", "busy@example.com": "deferred", "me@example.com": None}
+    assert "mailbox unavailable" not in sent.text and "try again" not in sent.text
+
+
+async def test_the_provider_test_logs_in_and_sends_nothing(env, smtp_peer):
+    pid = (await env.writer.create({"name": "peer", "kind": "smtp", **smtp_peer.provider_config()}))["id"]
+    r = await env.writer.request("POST", f"/v1/providers/{pid}/test")
+    assert r.status_code == 200 and r.json() == {"ok": True, "failure": None}, r.text
+    assert smtp_peer.connections == 1 and smtp_peer.received == []
+    assert (await env.reader.request("POST", f"/v1/providers/{pid}/test")).status_code == 403
+    assert (await env.stranger.request("POST", f"/v1/providers/{pid}/test")).status_code == 404
+
+
+async def test_a_login_without_tls_is_422_unless_said_to_be_in_clear(env):
+    r = await env.writer.request("POST", "/v1/providers", json={**SMTP_BODY, "starttls": False})
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["field"] == "starttls" and "allow_insecure_auth" in r.json()["detail"]
+    said = await env.writer.create({**SMTP_BODY, "starttls": False, "allow_insecure_auth": True})
+    assert (said["starttls"], said["allow_insecure_auth"], said["password_set"]) == (False, True, True)
+    assert (await env.writer.create({**SMTP_BODY, "implicit_tls": True}))["allow_insecure_auth"] is False
+    no_login = {k: v for k, v in SMTP_BODY.items() if k not in ("username", "password")}
+    assert (await env.writer.create({**no_login, "starttls": False}))["starttls"] is False
+
+    pid = (await env.writer.create(SMTP_BODY))["id"]  # STARTTLS by default
+    r = await env.writer.request("PATCH", f"/v1/providers/{pid}", json={"starttls": False})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "starttls", r.text
+    r = await env.writer.request("PATCH", f"/v1/providers/{pid}", json={"starttls": False, "allow_insecure_auth": True})
+    assert r.status_code == 200 and r.json()["allow_insecure_auth"] is True, r.text
+    schema = (await env.http.get("/schema/openapi.json")).text
+    assert "allow_insecure_auth" in schema and "sent in clear" in schema
+
+
+async def test_tls_checks_the_host_name_while_connecting_to_the_checked_address(self_signed):
+    names: list[str | None] = []
+    self_signed.sni_callback = lambda sock, name, context: names.append(name)
+    try:
+        with SmtpPeer(tls_context=self_signed, require_starttls=True) as peer:  # listens on 127.0.0.1
+            config = peer.provider_config(host="localhost", starttls=True)
+            assert (await send_job_to(config, [message(1)], tls_verify=False))[0].ok
+            assert names == ["localhost"]  # SNI: the name, though the socket went to 127.0.0.1
+            verified = build_provider("smtp", config, allow_private_networks=True)  # the self-signed cert
+            with pytest.raises(ProviderUnavailable) as raised:
+                await verified.open()
+            assert (raised.value.retryable, raised.value.failure) == (False, "tls_failed")
+    finally:
+        self_signed.sni_callback = None
+
+
+async def send_job_to(config: dict[str, Any], messages: list[OutgoingMessage], **overrides: Any):
+    provider = build_provider("smtp", {**config, **overrides}, allow_private_networks=True)
+    await provider.open()
+    try:
+        return await provider.send(messages)
+    finally:
+        await provider.close()

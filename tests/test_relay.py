@@ -567,3 +567,61 @@ async def test_relay_recovers_when_acks_are_lost_in_a_reconnect(settings, pool, 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_an_event_too_large_for_nats_is_set_aside_and_the_relay_goes_on(settings, pool, js, names, nc):
+    """An event whose envelope is over the server's max_payload (appended straight to the store, past
+    the API's limits) used to be retried forever, and every later event of every tenant waited behind
+    it. Now it is recorded in parked_events and the relay publishes the next events."""
+    assert nc.max_payload == 1024 * 1024  # nats-server's default
+    big_stream, small_stream = new_stream(), new_stream()
+    async with pool.acquire() as con:
+        [big] = await eventstore.append(con, big_stream, [NewEvent(
+            type="BroadcastCreated", data={"html": "x" * (nc.max_payload + 100)},
+            metadata={"tenant_id": "tenant-a", "actor": "test"},
+        )], ANY_VERSION)
+    [small] = await append(pool, small_stream, 1, "tenant-b")
+
+    async with running_relay(settings.database_url, pool, js, names) as task:
+        async def past(event: RecordedEvent) -> bool:
+            if task.done():
+                task.result()  # surface the relay's crash
+                raise AssertionError("the relay task returned")
+            return await relay_checkpoint(pool) == event.checkpoint
+
+        await eventually(lambda: past(small), timeout=10.0, what="the relay checkpoint to pass both events")
+        [later] = await append(pool, small_stream, 1, "tenant-b")  # and it keeps going
+        await eventually(lambda: past(later), timeout=10.0, what="the relay to take a later event")
+
+    published = await read_published(js, names)
+    assert [p.envelope.stream for p in published] == [small_stream, small_stream]
+    assert str(big.id) not in {p.msg_id for p in published}
+    parked = await pool.fetch("SELECT * FROM parked_events")
+    assert len(parked) == 1
+    row = parked[0]
+    assert (row["event_id"], row["global_position"], row["stream_name"], row["type"], row["tenant_id"]) == (
+        big.id, big.global_position, big_stream, "BroadcastCreated", "tenant-a"
+    )
+    assert row["size_bytes"] > nc.max_payload and "max_payload" in row["reason"] and row["parked_at"] is not None
+    assert js.publish_async_pending() == 0  # nothing left hanging in nats-py
+
+
+async def test_a_batch_with_a_parked_event_is_checkpointed_once_and_parked_once(settings, pool, js, names, nc):
+    """relay_once on a backlog of normal events around a too-large one: the batch is published in
+    order without it, and a republish after a lost checkpoint records it once."""
+    stream = new_stream()
+    await append(pool, stream, 3, "tenant-a")
+    async with pool.acquire() as con:
+        [big] = await eventstore.append(con, new_stream(), [NewEvent(
+            type="BroadcastEdited", data={"blob": "y" * nc.max_payload}, metadata={"tenant_id": "tenant-b"},
+        )], ANY_VERSION)
+    await append(pool, stream, 3, "tenant-a")
+    assert await relay.relay_once(pool, js, names) == 7
+    async with pool.acquire() as con:  # the checkpoint is lost: the batch goes again
+        await eventstore.save_checkpoint(con, relay.CHECKPOINT, Checkpoint())
+    await relay_until_idle(pool, js, names)
+
+    committed = [e for e in await committed_events(pool) if e.id != big.id]
+    assert_exactly_once(await read_published(js, names), committed, settings.nats_prefix)
+    assert await pool.fetchval("SELECT count(*) FROM parked_events WHERE event_id = $1", big.id) == 1
+    assert await relay_checkpoint(pool) == (await committed_events(pool))[-1].checkpoint

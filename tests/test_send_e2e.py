@@ -31,7 +31,8 @@ async def audience(api: Api, n: int) -> str:
         result = await api.post("/v1/contacts", contacts(min(10_000, n - start), start))
         ids += result["ids"]
     lst = await api.post("/v1/lists", {"name": "everyone"})
-    await api.post(f"/v1/lists/{lst['id']}/members", {"contact_ids": ids})
+    for start in range(0, len(ids), 50_000):
+        await api.post(f"/v1/lists/{lst['id']}/members", {"contact_ids": ids[start : start + 50_000]})
     return lst["id"]
 
 

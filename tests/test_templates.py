@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 
 import pytest
@@ -165,16 +166,127 @@ def test_line_endings_are_kept_on_both_paths(source: str) -> None:
     assert render(source, {"v": "x\r\ny\rz"}) == "a\r\nb x\r\ny\rz"
 
 
+# --- limits: what one message may cost ------------------------------------------------------------
+
+# The repro: 240 bytes of nested loops writing a long string, 5 MB per message (10 MB in a preview
+# of two) and seconds of a process's time before the limits.
+REPRO = (
+    "{% assign s = '<p>All work and no play makes Jack a dull boy, all day long.</p>' %}"
+    "{% for a in (1..100) %}{% for b in (1..100) %}{% for c in (1..10) %}{{ s }}"
+    "{% endfor %}{% endfor %}{% endfor %}<p>Hello {{ first_name }}</p>"
+)
+# The same, but the data decides: with an 8 KiB `bio` the output is 1.6 MB.
+DATA_DEPENDENT = "{% for i in (1..200) %}<p>{{ bio }}</p>{% endfor %}"
+
+
+def render_or_error(source: str, variables: dict, *, html: bool = True) -> tuple[str, float]:
+    """What rendering shows a user (the output or the error) and how long it took."""
+    template = compile_template(source, html=html, field="content.html")
+    started = time.perf_counter()
+    try:
+        shown = template.render(variables)
+    except TemplateError as exc:
+        shown = f"error: {exc}"
+    return shown, time.perf_counter() - started
+
+
+def test_the_repro_cannot_be_saved_naming_its_field() -> None:
+    assert len(REPRO) < 250
+    content = CompiledContent.compile("Hi {{ first_name }}", REPRO, "plain text")
+    with pytest.raises(TemplateError) as raised:
+        content.check()
+    assert raised.value.field == "content.html"
+    assert "more than 10,000 loop iterations" in raised.value.reason
+    shown, took = render_or_error(REPRO, RECIPIENT)
+    assert shown.startswith("error: content.html: more than 10,000 loop iterations") and took < 0.1
+
+
 @pytest.mark.parametrize(
-    ("source", "reason"),
+    ("source", "variables", "reason"),
     [
-        ("{% for i in (1..1000) %}{% for j in (1..1000) %}x{% endfor %}{% endfor %}", "loop iteration limit"),
-        ("{% assign s = 'ab' %}{% for i in (1..64) %}{% assign s = s | append: s %}{% endfor %}", "namespace limit"),
+        # Loops one after another inside a loop: python-liquid's own limit multiplies only the
+        # loops nested at one point (10,000 each here), the limit counts all 30,100 iterations.
+        pytest.param("{% for a in (1..100) %}" + "{% for b in (1..100) %}x{% endfor %}" * 3 + "{% endfor %}",
+                     {}, "more than 10,000 loop iterations", id="sibling-loops"),
+        # A loop body of 40 tags run 5,000 times: 200,000 steps within the loop limit.
+        pytest.param("{% for i in (1..5000) %}" + "{% if a %}{% endif %}" * 40 + "{% endfor %}",
+                     {}, "more than 20,000 template steps", id="big-loop-body"),
+        # The data decides: 1.6 MB written.
+        pytest.param(DATA_DEPENDENT, {"bio": "b" * 8192}, "output over 1 MiB", id="output"),
+        # Built by assign, never written: 100 characters more each time, copied each time.
+        pytest.param("{% for a in (1..50) %}{% for b in (1..100) %}{% assign s = s | append: chunk %}"
+                     "{% endfor %}{% endfor %}{{ s | size }}",
+                     {"chunk": "c" * 100}, "filters and captures handle more than 2,000,000 characters", id="assign"),
+        # The same with a capture of itself.
+        pytest.param("{% for a in (1..50) %}{% for b in (1..100) %}{% capture s %}{{ s }}{{ chunk }}{% endcapture %}"
+                     "{% endfor %}{% endfor %}{{ s | size }}",
+                     {"chunk": "c" * 100}, "filters and captures handle more than 2,000,000 characters", id="capture"),
+        # One filter call whose output is the square of its input: 9 million characters.
+        pytest.param("{% assign s = bio | replace: 'a', bio %}{{ s | size }}", {"bio": "a" * 3000},
+                     "filters and captures handle more than 2,000,000 characters", id="replace"),
+        # Squaring a number: 4,096 digits after 12 rounds.
+        pytest.param("{% assign n = 10 %}{% for i in (1..12) %}{% assign n = n | times: n %}{% endfor %}{{ n }}",
+                     {}, "times: a number over 256 bits", id="times"),
     ],
 )
-def test_a_runaway_template_stops_with_a_template_error(source: str, reason: str) -> None:
-    with pytest.raises(TemplateError, match=reason):
-        compile_template(source, html=True, field="content.html").render({})
+def test_a_runaway_template_stops_quickly_with_a_clear_template_error(source: str, variables: dict, reason: str) -> None:
+    shown, took = render_or_error(source, variables)
+    assert shown.startswith("error: content.html: ") and reason in shown, shown[:200]
+    assert took < 0.2
+
+
+def test_a_data_dependent_limit_is_the_recipients_not_the_saves() -> None:
+    content = CompiledContent.compile("Hi", DATA_DEPENDENT, "")
+    content.check()  # no data: nothing written
+    assert content.render({"bio": "short"})[1] == "<p>short</p>" * 200
+    with pytest.raises(TemplateError, match=r"content.html: output over 1 MiB \(the limit per message\)"):
+        content.render({"bio": "b" * 8192})
+
+
+def test_the_fast_path_has_the_output_limit_too() -> None:
+    # Plain substitutions of a 64 KiB attribute, 20 times: 1.3 MB.
+    source = "<p>{{ bio }}</p>" * 20
+    template = compile_template(source, html=True, field="content.html")
+    content = CompiledContent.compile("Hi {{ first_name }}", source, "Hello {{ first_name }}")
+    assert template.fast and content._together is not None
+    for render_it in (lambda v: template.render(v), lambda v: content.render(v)[1]):
+        assert render_it({"bio": "b" * 100}) == ("<p>" + "b" * 100 + "</p>") * 20
+        with pytest.raises(TemplateError, match=r"content.html: output over 1 MiB"):
+            render_it({"bio": "b" * 65536})
+    # The limit counts UTF-8 bytes, on both paths alike: 20 x 16,384 characters of 4 bytes is 1.25 MiB.
+    with pytest.raises(TemplateError, match="output over 1 MiB"):
+        content.render({"bio": "😀" * 16384})
+    liquid = compile_template(source + "{% if true %}{% endif %}", html=True, field="content.html")
+    assert not liquid.fast
+    with pytest.raises(TemplateError, match="output over 1 MiB"):
+        liquid.render({"bio": "😀" * 16384})
+    assert content.render({"bio": "😀" * 13000})[1] == liquid.render({"bio": "😀" * 13000})  # 1,040,000 bytes
+
+
+def test_the_output_limit_is_per_message_across_its_parts() -> None:
+    # 600 KB of HTML and 600 KB of text: each under 1 MiB, the message over it; the text is named.
+    content = CompiledContent.compile("Hi", "{{ bio }}", "{{ bio }}{% if true %}{% endif %}")
+    with pytest.raises(TemplateError) as raised:
+        content.render({"bio": "b" * 600_000})
+    assert raised.value.field == "content.text" and "output over 1 MiB" in raised.value.reason
+
+
+def test_a_normal_template_renders_as_before() -> None:
+    source = (
+        "<h1>Hello {{ first_name | capitalize }},</h1>\r\n"
+        "{% capture greeting %}Your plan: {{ attributes.plan | upcase }}{% endcapture %}<p>{{ greeting }}</p>\r\n"
+        "<ul>{% for item in items %}<li>{{ forloop.index }}. {{ item.name | escape }} x{{ item.qty | times: 2 }}"
+        "</li>{% endfor %}</ul>{% if attributes.visits > 2 %}<p>Welcome back</p>{% endif %}"
+        "{{ items | map: 'name' | join: ', ' | prepend: 'All: ' }}"
+    )
+    variables = RECIPIENT | {"first_name": "ana", "items": [{"name": "A&B", "qty": 1}, {"name": "C", "qty": 3}]}
+    assert compile_template(source, html=False).render(variables) == (
+        "<h1>Hello Ana,</h1>\r\n<p>Your plan: PRO</p>\r\n"
+        "<ul><li>1. A&amp;B x2</li><li>2. C x6</li></ul><p>Welcome back</p>All: A&B, C"
+    )
+    # A template just under the limits renders: 9,000 iterations, 900 KiB.
+    big = "{% for i in (1..9000) %}{{ line }}{% endfor %}"
+    assert len(compile_template(big, html=False).render({"line": "x" * 102})) == 9000 * 102
 
 
 def test_render_time_error_is_a_template_error() -> None:

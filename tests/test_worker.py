@@ -19,14 +19,16 @@ from shared.broadcasts import decider as b
 from shared.broadcasts import handlers
 from shared.channels import accounts
 from shared.platform import bus, db
-from shared.sending.jobs import Job
+from shared.sending.jobs import Job, Recipient
 from tests.smtp_peer import SmtpPeer, smtp_peer  # noqa: F401  (the fixture)
 from tests.stack import Api, api_for
 from tests.test_planner import (
     no_heartbeat,
     plan_of,
+    planned_and_dispatched,
     planning,
     published_jobs,
+    recipients_of,
     started_run,
 )
 from tests.test_send_e2e import audience, smtp_broadcast
@@ -37,6 +39,7 @@ class Planned:
     api: Api
     broadcast_id: str
     jobs: list[Job]  # in seq order
+    recipients: list[list[Recipient]]  # of each job
     processor: JobProcessor
     con: asyncpg.Connection
     planner: Planner
@@ -58,12 +61,13 @@ async def planned(settings, n: int, batch_size: int, peer: SmtpPeer | None = Non
             await api.post(f"/v1/broadcasts/{broadcast_id}/send", expect=202)
             plan = await plan_of(settings, uuid.UUID(broadcast_id))
         planner = Planner(pool, js, names)
-        await planner.plan(plan, no_heartbeat)
+        await planned_and_dispatched(pool, js, names, plan)
         jobs = sorted(await published_jobs(js, names), key=lambda j: j.seq)
         con = await db.connect(settings.database_url)
         try:
-            yield Planned(api, str(plan.broadcast_id), jobs, JobProcessor(pool, JobContextLoader(), backoff_s=0.01),
-                          con, planner, plan, js, names)
+            recipients = [await recipients_of(con, j) for j in jobs]
+            processor = JobProcessor(pool, JobContextLoader(allow_private_networks=True), backoff_s=0.01)
+            yield Planned(api, str(plan.broadcast_id), jobs, recipients, processor, con, planner, plan, js, names)
         finally:
             await con.close()
 
@@ -94,7 +98,7 @@ async def test_a_job_of_a_paused_run_is_held_unsent_and_sent_after_the_resume(se
         assert [j.seq for j in republished] == [0]
         assert await run.processor.process(republished[0]) is True
         ledger = await ledger_of(run.con, run.jobs[0])
-        assert sorted(ledger) == sorted(r.contact_id for r in run.jobs[0].recipients)
+        assert sorted(ledger) == sorted(r.contact_id for r in run.recipients[0])
         assert {status for status, _ in ledger.values()} == {"sent"}
 
 
@@ -112,19 +116,19 @@ async def test_a_job_of_a_cancelled_run_is_dropped_and_sends_nobody(settings):
 
 async def test_a_job_redelivered_after_a_crashed_attempt_sends_nobody_twice(settings, smtp_peer):  # noqa: F811
     async with planned(settings, 5, batch_size=5, peer=smtp_peer) as run:
-        [job], processor, con = run.jobs, run.processor, run.con
-        first, second, *rest = [r.contact_id for r in job.recipients]
+        [job], [recipients], processor, con = run.jobs, run.recipients, run.processor, run.con
+        first, second, *rest = [r.contact_id for r in recipients]
         # Given an attempt that claimed the batch, sent the first recipient and died while sending the second
         await con.execute("UPDATE batches SET status = 'sending' WHERE broadcast_id = $1", job.broadcast_id)
         await con.execute(
             """INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
                VALUES ($1, 1, $2, 'email', 0, $3, 'sent', 1), ($1, 1, $4, 'email', 0, $5, 'sending', 1)""",
-            job.broadcast_id, first, job.recipients[0].address, second, job.recipients[1].address,
+            job.broadcast_id, first, recipients[0].address, second, recipients[1].address,
         )
         # When the job is redelivered
         assert await processor.process(job) is True
         # Then only the three nobody had tried are sent; the one in flight is failed as unknown, not resent
-        assert sorted(r.rcpt_tos[0] for r in smtp_peer.received) == sorted(r.address for r in job.recipients[2:])
+        assert sorted(r.rcpt_tos[0] for r in smtp_peer.received) == sorted(r.address for r in recipients[2:])
         ledger = await ledger_of(con, job)
         assert ledger[first] == ("sent", None) and ledger[second] == ("failed", UNKNOWN_OUTCOME)
         assert all(ledger[c] == ("sent", None) for c in rest)
@@ -159,9 +163,11 @@ async def test_a_broadcast_on_another_channel_goes_to_each_contacts_address_on_i
                 at=await con.fetchval("SELECT now()")))
             _, queued = await handlers.send(pool, actor, created.id, await con.fetchval("SELECT now()"))
             # When it is planned and its jobs processed
-            await Planner(pool, js, names).plan(await plan_of(settings, created.id), no_heartbeat)
+            await planned_and_dispatched(pool, js, names, await plan_of(settings, created.id))
             processor = JobProcessor(pool, JobContextLoader())
             jobs = await published_jobs(js, names)
+            recipients = [await recipients_of(con, job) for job in jobs]
+            recipients = [r for rs in recipients for r in rs]
             for job in jobs:
                 assert await processor.process(job) is True
             rows = await con.fetch("SELECT contact_id, channel, address, status FROM messages ORDER BY contact_id")
@@ -170,8 +176,40 @@ async def test_a_broadcast_on_another_channel_goes_to_each_contacts_address_on_i
             await con.close()
     # Then the three with a phone got it there, on the sms channel, and the two without were left out
     assert queued == 5  # accepted with the list's size; the snapshot has the exact figure
-    assert sum(len(j.recipients) for j in jobs) == 3 and {j.channel for j in jobs} == {"sms"}
+    assert len(recipients) == 3 and {j.channel for j in jobs} == {"sms"}
     with_phone = sorted(i for i in ids if phones[i])
     assert [(r["contact_id"], r["channel"], r["address"], r["status"]) for r in rows] == [
         (i, "sms", phones[i], "sent") for i in with_phone
     ]
+
+
+async def test_a_recipient_whose_data_takes_the_template_past_its_limits_fails_with_a_clear_error(settings):
+    # Given a broadcast whose HTML writes each contact's `bio` 200 times (saved: with no data it is
+    # nothing), to one contact with a short bio and one with 8 KiB (1.6 MB written)
+    settings = msgspec.structs.replace(settings, run_background=False)
+    async with planning(settings) as (js, names, pool), api_for(settings) as api:
+        people = [{"external_id": "short", "email": "short@example.com", "attributes": {"bio": "hi"}},
+                  {"external_id": "long", "email": "long@example.com", "attributes": {"bio": "b" * 8192}}]
+        ids = (await api.post("/v1/contacts", people))["ids"]
+        lst = await api.post("/v1/lists", {"name": "bios"})
+        await api.post(f"/v1/lists/{lst['id']}/members", {"contact_ids": ids})
+        provider = await api.post("/v1/providers", {"name": "null", "channel": "email", "kind": "null",
+                                                    "from_email": "news@example.com", "batch_size": 10,
+                                                    "batch_delay_ms": 0, "max_retries": 0})
+        created = await api.post("/v1/broadcasts", {
+            "name": "bios", "list_id": lst["id"], "provider_id": provider["id"],
+            "content": {"subject": "Hi", "html": "{% for i in (1..200) %}<p>{{ bio }}</p>{% endfor %}", "text": "Hi"}})
+        await api.post(f"/v1/broadcasts/{created['id']}/send", expect=202)
+        # When a worker processes the job
+        await planned_and_dispatched(pool, js, names, await plan_of(settings, uuid.UUID(created["id"])))
+        [job] = await published_jobs(js, names)
+        assert await JobProcessor(pool, JobContextLoader()).process(job) is True
+        con = await db.connect(settings.database_url)
+        try:
+            ledger = await ledger_of(con, job)
+        finally:
+            await con.close()
+    # Then the short bio is sent, and the long one fails on its own, saying why
+    short, long = ids
+    assert ledger[short] == ("sent", None)
+    assert ledger[long] == ("failed", "template: content.html: output over 1 MiB (the limit per message) on line 1")

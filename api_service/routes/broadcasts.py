@@ -15,6 +15,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api_service.auth import require_write
 from api_service.problems import problem
+from api_service.ratelimit import STREAM_SLOT
 from api_service.schemas.audience import email_problem
 from api_service.schemas.broadcasts import (
     Broadcast,
@@ -258,11 +259,12 @@ class BroadcastController(Controller):
                 raise Invalid(f"emails[{i}]", reason)
         results = await previews.test_send(
             state.services.pool, actor_of(request), broadcast_id, data.emails, data.contact_ids,
-            state.services.clock(),
+            state.services.clock(), allow_private_networks=state.services.settings.allow_private_networks,
         )
         return TestSent(results=[TestResult(address=a, ok=ok, error=e) for a, ok, e in results])
 
-    @get("/{broadcast_id:uuid}/progress", summary="Server-Sent Events: status and counters as they change")
+    @get("/{broadcast_id:uuid}/progress", summary="Server-Sent Events: status and counters as they change",
+         opt={STREAM_SLOT: True})  # holds one of the token's and tenant's stream slots while open
     async def progress_stream(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> ServerSentEvent:
         pool, tenant_id = state.services.pool, request.user.tenant_id
         async with pool.acquire() as con:

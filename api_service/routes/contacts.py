@@ -21,6 +21,7 @@ from api_service.schemas.audience import (
     ContactIn,
     ContactsImported,
     contact_batch,
+    decode_problem,
 )
 from api_service.schemas.common import Page
 from shared.audience import contacts
@@ -62,7 +63,8 @@ def _decoded(body: bytes) -> tuple[list[ContactIn], bool]:
         decoded = _decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         # Reported like Litestar's own body errors: 400 for broken JSON, 422 naming the field.
-        raise ValidationException(detail=str(e), extra=[{"message": str(e)}]) from e
+        message = decode_problem(str(e))
+        raise ValidationException(detail=message, extra=[{"message": message}]) from e
     if isinstance(decoded, list):
         return decoded, True
     return [decoded], False
@@ -104,6 +106,12 @@ class ContactController(Controller):
             except asyncpg.DataError as e:  # what only Postgres rejects, e.g. a lone surrogate in attributes
                 bad = await contacts.invalid_attributes_at(con, batch.attributes_json)
                 raise invalid(f"[{bad[0]}].attributes" if array and bad else "attributes", str(e)) from e
+            except contacts.AttributesTooLarge as e:  # only the merge with the stored ones shows it
+                keys = set(e.external_ids)
+                at = [i for i, c in enumerate(items) if c.external_id in keys and c.attributes is not msgspec.UNSET]
+                errors = [{"field": f"[{i}].attributes" if array else "attributes", "reason": e.reason} for i in at[:50]]
+                errors = errors or [{"field": "attributes", "reason": e.reason}]
+                raise problem(422, "; ".join(f"{x['field']}: {x['reason']}" for x in errors[:5]), errors=errors) from e
             if array:
                 return Response(ContactsImported(created=done.created, updated=done.updated, ids=done.ids))
             row = await contacts.get_contact(con, tenant_id, done.ids[0])

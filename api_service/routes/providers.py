@@ -13,14 +13,19 @@ from api_service.problems import problem
 from api_service.schemas.common import Page
 from api_service.schemas.providers import (
     Provider,
+    ProviderCheck,
     ProviderCreate,
     ProviderPatch,
+    check_endpoint,
     patched,
     to_response,
     validated,
 )
 from shared.broadcasts import view as broadcasts_view
 from shared.channels import accounts as repo
+from shared.channels.provider import ProviderUnavailable
+from shared.channels.registry import build_provider
+from shared.platform.logging import get_logger
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, QueryParameter(ge=0)]
@@ -33,6 +38,7 @@ IdempotencyKey = Annotated[
     ),
 ]
 NOT_FOUND = "provider not found"
+log = get_logger(__name__)
 
 
 class ProviderController(Controller):
@@ -44,6 +50,8 @@ class ProviderController(Controller):
         self, request: Request, state: State, data: JSONBody[ProviderCreate], idempotency_key: IdempotencyKey = None
     ) -> Provider:
         new = validated(data)
+        await check_endpoint(new.kind, new.config,
+                             allow_private_networks=state.services.settings.allow_private_networks)
         async with state.services.pool.acquire() as con:
             row = await repo.create(
                 con,
@@ -93,10 +101,32 @@ class ProviderController(Controller):
             if row is None:
                 raise problem(404, NOT_FOUND)
             changes = patched(row, data)
+            if "config" in changes:
+                await check_endpoint(row.kind, changes["config"],
+                                     allow_private_networks=state.services.settings.allow_private_networks)
             if changes:
                 row = await repo.update(con, tenant_id, provider_id, changes, at=state.services.clock())
         assert row is not None
         return to_response(row)
+
+    @post("/{provider_id:uuid}/test", guards=[require_write], status_code=200,
+          summary="Check the settings: connect, TLS and login, then hang up; nothing is sent")
+    async def test_provider(self, request: Request, state: State, provider_id: FromPath[uuid.UUID]) -> ProviderCheck:
+        async with state.services.pool.acquire() as con:
+            row = await repo.get(con, request.user.tenant_id, provider_id)
+        if row is None:
+            raise problem(404, NOT_FOUND)
+        provider = build_provider(row.kind, row.config,
+                                  allow_private_networks=state.services.settings.allow_private_networks)
+        try:
+            await provider.open()
+        except ProviderUnavailable as exc:
+            # The details (the server's replies) stay here: the tenant is told the class only.
+            log.info("provider test failed", provider_id=str(provider_id), failure=exc.failure, error=str(exc))
+            return ProviderCheck(ok=False, failure=exc.failure)
+        finally:
+            await provider.close()
+        return ProviderCheck(ok=True)
 
     @delete("/{provider_id:uuid}", guards=[require_write], summary="Delete a provider (not while a broadcast uses it)")
     async def delete_provider(self, request: Request, state: State, provider_id: FromPath[uuid.UUID]) -> None:

@@ -9,24 +9,34 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from api_service.schemas.common import Input, Name
+from shared.kernel import limits as lim
 
-Subject = Annotated[str, Meta(min_length=1, max_length=998)]  # RFC 5322 line limit
+# Limits and why: shared/kernel/limits.py. Together subject, html and text are also capped at
+# MAX_CONTENT_BYTES of JSON (checked by the decider, which sees an edit merged into the content).
+_CONTENT_NOTE = f"subject, html and text together: at most {lim.MAX_CONTENT_BYTES:,} bytes as JSON"
+Subject = Annotated[str, Meta(min_length=1, max_length=lim.MAX_SUBJECT_CHARS)]  # RFC 5322 line limit
+Html = Annotated[str, Meta(max_length=lim.MAX_HTML_CHARS, description=f"Liquid HTML template ({_CONTENT_NOTE})")]
+Text = Annotated[str, Meta(max_length=lim.MAX_TEXT_CHARS, description=f"Liquid plain-text template ({_CONTENT_NOTE})")]
+ContentAddress = Annotated[str, Meta(max_length=lim.MAX_ADDRESS_CHARS, description="an address, or `Name <address>`")]
+Timezone = Annotated[str, Meta(min_length=1, max_length=lim.MAX_TIMEZONE_CHARS, description="an IANA time zone")]
+Cron = Annotated[str, Meta(min_length=1, max_length=lim.MAX_CRON_CHARS, description="5 fields, in `timezone`")]
+TestAddress = Annotated[str, Meta(max_length=254)]
 
 
 class ContentIn(Input, kw_only=True):
     subject: Subject
-    html: str = ""
-    text: str = ""
-    from_email: str | None = None
-    reply_to: str | None = None
+    html: Html = ""
+    text: Text = ""
+    from_email: ContentAddress | None = None
+    reply_to: ContentAddress | None = None
 
 
 class ContentPatch(Input, kw_only=True):
     subject: Subject | UnsetType = UNSET
-    html: str | UnsetType = UNSET
-    text: str | UnsetType = UNSET
-    from_email: str | None | UnsetType = UNSET
-    reply_to: str | None | UnsetType = UNSET
+    html: Html | UnsetType = UNSET
+    text: Text | UnsetType = UNSET
+    from_email: ContentAddress | None | UnsetType = UNSET
+    reply_to: ContentAddress | None | UnsetType = UNSET
 
 
 class ScheduleFields(Input, kw_only=True):
@@ -34,11 +44,12 @@ class ScheduleFields(Input, kw_only=True):
     `timezone`). Recurring: `recurring: true` with a 5-field `cron` in `timezone`."""
 
     scheduled_at: datetime | None = None
-    timezone: str = "UTC"
+    timezone: Timezone = "UTC"
     recurring: bool = False
-    cron: str | None = None
+    cron: Cron | None = None
     missed_policy: Literal["send", "skip"] = "send"
-    max_lateness_s: Annotated[int, Meta(ge=0)] = 3600  # "send": later than this, an occurrence is skipped
+    # "send": later than this, an occurrence is skipped
+    max_lateness_s: Annotated[int, Meta(ge=0, le=lim.MAX_LATENESS_S)] = 3600
 
 
 class ScheduleIn(ScheduleFields, kw_only=True):
@@ -55,8 +66,8 @@ class BroadcastCreate(ScheduleFields, kw_only=True):
 class TestSendIn(Input, kw_only=True):
     """Where to send a test: up to 10 addresses and/or contacts (rendered with their variables)."""
 
-    emails: Annotated[list[str], Meta(max_length=10)] = []
-    contact_ids: Annotated[list[int], Meta(max_length=10)] = []
+    emails: Annotated[list[TestAddress], Meta(max_length=10)] = []
+    contact_ids: Annotated[list[Annotated[int, Meta(ge=1, le=2**63 - 1)]], Meta(max_length=10)] = []
 
 
 class TestResult(msgspec.Struct, kw_only=True):

@@ -24,6 +24,7 @@ from shared.channels.accounts import (
     ProviderRow,
 )
 from shared.kernel.errors import Invalid
+from shared.platform import netguard
 
 Channel = Literal["email"]
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -34,6 +35,10 @@ BatchSize = Annotated[int, Meta(ge=1, le=10000, description="recipients per batc
 BatchDelayMs = Annotated[int, Meta(ge=0, le=86_400_000, description="delay between batches (0: none)")]
 MaxRetries = Annotated[int, Meta(ge=0, le=10, description="resends of a message after a transient failure")]
 TimeoutS = Annotated[float, Meta(gt=0, le=300, description="seconds to wait for the server on each command")]
+InsecureAuth = Annotated[bool, Meta(description=(
+    "log in without TLS: the username and password are sent in clear, readable by anyone on the path. "
+    "Required to save a login with starttls false and no implicit_tls"
+))]
 
 SMTP_PORT, SMTPS_PORT = 587, 465
 
@@ -52,6 +57,7 @@ class SmtpProviderCreate(Input, tag_field="kind", tag="smtp", kw_only=True):
     tls_verify: bool = True
     timeout_s: TimeoutS = 30.0
     from_email: Address
+    allow_insecure_auth: InsecureAuth = False
     batch_size: BatchSize = DEFAULT_BATCH_SIZE
     batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
@@ -83,8 +89,8 @@ CONFIG_FIELDS = {
 class ProviderPatch(Input, kw_only=True):
     """Any subset of the fields of the provider's kind; `kind` and `channel` cannot change."""
 
-    kind: str | UnsetType = UNSET
-    channel: str | UnsetType = UNSET
+    kind: Annotated[str, Meta(max_length=32)] | UnsetType = UNSET
+    channel: Annotated[str, Meta(max_length=32)] | UnsetType = UNSET
     name: Name | UnsetType = UNSET
     host: Host | UnsetType = UNSET
     port: Port | None | UnsetType = UNSET
@@ -95,6 +101,7 @@ class ProviderPatch(Input, kw_only=True):
     tls_verify: bool | UnsetType = UNSET
     timeout_s: TimeoutS | UnsetType = UNSET
     from_email: Address | None | UnsetType = UNSET
+    allow_insecure_auth: InsecureAuth | UnsetType = UNSET
     batch_size: BatchSize | UnsetType = UNSET
     batch_delay_ms: BatchDelayMs | UnsetType = UNSET
     max_retries: MaxRetries | UnsetType = UNSET
@@ -113,6 +120,7 @@ class SmtpProvider(msgspec.Struct, tag_field="kind", tag="smtp", kw_only=True):
     tls_verify: bool
     timeout_s: float
     from_email: str
+    allow_insecure_auth: bool
     batch_size: int
     batch_delay_ms: int
     max_retries: int
@@ -133,6 +141,16 @@ class NullProvider(msgspec.Struct, tag_field="kind", tag="null", kw_only=True):
 
 
 Provider = SmtpProvider | NullProvider
+
+
+class ProviderCheck(msgspec.Struct, kw_only=True):
+    """The outcome of POST /v1/providers/{id}/test: a session was started (connect, TLS, login) and ended."""
+
+    ok: bool
+    failure: Annotated[str | None, Meta(description=(
+        "why not, as a class: unreachable, timeout, tls_failed, tls_unavailable (STARTTLS required but not "
+        "offered), auth_failed, rejected, refused_private_address. The server's own replies are not returned"
+    ))] = None
 
 
 class NewProvider(msgspec.Struct, frozen=True, kw_only=True):
@@ -166,6 +184,9 @@ def _check_smtp(data: SmtpProviderCreate) -> None:
         raise Invalid("username", "required when a password is set")
     if data.username is not None and data.password is None:
         raise Invalid("password", "required when a username is set")
+    if data.username is not None and data.starttls is False and not data.implicit_tls and not data.allow_insecure_auth:
+        raise Invalid("starttls", "a login is only sent over TLS: leave starttls on, use implicit_tls, or set "
+                                  "allow_insecure_auth to true to send the password in clear")
 
 
 def validated(data: ProviderCreate) -> NewProvider:
@@ -184,6 +205,15 @@ def validated(data: ProviderCreate) -> NewProvider:
         batch_delay_ms=data.batch_delay_ms,
         max_retries=data.max_retries,
     )
+
+
+async def check_endpoint(kind: str, config: dict[str, Any], *, allow_private_networks: bool) -> None:
+    """At save, with private networks not allowed: a host that is (or now resolves to) a private,
+    loopback, link-local ... address is refused. A convenience: the check at connect time is the wall."""
+    if allow_private_networks or kind != "smtp":
+        return
+    if reason := await netguard.refusal_at_save(config["host"]):
+        raise Invalid("host", reason)
 
 
 _AT = re.compile(r"\s*-\s*at `\$\.?([^`]*)`")
@@ -236,5 +266,6 @@ def to_response(row: ProviderRow) -> Provider:
             tls_verify=bool(c.get("tls_verify", True)),
             timeout_s=float(c.get("timeout_s", 30.0)),
             from_email=c["from_email"],
+            allow_insecure_auth=bool(c.get("allow_insecure_auth", False)),
         )
     return NullProvider(**common, from_email=c.get("from_email"))

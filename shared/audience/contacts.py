@@ -11,6 +11,9 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from shared.kernel.errors import Invalid
+from shared.kernel.limits import MAX_STORED_ATTRIBUTES_BYTES
+
 # The fields a row of an upsert gives: those replace the stored ones, the others are kept.
 EMAIL, PHONE, LOCALE, ATTRIBUTES = 1, 2, 4, 8
 _COLUMNS = ((EMAIL, "email"), (PHONE, "phone"), (LOCALE, "locale"))
@@ -25,6 +28,19 @@ class ContactBatch(msgspec.Struct):
     locales: list[str | None]
     attributes_json: str  # a JSON array: row i's attributes object, or null when not given
     given: list[int]  # per row: EMAIL | PHONE | LOCALE | ATTRIBUTES, the fields it gives
+
+
+class AttributesTooLarge(Invalid):
+    """Merged key by key into the stored ones, these contacts' attributes would pass
+    MAX_STORED_ATTRIBUTES_BYTES: a job carries a recipient's attributes, and one must always fit."""
+
+    def __init__(self, external_ids: list[str]) -> None:
+        self.external_ids = external_ids
+        super().__init__(
+            "attributes",
+            f"merged key by key into the stored attributes they would be over {MAX_STORED_ATTRIBUTES_BYTES:,} bytes"
+            " as JSON",
+        )
 
 
 class Upserted(msgspec.Struct, frozen=True):
@@ -81,7 +97,7 @@ def _deduplicated(batch: ContactBatch) -> tuple[ContactBatch, list[int]]:
     return _batch(rows), where
 
 
-def _upsert_sql(given: int) -> str:
+def _upsert_sql(given: int, merged_in_request: bool = False) -> str:
     sets = "".join(f"{col} = EXCLUDED.{col}, " for bit, col in _COLUMNS if given & bit)
     # Each column travels as one JSON array: asyncpg encodes a text[] element by element (and
     # checks each for nesting), which cost more than all the rest of the request's Python.
@@ -98,9 +114,15 @@ def _upsert_sql(given: int) -> str:
             ORDER BY t.external_id, t.ord
             ON CONFLICT (tenant_id, external_id) DO UPDATE
             SET {sets}attributes = c.attributes || EXCLUDED.attributes, updated_at = now()
-            RETURNING c.id, c.external_id, (c.xmax = 0) AS inserted
+            RETURNING c.id, c.external_id, (c.xmax = 0) AS inserted,
+                      -- merged attributes past the stored limit (one recipient must fit in a job): only an
+                      -- update or rows merged in this request can get there; printing every row's jsonb
+                      -- would cost ~6 ms per 10,000 rows (measured)
+                      CASE WHEN NOT (c.xmax = 0) OR {str(merged_in_request).lower()}
+                           THEN octet_length(c.attributes::text) > {MAX_STORED_ATTRIBUTES_BYTES} END AS too_big
         )
-        SELECT array_agg(id) AS ids, array_agg(external_id) AS keys, count(*) FILTER (WHERE inserted) AS created
+        SELECT array_agg(id) AS ids, array_agg(external_id) AS keys, count(*) FILTER (WHERE inserted) AS created,
+               array_agg(external_id) FILTER (WHERE too_big) AS too_big
         FROM written"""
 
 
@@ -135,9 +157,11 @@ async def upsert_contacts(con: asyncpg.Connection, tenant_id: uuid.UUID, batch: 
             if not group.external_ids:
                 continue
             done = await con.fetchrow(
-                _upsert_sql(given), tenant_id, *(encode(c).decode() for c in (group.external_ids, group.emails, group.phones, group.locales)),
+                _upsert_sql(given, where is not None), tenant_id, *(encode(c).decode() for c in (group.external_ids, group.emails, group.phones, group.locales)),
                 group.attributes_json,
             )
+            if done["too_big"]:  # merges grew them past the limit: roll the whole request back
+                raise AttributesTooLarge(done["too_big"])
             by_key.update(zip(done["keys"], done["ids"]))
             if None in by_key:
                 del by_key[None]  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from shared.broadcasts.status import (
 )
 from shared.kernel import streams
 from shared.kernel.errors import AlreadyExists, Invalid, NotFound, WrongStatus
+from shared.kernel.limits import MAX_CONTENT_BYTES
 
 CATEGORY = "broadcast"
 
@@ -453,6 +454,21 @@ def merge_content(current: Content, changes: ContentChanges) -> Content:
     return msgspec.structs.replace(current, **given)
 
 
+def _check_content_size(content: Content) -> None:
+    """The content as the event carries it stays under MAX_CONTENT_BYTES (shared/kernel/limits.py):
+    an event over nats-server's max_payload could not be published. Measured as JSON bytes, since
+    the per-field limits count characters; checked here because an edit merges into the stored content."""
+    size = len(_encode(content))
+    if size > MAX_CONTENT_BYTES:
+        raise Invalid(
+            "content",
+            f"subject, html and text together must be at most {MAX_CONTENT_BYTES:,} bytes as JSON, not {size:,}",
+        )
+
+
+_encode = msgspec.json.Encoder().encode
+
+
 def decide(command: Command, state: State) -> list[Event]:
     match command:
         case CreateBroadcast():
@@ -463,6 +479,7 @@ def decide(command: Command, state: State) -> list[Event]:
                 if same and not state.deleted:
                     return []  # a retried create
                 raise AlreadyExists(f"broadcast {command.broadcast_id} already exists")
+            _check_content_size(command.content)
             return [
                 BroadcastCreated(
                     broadcast_id=command.broadcast_id,
@@ -488,6 +505,7 @@ def decide(command: Command, state: State) -> list[Event]:
             if command.content is not UNSET:
                 content = merge_content(state.content, command.content)
                 if content != state.content:
+                    _check_content_size(content)
                     changed["content"] = content
             if not changed:
                 return []  # nothing new: a retried or empty edit

@@ -92,9 +92,10 @@ async def check_references(
 
 
 def check_content(content: b.Content) -> None:
-    """Templates must parse, so a broadcast never fails at send time for a typo."""
+    """Templates must parse, so a broadcast never fails at send time for a typo, and must render
+    within the per-message limits for a recipient with no data (else they fail for every one)."""
     try:
-        CompiledContent.compile(content.subject, content.html, content.text)
+        CompiledContent.compile(content.subject, content.html, content.text).check()
     except TemplateError as exc:
         raise Invalid(exc.field, exc.reason) from exc
     for field in ("from_email", "reply_to"):

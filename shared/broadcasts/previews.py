@@ -15,11 +15,19 @@ from shared.broadcasts.handlers import DECIDER, INLINE, Actor
 from shared.channels import accounts
 from shared.channels.provider import EmailContent, OutgoingMessage, ProviderUnavailable
 from shared.channels.registry import build_provider
-from shared.content.templates import CompiledContent, TemplateError
+from shared.content.templates import (
+    Budget,
+    CompiledContent,
+    TemplateError,
+    preview_budget,
+)
 from shared.kernel.errors import Invalid, NotFound
 from shared.platform import commands
+from shared.platform.logging import get_logger
 from shared.sending import snapshot
 from shared.sending.jobs import Recipient, decode_recipient, reachable, recipient_json
+
+log = get_logger(__name__)
 
 
 class Resolved(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,11 +44,19 @@ def _compiled(row: view.BroadcastRow) -> CompiledContent:
     return CompiledContent.compile(c["subject"], c.get("html", ""), c.get("text", ""))
 
 
-def _resolve(row: view.BroadcastRow, content: CompiledContent, recipient: Recipient) -> Resolved:
-    try:
-        subject, html, text = content.render(recipient.variables())
-    except TemplateError as exc:  # shown, as the send would fail this recipient
-        subject, html, text = f"(not rendered: {exc})", "", ""
+def _resolve(
+    row: view.BroadcastRow, content: CompiledContent, recipient: Recipient, preview: Budget | None = None
+) -> Resolved:
+    if preview is not None and preview.used_up:
+        subject, html, text = "(not rendered: the preview's budget of two messages' work is used up)", "", ""
+    else:
+        budget = Budget()  # a message's limits, as in the send
+        try:
+            subject, html, text = content.render(recipient.variables(), budget)
+        except TemplateError as exc:  # shown, as the send would fail this recipient
+            subject, html, text = f"(not rendered: {exc})", "", ""
+        if preview is not None:
+            preview.charge(budget)
     return Resolved(contact_id=recipient.contact_id, channel=row.channel, address=recipient.address,
                     subject=subject, html=html, text=text)
 
@@ -61,14 +77,20 @@ async def preview(pool: asyncpg.Pool, tenant_id: uuid.UUID, broadcast_id: uuid.U
         runs = snapshot.reached_runs(row.reset_run, row.run)
         records = await snapshot.first_recipients(con, broadcast_id, row.list_id, row.channel, runs, limit)
     content = _compiled(row)
-    return [_resolve(row, content, decode_recipient(r)) for r in records]
+    # Each message within a message's limits, and all of them within two messages' worth, so that
+    # a heavy template stops the preview within a fraction of a second; the messages past it say why.
+    budget = preview_budget()
+    return [_resolve(row, content, decode_recipient(r), budget) for r in records]
 
 
 async def test_send(
     pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, emails: list[str], contact_ids: list[int],
-    at: datetime,
+    at: datetime, *, allow_private_networks: bool = False,
 ) -> list[tuple[str, bool, str | None]]:
-    """Send the content to `emails` (variables: just the address) and `contact_ids` (their own)."""
+    """Send the content to `emails` (variables: just the address) and `contact_ids` (their own).
+
+    A failure is told as its class ("unreachable", "auth_failed", "rejected" ...), never in the
+    server's own words: those stay in the log."""
     async with pool.acquire() as con:
         row = await _live(con, actor.tenant_id, broadcast_id)
         if row.provider_id is None:
@@ -101,19 +123,23 @@ async def test_send(
                 reply_to=row.content.get("reply_to"), headers={"X-Crier-Test": "true"},
             ),
         ))
-    provider = build_provider(provider_row.kind, config)
+    provider = build_provider(provider_row.kind, config, allow_private_networks=allow_private_networks)
     try:
         await provider.open()
         outcomes = {r.contact_id: r for r in await provider.send(messages)}
         failure = None
     except ProviderUnavailable as exc:
-        outcomes, failure = {}, f"provider unavailable: {exc}"
+        log.info("test send: provider unavailable", broadcast_id=str(broadcast_id),
+                 provider_id=str(provider_row.id), failure=exc.failure, error=str(exc))
+        outcomes, failure = {}, exc.failure
     finally:
         await provider.close()
     results: list[tuple[str, bool, str | None]] = []
     for m in messages:
         r = outcomes.get(m.contact_id)
-        results.append((m.to, True, None) if r and r.ok else (m.to, False, r.error if r else failure))
+        if r is not None and not r.ok:
+            log.info("test send: message failed", broadcast_id=str(broadcast_id), failure=r.failure, error=r.error)
+        results.append((m.to, True, None) if r and r.ok else (m.to, False, (r.failure or "failed") if r else failure))
     ok = sum(1 for _, good, _ in results if good)
     command = b.RecordTestSend(addresses=[m.to for m in messages], sent=ok, failed=len(results) - ok, at=at)
     await commands.handle(pool, DECIDER, b.stream_name(broadcast_id), command, actor.metadata(), INLINE)

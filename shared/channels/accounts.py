@@ -150,3 +150,9 @@ async def pacing(con: asyncpg.Connection, tenant_id: uuid.UUID, provider_id: uui
         provider_id, tenant_id,
     )
     return (row["batch_size"], row["batch_delay_ms"]) if row else None
+
+
+async def batch_delays(con: asyncpg.Connection, providers: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+    """batch_delay_ms of each of these providers (a deleted one still paces what is left of its runs)."""
+    rows = await con.fetch("SELECT id, batch_delay_ms FROM providers WHERE id = ANY($1::uuid[])", providers)
+    return {r["id"]: r["batch_delay_ms"] for r in rows}

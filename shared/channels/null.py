@@ -9,7 +9,7 @@ from shared.channels.provider import OutgoingMessage, SendResult
 class NullProvider:
     dedupes = True  # no side effects: a resend cannot reach anyone twice
 
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, *, allow_private_networks: bool = False) -> None:
         self.sent = 0
 
     async def open(self) -> None:

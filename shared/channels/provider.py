@@ -31,23 +31,41 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     content: Content
 
 
+# Failure classes: what a test send tells the tenant, instead of the remote server's own words (a
+# banner or an error text could turn a test send into a probe of whatever answers at the host).
+# `error` keeps the details for the ledger and the logs.
+UNREACHABLE = "unreachable"  # no connection (refused, no route, the name does not resolve)
+TIMEOUT = "timeout"
+TLS_FAILED = "tls_failed"  # the handshake or the certificate check failed
+TLS_UNAVAILABLE = "tls_unavailable"  # STARTTLS required but not offered: nothing is sent in clear
+AUTH_FAILED = "auth_failed"
+REJECTED = "rejected"  # the server refused the session or the message
+DEFERRED = "deferred"  # the server refused for now (SMTP 4xx)
+CONNECTION_LOST = "connection_lost"
+OUTCOME_UNKNOWN = "outcome_unknown"  # lost while the server had the message: not resent
+INVALID_MESSAGE = "invalid_message"  # the address or the message could not be sent as given
+REFUSED_PRIVATE_ADDRESS = "refused_private_address"  # the host is not on the public internet
+
+
 class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     contact_id: int
     ok: bool
     error: str | None = None
     retryable: bool = False  # a transient failure (SMTP 4xx, connection drop): worth retrying
     provider_message_id: str | None = None
+    failure: str | None = None  # the failure class of a failed result (see above)
 
 
 class ProviderUnavailable(Exception):
     """`open()` could not start a session (server down, TLS or login refused): nothing was sent.
 
     `retryable` is False when retrying cannot help without a change of settings (bad credentials,
-    TLS verification failure, STARTTLS not offered)."""
+    TLS verification failure, STARTTLS not offered, a host that is not public). `failure` is the
+    failure class, the only part a tenant's test send is told."""
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, failure: str = UNREACHABLE) -> None:
         super().__init__(message)
-        self.retryable = retryable
+        self.retryable, self.failure = retryable, failure
 
 
 class Provider(Protocol):

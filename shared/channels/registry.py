@@ -25,10 +25,13 @@ def address_sql(channel: str) -> str:
         raise ValueError(f"unknown channel {channel!r}; known: {', '.join(sorted(ADDRESS_SQL))}") from None
 
 
-def build_provider(kind: str, config: dict[str, Any]) -> Provider:
-    """A fresh, unopened provider: build one per job, it holds that job's connection."""
+def build_provider(kind: str, config: dict[str, Any], *, allow_private_networks: bool = False) -> Provider:
+    """A fresh, unopened provider: build one per job, it holds that job's connection.
+
+    `allow_private_networks` (the operator's CRIER_ALLOW_PRIVATE_NETWORKS): whether the provider
+    may connect to hosts that are not on the public internet (shared/platform/netguard.py)."""
     try:
         cls = KINDS[kind]
     except KeyError:
         raise ValueError(f"unknown provider kind {kind!r}; known: {', '.join(sorted(KINDS))}") from None
-    return cls(config)
+    return cls(config, allow_private_networks=allow_private_networks)

@@ -14,13 +14,31 @@ from typing import Any
 import aiosmtplib
 import msgspec
 
-from shared.channels.provider import OutgoingMessage, ProviderUnavailable, SendResult
+from shared.channels.provider import (
+    AUTH_FAILED,
+    CONNECTION_LOST,
+    DEFERRED,
+    INVALID_MESSAGE,
+    OUTCOME_UNKNOWN,
+    REFUSED_PRIVATE_ADDRESS,
+    REJECTED,
+    TIMEOUT,
+    TLS_FAILED,
+    TLS_UNAVAILABLE,
+    UNREACHABLE,
+    OutgoingMessage,
+    ProviderUnavailable,
+    SendResult,
+)
+from shared.platform import netguard
+from shared.platform.logging import get_logger
 
 # Headers a caller's `headers` may not replace: the MIME structure, and the Message-ID that makes
 # duplicates detectable downstream.
 _RESERVED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version", "message-id"})
 _FULL_DOCUMENT = re.compile(r"\A\s*(?:<!--.*?-->\s*)*(?:<!doctype\b|<html\b)", re.IGNORECASE | re.DOTALL)
 _local_hostname: str | None = None
+log = get_logger(__name__)
 
 
 class SmtpConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,6 +53,7 @@ class SmtpConfig(msgspec.Struct, frozen=True, kw_only=True):
     tls_verify: bool = True
     timeout_s: float = 30.0
     from_email: str | None = None
+    allow_insecure_auth: bool = False  # checked when saved (the API); a login in clear needs it said
 
     @property
     def resolved_port(self) -> int:
@@ -116,6 +135,14 @@ def build_mime(message: OutgoingMessage, *, utf8: bool = False) -> bytes:
     return mime.as_bytes()
 
 
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    if smtp.is_ehlo_or_helo_needed:
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await smtp.helo()
+
+
 async def _default_local_hostname() -> str:
     # getfqdn can take seconds with a slow resolver: once per process, not once per connection.
     global _local_hostname
@@ -132,8 +159,29 @@ def _is_bare_address(address: str) -> bool:
     return parseaddr(address) == ("", address)
 
 
-def _failed(message: OutgoingMessage, error: str, retryable: bool) -> SendResult:
-    return SendResult(contact_id=message.contact_id, ok=False, error=error, retryable=retryable)
+def _failed(message: OutgoingMessage, error: str, retryable: bool, failure: str) -> SendResult:
+    return SendResult(contact_id=message.contact_id, ok=False, error=error, retryable=retryable, failure=failure)
+
+
+def _unavailable(exc: Exception, where: str, step: str) -> ProviderUnavailable:
+    """What a failed session start means: a failure class, and the details for the ledger and logs."""
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return ProviderUnavailable(f"smtp login to {where} refused: {exc.code} {exc.message}",
+                                   retryable=400 <= exc.code < 500, failure=AUTH_FAILED)
+    if isinstance(exc, aiosmtplib.SMTPConnectResponseError):  # the greeting was not 220
+        return ProviderUnavailable(f"smtp {where} refused the session: {exc.code} {exc.message}",
+                                   retryable=400 <= exc.code < 500, failure=REJECTED)
+    if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError):  # implicit TLS: wrapped
+        return ProviderUnavailable(f"smtp TLS with {where} failed: {exc}", retryable=False, failure=TLS_FAILED)
+    if isinstance(exc, TimeoutError):
+        return ProviderUnavailable(f"smtp {where} timed out ({step}): {exc}", failure=TIMEOUT)
+    if isinstance(exc, (OSError, UnicodeError)):
+        return ProviderUnavailable(f"cannot connect to smtp {where}: {exc}", failure=UNREACHABLE)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return ProviderUnavailable(f"smtp {where} refused the session ({step}): {exc.code} {exc.message}",
+                                   retryable=400 <= exc.code < 500, failure=REJECTED)
+    return ProviderUnavailable(f"smtp {where} ({step}): {exc}", retryable=False,  # e.g. no AUTH offered
+                               failure=AUTH_FAILED if step == "login" else REJECTED)
 
 
 class SmtpProvider:
@@ -145,8 +193,10 @@ class SmtpProvider:
 
     dedupes = False
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], *, allow_private_networks: bool = False) -> None:
         self.config = msgspec.convert(config, SmtpConfig)
+        # False: the host must resolve to public addresses only (shared/platform/netguard.py).
+        self.allow_private_networks = allow_private_networks
         self.connections = 0  # opened by this session (tests check that a job uses one)
         self._smtp: aiosmtplib.SMTP | None = None
         self._lock = asyncio.Lock()
@@ -163,43 +213,52 @@ class SmtpProvider:
     async def _connect(self) -> None:
         self._drop()
         c = self.config
+        where = f"{c.host}:{c.resolved_port}"
+        # The name is resolved and checked once, and the socket goes to an address that passed: a DNS
+        # answer that changes in between (rebinding) cannot reach inside the network.
+        try:
+            sock = await netguard.connect(c.host, c.resolved_port, allow_private=self.allow_private_networks,
+                                          timeout=c.timeout_s)
+        except netguard.PrivateAddressRefused as exc:
+            log.warning("smtp host refused: not a public address", host=c.host, port=c.resolved_port,
+                        address=str(exc.address) if exc.address else None, kind=exc.why)
+            raise ProviderUnavailable(f"smtp host refused: {exc}", retryable=False,
+                                      failure=REFUSED_PRIVATE_ADDRESS) from exc
+        except (OSError, UnicodeError) as exc:  # TimeoutError too; UnicodeError: a name IDNA cannot encode
+            raise _unavailable(exc, where, "connect") from exc
+        address = netguard.parse_address(c.host)
         smtp = aiosmtplib.SMTP(
-            hostname=c.host,
-            port=c.resolved_port,
-            username=c.username,
-            password=c.password,
+            # With a connected socket, aiosmtplib uses `hostname` only for TLS: SNI and the certificate
+            # are checked against the name the provider gives, not the address connected to.
+            hostname=str(address) if address is not None else c.host,
+            sock=sock,
             use_tls=c.implicit_tls,
-            start_tls=c.resolved_starttls,
+            start_tls=False,  # done below, so that a server not offering it fails before any login
             validate_certs=c.tls_verify,
             timeout=c.timeout_s,
             local_hostname=await _default_local_hostname(),
         )
-        where = f"{c.host}:{c.resolved_port}"
+        step = "connect"
         try:
             await smtp.connect()
-            if smtp.is_ehlo_or_helo_needed:  # greet now: the extensions (SMTPUTF8) are needed before MAIL
-                try:
-                    await smtp.ehlo()
-                except aiosmtplib.SMTPHeloError:
-                    await smtp.helo()
-        except aiosmtplib.SMTPAuthenticationError as exc:
+            await _greet(smtp)  # now: the extensions (STARTTLS, SMTPUTF8) are needed before MAIL
+            if c.resolved_starttls and not c.implicit_tls:
+                step = "starttls"
+                if not smtp.supports_extension("starttls"):
+                    raise ProviderUnavailable(f"smtp {where} does not offer STARTTLS, which this provider "
+                                              "requires: nothing was sent in clear", retryable=False,
+                                              failure=TLS_UNAVAILABLE)
+                await smtp.starttls()
+                await _greet(smtp)
+            if c.username is not None:
+                step = "login"
+                await smtp.login(c.username, c.password or "")
+        except BaseException as exc:
             smtp.close()
-            raise ProviderUnavailable(f"smtp login to {where} refused: {exc.code} {exc.message}",
-                                      retryable=400 <= exc.code < 500) from exc
-        except ssl.SSLError as exc:
-            smtp.close()
-            raise ProviderUnavailable(f"smtp TLS with {where} failed: {exc}", retryable=False) from exc
-        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
-                OSError) as exc:
-            smtp.close()
-            raise ProviderUnavailable(f"cannot connect to smtp {where}: {exc}") from exc
-        except aiosmtplib.SMTPResponseException as exc:
-            smtp.close()
-            raise ProviderUnavailable(f"smtp {where} refused the session: {exc.code} {exc.message}",
-                                      retryable=400 <= exc.code < 500) from exc
-        except aiosmtplib.SMTPException as exc:  # e.g. STARTTLS required but not offered
-            smtp.close()
-            raise ProviderUnavailable(f"smtp {where}: {exc}", retryable=False) from exc
+            sock.close()
+            if isinstance(exc, (aiosmtplib.SMTPException, OSError)):
+                raise _unavailable(exc, where, step) from exc
+            raise
         self._smtp = smtp
         self.connections += 1
 
@@ -214,24 +273,25 @@ class SmtpProvider:
             connect_error: ProviderUnavailable | None = None  # one failed connect fails the rest of this call
             for message in messages:
                 if connect_error is not None:
-                    results.append(_failed(message, str(connect_error), connect_error.retryable))
+                    results.append(_failed(message, str(connect_error), connect_error.retryable,
+                                           connect_error.failure))
                     continue
                 try:
                     results.append(await self._send_one(message))
                 except ProviderUnavailable as exc:
                     connect_error = exc
-                    results.append(_failed(message, str(exc), exc.retryable))
+                    results.append(_failed(message, str(exc), exc.retryable, exc.failure))
             return results
 
     async def _send_one(self, message: OutgoingMessage) -> SendResult:
         if not _is_bare_address(message.to):
-            return _failed(message, f"not an email address: {message.to!r}", False)
+            return _failed(message, f"not an email address: {message.to!r}", False, INVALID_MESSAGE)
         envelope_from = parseaddr(message.content.from_email)[1] or message.content.from_email
         utf8 = not (envelope_from.isascii() and message.to.isascii())
         try:
             payload = build_mime(message, utf8=utf8)
         except Exception as exc:  # a header with a line break, an unencodable address ...
-            return _failed(message, f"message could not be built: {exc}", False)
+            return _failed(message, f"message could not be built: {exc}", False, INVALID_MESSAGE)
         for attempt in (1, 2):
             if not self.connected:
                 await self._connect()
@@ -242,7 +302,8 @@ class SmtpProvider:
                 options, encoding = [], "ascii"
                 if utf8:
                     if not smtp.supports_extension("smtputf8"):
-                        return _failed(message, "non-ASCII address and the server does not support SMTPUTF8", False)
+                        return _failed(message, "non-ASCII address and the server does not support SMTPUTF8", False,
+                                       REJECTED)
                     options, encoding = ["SMTPUTF8"], "utf-8"
                 await smtp.mail(envelope_from, options=options, encoding=encoding)
                 await smtp.rcpt(message.to, encoding=encoding)
@@ -255,18 +316,20 @@ class SmtpProvider:
                     await self._reset()
                 elif not handed_over and attempt == 1:
                     continue  # 421: the server closed the session before taking the message
-                return _failed(message, f"smtp {exc.code}: {exc.message}", 400 <= exc.code < 500)
+                transient = 400 <= exc.code < 500
+                return _failed(message, f"smtp {exc.code}: {exc.message}", transient,
+                               DEFERRED if transient else REJECTED)
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
                 self._drop()
                 if handed_over:
                     return _failed(message, f"outcome unknown: connection lost during DATA ({exc}); not resent "
-                                            "to avoid a duplicate", False)
+                                            "to avoid a duplicate", False, OUTCOME_UNKNOWN)
                 if attempt == 1:
                     continue
-                return _failed(message, f"connection lost: {exc}", True)
+                return _failed(message, f"connection lost: {exc}", True, CONNECTION_LOST)
             except (aiosmtplib.SMTPException, ValueError) as exc:  # e.g. an address aiosmtplib cannot quote
                 await self._reset()
-                return _failed(message, f"smtp: {exc}", False)
+                return _failed(message, f"smtp: {exc}", False, INVALID_MESSAGE)
         raise AssertionError("unreachable")
 
     async def _reset(self) -> None:

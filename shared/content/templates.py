@@ -3,18 +3,31 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Any, Callable, Mapping
+from io import StringIO
+from typing import Any, Callable, Mapping, TextIO
 
-from liquid import BoundTemplate, Environment
+from liquid import BoundTemplate, Environment, RenderContext
+from liquid.ast import BlockNode, ConditionalBlockNode
 from liquid.builtin.content import ContentNode
 from liquid.builtin.expressions import FilteredExpression
 from liquid.builtin.expressions.path import Path
 from liquid.builtin.output import OutputNode
-from liquid.exceptions import LiquidError
+from liquid.builtin.tags.for_tag import ForNode, ForTag
+from liquid.builtin.tags.tablerow_tag import TablerowNode, TablerowTag
+from liquid.exceptions import (
+    ContextDepthError,
+    LiquidError,
+    LocalNamespaceLimitError,
+    LoopIterationLimitError,
+    OutputStreamLimitError,
+    ResourceLimitError,
+)
+from liquid.output import LimitedStringIO
 from liquid.stringify import to_liquid_string
+from liquid.token import Token
 from markupsafe import escape
 
-__all__ = ["CompiledContent", "Template", "TemplateError", "compile_template"]
+__all__ = ["Budget", "CompiledContent", "Template", "TemplateError", "compile_template", "preview_budget"]
 
 
 class TemplateError(Exception):
@@ -25,15 +38,277 @@ class TemplateError(Exception):
         self.field, self.reason = field, reason
 
 
+# --- what one message may cost ------------------------------------------------------------------
+# Templates are tenant input, rendered in the API (save check, preview, test sends) and per recipient
+# in the senders: each message's render is bounded in output and in work, so no template stalls a
+# process the other tenants share.
+#
+# Output: 1 MiB per message (subject, HTML and text together, UTF-8). Providers take 10 MB (SES) to
+# 25-30 MB (Mailgun, SendGrid) per message after MIME encoding (base64 adds a third), and Gmail
+# clips an HTML body past ~100 KB, so a real email is a few tens of KiB and fits comfortably.
+OUTPUT_LIMIT = 1024 * 1024
+# Loop iterations: 10,000 per message, counted across all loops (nested and one after another);
+# python-liquid's own loop_iteration_limit only bounds the product of the loops nested at one point,
+# so sibling loops, or a loop inside a loop inside a loop, add up unchecked. A real email loops over
+# a contact's items (tens), perhaps nested (hundreds); 10,000 is far above that and costs at most a
+# few tens of milliseconds.
+LOOP_LIMIT = 10_000
+# Steps: 20,000 per message, each node of a loop's body rendered once (a loop of 100 items whose body
+# holds 30 tags and outputs is 3,000) and each filter call. The loop limit alone lets a body of a
+# thousand `{% if %}` tags run ten million times; a step costs 3-5 us, so a message stays within
+# ~0.1 s. A real email's loops (tens of items, tens of nodes) take a few thousand.
+STEP_LIMIT = 20_000
+# Work of filters and captures: 2 million characters (or items) per message: each filter call
+# counts the size of its input and arguments (and, for `replace` and `join`, of the output it
+# would build) and each capture what is written into it. Output and loop limits do not see a value
+# built without being written, such as `s | append: s` or a capture of itself in a loop, a range
+# `(1..100000000) | join`, or a quadratic `replace`. Real templates filter short strings.
+WORK_LIMIT = 2_000_000
+# Assigned values (python-liquid's local_namespace_limit, sys.getsizeof of the values): a couple of
+# values up to the output limit; anything bigger could never be written.
+NAMESPACE_LIMIT = 2 * OUTPUT_LIMIT
+# Numbers a filter returns: `times` squaring a number in a loop would build ever longer integers.
+_NUMBER_BITS = 256
+# Up to this many characters a message is under OUTPUT_LIMIT bytes whatever they are (UTF-8 takes at
+# most 4 bytes a character): the fast path counts bytes only past it.
+_SURELY_UNDER = OUTPUT_LIMIT // 4
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:g} MiB"
+
+
+class _WorkLimitError(ResourceLimitError):
+    """Filters and captures handled more than WORK_LIMIT characters."""
+
+
+class Budget:
+    """What is left of one message's output, loop iterations, steps and work (`scale` messages'
+    worth for a preview, which charges each of its messages' use to it)."""
+
+    __slots__ = ("loops", "output", "scale", "steps", "weight", "work")
+
+    def __init__(self, scale: int = 1) -> None:
+        self.output, self.loops, self.work = OUTPUT_LIMIT * scale, LOOP_LIMIT * scale, WORK_LIMIT * scale
+        self.steps = STEP_LIMIT * scale
+        self.scale = scale
+        self.weight = 1  # the nodes in the body of the loop about to start (set by _ForNode)
+
+    def charge(self, message: Budget) -> None:
+        """Count what `message` used against this budget."""
+        self.output -= OUTPUT_LIMIT * message.scale - message.output
+        self.loops -= LOOP_LIMIT * message.scale - message.loops
+        self.steps -= STEP_LIMIT * message.scale - message.steps
+        self.work -= WORK_LIMIT * message.scale - message.work
+
+    @property
+    def used_up(self) -> bool:
+        return self.output <= 0 or self.loops <= 0 or self.steps <= 0 or self.work <= 0
+
+    # The errors a message's render raises past its limits (the worker prefixes "template: ").
+    @staticmethod
+    def output_error() -> OutputStreamLimitError:
+        return OutputStreamLimitError(f"output over {_mib(OUTPUT_LIMIT)} (the limit per message)", token=None)
+
+    @staticmethod
+    def loop_error() -> LoopIterationLimitError:
+        return LoopIterationLimitError(f"more than {LOOP_LIMIT:,} loop iterations (the limit per message)", token=None)
+
+    @staticmethod
+    def step_error(token: Token | None = None) -> _WorkLimitError:
+        return _WorkLimitError(
+            f"more than {STEP_LIMIT:,} template steps, loop body nodes and filter calls (the limit per message)",
+            token=token,
+        )
+
+    @staticmethod
+    def work_error(token: Token | None = None) -> _WorkLimitError:
+        return _WorkLimitError(
+            f"filters and captures handle more than {WORK_LIMIT:,} characters (the limit per message)", token=token
+        )
+
+
+def preview_budget() -> Budget:
+    """A preview's budget: two messages' worth, charged with what each message used (each renders
+    within a message's limits, as in a send). Once it is used up the preview renders no more, so it
+    stops within three messages' worst case (~0.3 s) whatever the template."""
+    return Budget(scale=2)
+
+
+def _size(value: Any) -> int:
+    """Characters of a string, items of a sequence or mapping, 1 for anything else."""
+    if isinstance(value, (str, list, tuple, dict, range)):
+        try:
+            return len(value)
+        except OverflowError:  # range(0, 10**30)
+            return WORK_LIMIT * 1000
+    return 1
+
+
+def _text_size(value: Any) -> int:
+    """Characters a string or a sequence of strings stands for (a list may repeat one long string)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(len(item) if isinstance(item, str) else 1 for item in value)
+    return _size(value)
+
+
+def _filter_cost(name: str, left: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    cost = _size(left) + sum(_size(a) for a in args) + sum(_size(v) for v in kwargs.values())
+    # The two filters whose output can be many times their input: charge that output up front.
+    if name == "replace" and isinstance(left, str) and len(args) == 2:
+        old, new = str(args[0]), str(args[1])
+        cost += left.count(old) * max(len(new) - len(old), 0)
+    elif name == "join" and isinstance(left, (list, tuple, range)):
+        separator = args[0] if args else kwargs.get("separator", " ")
+        cost += _text_size(left) + max(_size(left) - 1, 0) * len(str(separator))
+    return cost
+
+
+class _Buffer(LimitedStringIO):
+    """python-liquid's output stream limit (LimitedStringIO), with two changes: line endings are kept
+    (its default newline=None turns every CR LF into LF), and what is written also counts as work."""
+
+    def __init__(self, limit: int, budget: Budget) -> None:
+        super().__init__(limit, newline="\n")
+        self.budget = budget
+
+    def write(self, text: str) -> int:
+        if text:
+            size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+            self.size += size
+            if self.size > self.limit:
+                raise self.budget.output_error()
+            budget = self.budget
+            budget.work -= size
+            if budget.work < 0:
+                raise budget.work_error()
+        return StringIO.write(self, text)
+
+
+class _Context(RenderContext):
+    """A render context drawing on a Budget: loop iterations counted across all loops, and each
+    filter call charged and its result checked."""
+
+    __slots__ = ("budget",)
+
+    def __init__(self, *args: Any, budget: Budget | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.budget = budget if budget is not None else Budget()
+
+    def raise_for_loop_limit(self, length: int = 1) -> None:
+        # Called by python-liquid as each loop starts, with the number of items it will go through.
+        try:
+            super().raise_for_loop_limit(length)  # the loops nested here, multiplied: fails early
+        except LoopIterationLimitError:
+            raise self.budget.loop_error() from None
+        budget = self.budget
+        budget.loops -= length
+        if budget.loops < 0:
+            raise budget.loop_error()
+        budget.steps -= length * budget.weight
+        budget.weight = 1
+        if budget.steps < 0:
+            raise budget.step_error()
+
+    def get_buffer(self, buf: TextIO | None = None) -> StringIO:
+        # A capture's buffer: what is left of the enclosing one's output limit, as python-liquid does.
+        limit = buf.limit - buf.size if isinstance(buf, LimitedStringIO) else self.budget.output
+        return _Buffer(limit, self.budget)
+
+    def filter(self, name: str, token: Token | None) -> Callable[..., object]:
+        func = super().filter(name, token)
+        budget = self.budget
+
+        def bounded(left: Any, *args: Any, **kwargs: Any) -> object:
+            budget.steps -= 1
+            if budget.steps < 0:
+                raise budget.step_error(token)
+            budget.work -= _filter_cost(name, left, args, kwargs)
+            if budget.work < 0:
+                raise budget.work_error(token)
+            result = func(left, *args, **kwargs)
+            if type(result) is int and result.bit_length() > _NUMBER_BITS:
+                raise _WorkLimitError(f"{name}: a number over {_NUMBER_BITS} bits", token=token)
+            if _text_size(result) > OUTPUT_LIMIT:
+                raise _WorkLimitError(f"{name}: a value over {_mib(OUTPUT_LIMIT)}", token=token)
+            return result
+
+        return bounded
+
+
+def _weight(node: Any) -> int:
+    """Tags, outputs and text in a loop body, at least 1: what one pass through it renders. A nested
+    loop counts one here (its own body it charges as it runs); blocks only hold the others."""
+    if isinstance(node, (ForNode, TablerowNode)):
+        return 1
+    own = 0 if isinstance(node, (BlockNode, ConditionalBlockNode)) else 1
+    return own + sum(_weight(child) for child in node.children(None, include_partials=False))  # type: ignore[arg-type]
+
+
+class _ForNode(ForNode):
+    __slots__ = ("weight",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight = max(_weight(self.block), 1)
+
+    def render_to_output(self, context: RenderContext, buffer: TextIO) -> int:
+        context.budget.weight = self.weight  # type: ignore[attr-defined]  # taken by raise_for_loop_limit
+        return super().render_to_output(context, buffer)
+
+
+class _TablerowNode(TablerowNode):
+    __slots__ = ("weight",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight = max(_weight(self.block), 1)
+
+    def render_to_output(self, context: RenderContext, buffer: TextIO) -> int:
+        context.budget.weight = self.weight  # type: ignore[attr-defined]
+        return super().render_to_output(context, buffer)
+
+
+class _ForTag(ForTag):
+    node_class = _ForNode
+
+
+class _TablerowTag(TablerowTag):
+    node_class = _TablerowNode
+
+
+class _BoundTemplate(BoundTemplate):
+    context_class = _Context
+
+    def render(self, *args: Any, **kwargs: Any) -> str:
+        return self.render_within(dict(*args, **kwargs), Budget())
+
+    def render_within(self, variables: Mapping[str, Any], budget: Budget) -> str:
+        """BoundTemplate.render, drawing on `budget` (shared by a message's parts, or a preview's)."""
+        context = _Context(self, globals=self.make_globals(variables), budget=budget)
+        buf = _Buffer(budget.output, budget)
+        self.render_with_context(context, buf)
+        budget.output -= buf.size
+        return buf.getvalue()
+
+
 class _Environment(Environment):
-    # Templates are tenant input run inside the sender: bound what one render can cost. Not with
-    # output_stream_limit: its buffer is a StringIO(newline=None), which turns every \r\n into \n.
-    loop_iteration_limit = 100_000
-    local_namespace_limit = 1_000_000
+    # The library's own limits where it has them (see above for the values): the loop limit it
+    # checks per nesting, the output stream limit (through _Buffer), assigned values, and the depth
+    # of contexts (its default 30; include/render, the only ways to nest them, are removed below).
+    template_class = _BoundTemplate
+    loop_iteration_limit = LOOP_LIMIT
+    local_namespace_limit = NAMESPACE_LIMIT
+    output_stream_limit = OUTPUT_LIMIT
 
 
 def _environment(*, autoescape: bool) -> Environment:
     env = _Environment(autoescape=autoescape)
+    # Loops that know the size of their body, for the step limit.
+    env.add_tag(_ForTag)
+    env.add_tag(_TablerowTag)
     # Crier has no partial templates, so these could only fail at send time; reject them on save.
     for name in ("include", "render"):
         env.tags.pop(name, None)
@@ -77,6 +352,10 @@ def _convert_single_braces(source: str) -> str:
 def _reason(exc: LiquidError) -> str:
     context = exc.context()
     message = str(exc.message)
+    if isinstance(exc, LocalNamespaceLimitError):  # python-liquid's words: "local namespace limit reached"
+        message = f"assigned values over {_mib(NAMESPACE_LIMIT)}"
+    elif isinstance(exc, ContextDepthError):
+        message = "nested too deeply"
     return f"{message} on line {context[0]}" if context else message
 
 
@@ -86,14 +365,18 @@ class Template:
     __slots__ = ("field", "html", "_liquid")
     fast = False
 
-    def __init__(self, field: str, html: bool, liquid: BoundTemplate) -> None:
+    def __init__(self, field: str, html: bool, liquid: _BoundTemplate) -> None:
         self.field, self.html, self._liquid = field, html, liquid
 
-    def render(self, variables: Mapping[str, Any]) -> str:
+    def render(self, variables: Mapping[str, Any], budget: Budget | None = None) -> str:
+        """Raises TemplateError, also when the render goes past what is left of `budget` (by
+        default one message's)."""
         try:
-            return self._liquid.render(variables)
+            return self._liquid.render_within(variables, Budget() if budget is None else budget)
         except LiquidError as exc:  # e.g. `divided_by: 0` on this recipient's data, or a limit
             raise TemplateError(self.field, _reason(exc)) from exc
+        except OverflowError as exc:  # `(1..n).size` past what Python's len() takes
+            raise TemplateError(self.field, f"a number too large ({exc})") from exc
 
 
 _MISSING: Any = object()
@@ -118,12 +401,12 @@ class _FastTemplate(Template):
     __slots__ = ("_parts", "_slots")
     fast = True
 
-    def __init__(self, field: str, html: bool, liquid: BoundTemplate, parts: list[str],
+    def __init__(self, field: str, html: bool, liquid: _BoundTemplate, parts: list[str],
                  slots: list[tuple[int, str, tuple[str, ...] | None]]) -> None:
         super().__init__(field, html, liquid)
         self._parts, self._slots = parts, slots
 
-    def render(self, variables: Mapping[str, Any]) -> str:
+    def render(self, variables: Mapping[str, Any], budget: Budget | None = None) -> str:
         parts = self._parts.copy()
         get, html = variables.get, self.html
         try:
@@ -139,8 +422,22 @@ class _FastTemplate(Template):
                     value = _text(value, html)
                 parts[index] = value
         except _Unusual:
-            return super().render(variables)
-        return "".join(parts)
+            return super().render(variables, budget)
+        text = "".join(parts)
+        if budget is None:
+            if len(text) > _SURELY_UNDER:  # many values of the size the input limits allow
+                _charge_output(Budget(), self.field, text)
+        else:
+            _charge_output(budget, self.field, text)
+        return text
+
+
+def _charge_output(budget: Budget, field: str, text: str) -> None:
+    """What Liquid's output limit does for a render, for the fast path's joined text."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > budget.output:
+        raise TemplateError(field, str(budget.output_error().message))
+    budget.output -= size
 
 
 def _follow(value: Any, rest: tuple[str, ...]) -> Any:
@@ -174,8 +471,14 @@ def _compile_together(templates: tuple[_FastTemplate, ...]) -> Callable[[Mapping
 
     The generated code holds only names made here; template text and variable names reach it as
     constants in its namespace, never as source."""
+    def too_long(rendered: tuple[str, ...]) -> None:
+        """The output limit, counted in bytes, once the characters could be past it."""
+        budget = Budget()
+        for template, text in zip(templates, rendered):
+            _charge_output(budget, template.field, text)
+
     namespace: dict[str, Any] = {"MISSING": _MISSING, "follow": _follow, "text": _text, "needs_escape": _needs_escape,
-                                 "escape": escape, "str": str, "type": type}
+                                 "escape": escape, "str": str, "type": type, "len": len, "too_long": too_long}
     slots: dict[tuple[str, tuple[str, ...] | None], int] = {}
     for t in templates:
         for _, root, rest in t._slots:
@@ -209,7 +512,13 @@ def _compile_together(templates: tuple[_FastTemplate, ...]) -> Callable[[Mapping
                 namespace[f"L{n}_{j}"] = piece
                 names.append(f"L{n}_{j}")
         outputs.append(f"''.join(({', '.join(names)},))" if names else "''")
-    lines.append(f"    return ({', '.join(outputs)},)")
+    for n, output in enumerate(outputs):
+        lines.append(f"    o{n} = {output}")
+    together = ", ".join(f"o{n}" for n in range(len(outputs)))
+    # The one check the fast path adds: a len() per template (a message's output limit).
+    lines += [f"    if {' + '.join(f'len(o{n})' for n in range(len(outputs))) or '0'} > {_SURELY_UNDER}:",
+              f"        too_long(({together},))",
+              f"    return ({together},)"]
     exec(compile("\n".join(lines), "<crier templates>", "exec"), namespace)
     return namespace["render"]  # type: ignore[no-any-return]
 
@@ -294,10 +603,31 @@ class CompiledContent:
             compile_template(text, html=False, field="content.text"),
         )
 
-    def render(self, variables: Mapping[str, Any]) -> tuple[str, str, str]:
-        if self._together is not None:
+    def render(self, variables: Mapping[str, Any], budget: Budget | None = None) -> tuple[str, str, str]:
+        """The message's three parts, within one message's limits (or what is left of `budget`,
+        such as a preview's); raises TemplateError naming the part that went past them."""
+        if budget is None:
+            if self._together is not None:  # it checks the output limit itself
+                try:
+                    return self._together(variables)  # type: ignore[return-value]
+                except _Unusual:  # a value only Liquid's lookup can resolve: each template decides
+                    pass
+            budget = Budget()
+        return (
+            self.subject.render(variables, budget),
+            self.html.render(variables, budget),
+            self.text.render(variables, budget),
+        )
+
+    def check(self) -> None:
+        """Render once with no variables and raise TemplateError if that goes past a limit: such a
+        template could not render for anybody (a failure that depends on the data is the
+        recipient's, at send time)."""
+        budget = Budget()
+        for template in (self.subject, self.html, self.text):
             try:
-                return self._together(variables)  # type: ignore[return-value]
-            except _Unusual:  # a value only Liquid's lookup can resolve: each template decides
+                template._liquid.render_within({}, budget)
+            except ResourceLimitError as exc:
+                raise TemplateError(template.field, _reason(exc)) from exc
+            except LiquidError:  # e.g. `divided_by: 0` on a missing value: the data decides
                 pass
-        return self.subject.render(variables), self.html.render(variables), self.text.render(variables)

@@ -184,3 +184,45 @@ async def save_checkpoint(con: asyncpg.Connection, name: str, checkpoint: Checkp
 async def find_event(con: asyncpg.Connection, event_id: uuid.UUID) -> RecordedEvent | None:
     row = await con.fetchrow(f"SELECT {_COLUMNS} FROM events WHERE id = $1", event_id)
     return _recorded(row) if row else None
+
+
+class Lag(msgspec.Struct, frozen=True, kw_only=True):
+    """How far a reader in commit order is behind: events past its checkpoint (counted up to a cap)
+    and the age of the oldest of them, by the database's clock (0 when caught up)."""
+
+    behind: int
+    behind_capped: bool  # `behind` is the cap: there are at least that many
+    oldest_age_s: float
+
+
+async def lag(
+    con: asyncpg.Connection, name: str, categories: tuple[str, ...] | None = None, cap: int = 10_000
+) -> Lag:
+    """The lag of the reader checkpointed as `name` (reading only `categories`, if given): one index
+    range scan per category from the checkpoint, stopping at `cap` events, cheap enough for a
+    readiness probe. Counts every event visible past the checkpoint, so a long transaction holding
+    readers back shows as lag."""
+    row = await con.fetchrow("SELECT transaction_id, global_position FROM checkpoints WHERE name = $1", name)
+    after = (row["transaction_id"], row["global_position"]) if row else (0, 0)
+    # Every scan is ORDER BY the index's order with a LIMIT, so that the planner walks the index from
+    # the checkpoint (a generic plan guessed a third of the table past it and scanned all of it).
+    past = "(transaction_id, global_position) > ($1::xid8, $2::bigint)"
+    if categories:
+        category = f"split_part(stream_name, '{SEPARATOR}', 1)"
+        found = await con.fetchrow(
+            f"""SELECT least(sum(o.behind), $4)::int AS behind, extract(epoch FROM now() - min(o.oldest)) AS age
+                FROM unnest($3::text[]) AS c(name) CROSS JOIN LATERAL (
+                    SELECT count(*) AS behind, min(created_at) AS oldest
+                    FROM (SELECT created_at FROM events WHERE {category} = c.name AND {past}
+                          ORDER BY transaction_id, global_position LIMIT $4) e) o""",
+            *after, list(categories), cap,
+        )
+    else:
+        found = await con.fetchrow(
+            f"""SELECT count(*)::int AS behind, extract(epoch FROM now() - min(created_at)) AS age
+                FROM (SELECT created_at FROM events WHERE {past}
+                      ORDER BY transaction_id, global_position LIMIT $3) e""",
+            *after, cap,
+        )
+    behind = found["behind"]
+    return Lag(behind=behind, behind_capped=behind >= cap, oldest_age_s=max(0.0, float(found["age"] or 0)))

@@ -71,12 +71,15 @@ class Wakeup:
     worker finishes notifies, and reading each on its own cost a round of queries per event (2,000
     for a 1M send). Waiting 50 ms lets the reader take them ten or more at a time."""
 
-    def __init__(self, con: asyncpg.Connection, settle_s: float = 0.05) -> None:
-        self._con, self._settle_s = con, settle_s
+    def __init__(
+        self, con: asyncpg.Connection, settle_s: float = 0.05, channels: tuple[str, ...] = (eventstore.NOTIFY_CHANNEL,)
+    ) -> None:
+        self._con, self._settle_s, self._channels = con, settle_s, channels
         self._event = asyncio.Event()
 
     async def start(self) -> None:
-        await self._con.add_listener(eventstore.NOTIFY_CHANNEL, self._notified)
+        for channel in self._channels:
+            await self._con.add_listener(channel, self._notified)
 
     def _notified(self, *_: object) -> None:
         self._event.set()

@@ -26,11 +26,38 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     poll_interval_s: float = 1.0
     # Jobs one sender process works on at once (each holds a Postgres connection while it runs).
     sender_concurrency: int = 4
+    # Runs one sender plans (snapshots) at once, so one large audience never holds up another's.
+    planner_concurrency: int = 4
+    # Fair sending: the job queue holds about this many seconds of work (at the rate workers take
+    # jobs; 2 to 64 jobs), so a new broadcast's first job is never far from the front.
+    send_backlog_s: float = 0.1
+    # Jobs a run may have unfinished in JetStream at most, and a tenant over all its runs.
+    send_window_jobs: int = 256
+    send_window_jobs_per_tenant: int = 512
     # How long JetStream waits for a job's ack before redelivering it; workers heartbeat well within it.
     job_ack_wait_s: float = 60.0
     # Whether this process (API or sender) competes for the relay/projector/scheduler/progress leader
     # locks. At least one process of a deployment must.
     run_background: bool = True
+    # /readyz answers 503 when the relay or the projector is further behind than this: the oldest
+    # committed event it has not taken yet is older than this many seconds.
+    ready_max_lag_s: float = 60.0
+    # Request rate limits (GCRA in Postgres, shared by every API replica): per token and per tenant,
+    # a steady rate per second and a burst. A tenant may override each (`crier tenant limits`).
+    rate_limits: bool = True  # false: no request limits at all (the switch for measuring their cost)
+    rate_limit_per_s: float = 20.0
+    rate_limit_burst: int = 40
+    tenant_rate_limit_per_s: float = 50.0
+    tenant_rate_limit_burst: int = 100
+    # Open progress streams (SSE) at once, per token and per tenant, across replicas.
+    progress_streams_per_token: int = 5
+    progress_streams_per_tenant: int = 20
+    # Failed authentications per client address per minute (a burst of this many) before 429s.
+    auth_failures_per_minute: int = 10
+    # Whether provider hosts (SMTP servers) may be private, loopback, link-local ... addresses
+    # (shared/platform/netguard.py). Off: tenants reach only the public internet, not this network.
+    # On in `crier dev` and the tests, whose SMTP peers listen on 127.0.0.1.
+    allow_private_networks: bool = False
 
     @property
     def data_path(self) -> Path:

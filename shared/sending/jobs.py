@@ -1,9 +1,11 @@
-"""Batch jobs on CRIER_JOBS: what the planner publishes and every sender's workers consume.
+"""Batch jobs on CRIER_JOBS: what the dispatcher publishes and every sender's workers consume.
 
-A job is JSON. The planner does not build its recipients in Python: Postgres renders them as a
-JSON array (`recipients_json`) and the planner wraps that text, untouched, in the job's envelope
-(`PlannedJob`). Decoding a million contact rows into Recipient structs and encoding them was a
-quarter of the planner's sender process (profiled), and the planner is a send's critical path.
+A job names a batch; it does not carry its recipients. The worker that takes it reads them from
+the batch row (Postgres is authoritative), rendered by Postgres as one JSON array
+(`batch_recipients`) that msgspec decodes straight into Recipient structs. So a job is a few
+hundred bytes whatever the contacts hold (it always fits what NATS accepts), the dispatcher
+publishes without reading a contact, and the JSON is built by the workers of every sender in
+parallel rather than by one planner.
 """
 from __future__ import annotations
 
@@ -53,7 +55,16 @@ def reachable(channel: str) -> str:
     return f"{address_sql(channel)} IS NOT NULL"
 
 
-class _JobFields(msgspec.Struct, frozen=True, kw_only=True):
+def batch_recipients(channel: str, contact_ids: str = "bt.contact_ids") -> str:
+    """SQL: a scalar subquery, the JSON array of the Recipients among `contact_ids` (a batch row's)
+    that still have an address on `channel`, in contact-id order ('[]' when none has)."""
+    return (f"coalesce((SELECT {recipients_json(channel)} FROM contacts c "
+            f"WHERE c.id = ANY({contact_ids}) AND {reachable(channel)})::text, '[]')")
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """One batch of a run to send."""
+
     tenant_id: uuid.UUID
     broadcast_id: uuid.UUID
     run: int
@@ -70,18 +81,7 @@ class _JobFields(msgspec.Struct, frozen=True, kw_only=True):
         return f"{base}:r{self.resumes}" if self.resumes else base
 
 
-class Job(_JobFields, frozen=True, kw_only=True):
-    """A job as workers read it."""
-
-    recipients: list[Recipient]
-
-
-class PlannedJob(_JobFields, frozen=True, kw_only=True):
-    """A job as the planner writes it: the recipients are Postgres's `recipients_json` text."""
-
-    recipients: msgspec.Raw
-
-
 encode_job = msgspec.json.Encoder().encode
 decode_job = msgspec.json.Decoder(Job).decode
 decode_recipient = msgspec.json.Decoder(Recipient).decode
+decode_recipients = msgspec.json.Decoder(list[Recipient]).decode

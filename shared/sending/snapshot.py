@@ -108,3 +108,17 @@ async def first_recipients(
         *args,
     )
     return [r[0] for r in rows]
+
+
+# Notified (at commit) when a snapshot chunk wrote batches, so the dispatcher hands them out at once.
+DISPATCH_CHANNEL = "crier_dispatch"
+
+
+async def notify_dispatcher(con: asyncpg.Connection) -> None:
+    await con.execute(f"NOTIFY {DISPATCH_CHANNEL}")
+
+
+async def lock_run(con: asyncpg.Connection, broadcast_id: uuid.UUID, run: int) -> None:
+    """Hold the run's lock until the transaction ends: one snapshot chunk, or the dispatcher
+    dropping a called-off run's batches, at a time."""
+    await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"run:{broadcast_id}:{run}")

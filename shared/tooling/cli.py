@@ -90,6 +90,31 @@ def cmd_tenant_create(settings: Settings, args: argparse.Namespace) -> None:
     print(tenant.id)
 
 
+def cmd_tenant_limits(settings: Settings, args: argparse.Namespace) -> None:
+    from shared.tenants import limits
+
+    _require_db(settings)
+    tenant_id = uuid.UUID(args.id)
+    changes = {name: value for name in limits.OVERRIDABLE if (value := getattr(args, name)) is not None}
+    clear = limits.OVERRIDABLE if args.reset else tuple(args.clear or ())
+
+    async def run(con):  # type: ignore[no-untyped-def]
+        if changes or clear:
+            return await limits.set_overrides(con, tenant_id, changes, clear=clear)
+        own = await limits.get_overrides(con, tenant_id)
+        if own is None:
+            raise LookupError(f"no tenant {tenant_id}")
+        return own
+
+    try:
+        own = asyncio.run(_with_con(settings, run))
+    except (LookupError, ValueError) as exc:
+        sys.exit(f"crier: {exc}")
+    effective = limits.apply_overrides(limits.defaults(settings), own)
+    for name in limits.OVERRIDABLE:  # what the tenant gets now, and whence
+        print(f"{name} {getattr(effective, name)} ({'tenant' if name in own else 'default'})")
+
+
 def cmd_token_create(settings: Settings, args: argparse.Namespace) -> None:
     from shared.tenants import store as tenants
 
@@ -145,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     create = tenant.add_parser("create", help="create a tenant; prints its id")
     create.add_argument("name")
     create.set_defaults(fn=cmd_tenant_create)
+    tlimits = tenant.add_parser(
+        "limits", help="show a tenant's rate limits and stream slots; with options, override the defaults for it"
+    )
+    tlimits.add_argument("id", help="tenant id")
+    for flag, name, kind in (
+        ("--requests-per-s", "requests_per_s", float), ("--burst", "burst", int),
+        ("--tenant-requests-per-s", "tenant_requests_per_s", float), ("--tenant-burst", "tenant_burst", int),
+        ("--progress-streams-per-token", "progress_streams_per_token", int),
+        ("--progress-streams-per-tenant", "progress_streams_per_tenant", int),
+    ):
+        tlimits.add_argument(flag, dest=name, type=kind, help=f"this tenant's {name} (default: Settings)")
+    tlimits.add_argument("--clear", action="append", metavar="NAME", help="back to the default for NAME (repeatable)")
+    tlimits.add_argument("--reset", action="store_true", help="back to the defaults for all")
+    tlimits.set_defaults(fn=cmd_tenant_limits)
 
     token = sub.add_parser("token", help="manage API tokens").add_subparsers(dest="action", required=True)
     tcreate = token.add_parser("create", help="create a token; prints it once")

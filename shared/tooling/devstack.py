@@ -61,6 +61,9 @@ def run_dev(settings: Settings) -> None:
             stops.append(ns.stop)
             nats_url = ns.url
         env.update(CRIER_DATABASE_URL=database_url, CRIER_NATS_URL=nats_url, CRIER_LOG_FORMAT=settings.log_format)
+        # A local stack talks to local servers (an SMTP sink on localhost): private hosts allowed,
+        # unless CRIER_ALLOW_PRIVATE_NETWORKS says otherwise.
+        env.setdefault("CRIER_ALLOW_PRIVATE_NETWORKS", "true")
         token = asyncio.run(_dev_token(database_url, data / "dev-token"))
 
         crier = [sys.executable, "-m", "shared.tooling.cli"]

@@ -1,0 +1,52 @@
+"""How large the inputs that end up in an event, a job or a message may be: spelled once here.
+
+Why these numbers: every event goes through NATS as one message, and nats-server refuses a
+message over its `max_payload` (1 MiB by default). An event the relay could not publish once
+held up every later event of every tenant (the relay now sets such an event aside, but it is then
+missing from the event stream). So the largest event, `BroadcastCreated` or `BroadcastEdited`
+carrying a whole content plus a name, a schedule and metadata, must stay well under 1 MiB:
+
+    content ≤ MAX_CONTENT_BYTES (704 KiB, as JSON: subject, html, text and addresses together)
+    + name ≤ 200 characters, schedule fields, ids, metadata: a few KiB
+    + the envelope (id, stream, positions, time): under 1 KiB
+    = under 712 KiB, leaving over 300 KiB of the 1 MiB for headers and whatever grows later.
+
+704 KiB holds html and text at their limits in plain ASCII (640 KiB) with room for the quotes
+and backslashes JSON escapes; html of mostly non-ASCII text reaches it before its 512 Ki characters.
+
+The per-field limits count characters (JSON Schema's maxLength, shown in the OpenAPI schema); the
+content limit counts bytes of JSON, where a character can take up to 6 (a control character as
+`\\u0001`) or 4 (UTF-8), so it is the one that actually bounds the event.
+
+A recipient travels in a batch job with its attributes, and the planner cuts jobs under 512 KiB
+(`sender_service.planner.JOB_BYTES`): one contact must always fit in a job of its own, so its
+attributes are capped far below that.
+"""
+from __future__ import annotations
+
+KiB = 1024
+
+# -- broadcast content (events BroadcastCreated / BroadcastEdited, and every rendered message) -----
+MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit
+MAX_HTML_CHARS = 512 * KiB
+MAX_TEXT_CHARS = 128 * KiB
+MAX_ADDRESS_CHARS = 320  # from_email / reply_to: 64 + @ + 255, or `Name <address>`
+# subject + html + text + addresses, as the JSON the event carries: see the module's docstring.
+MAX_CONTENT_BYTES = 704 * KiB
+
+# -- other fields of broadcast events ------------------------------------------------------------
+MAX_NAME_CHARS = 200  # broadcast, list and provider names
+MAX_TIMEZONE_CHARS = 64  # IANA names are at most ~32 characters
+MAX_CRON_CHARS = 200  # a 5-field cron expression
+MAX_LATENESS_S = 366 * 24 * 3600  # a recurring broadcast's max_lateness_s: a year is already moot
+
+# -- contacts (every batch job carries each recipient's attributes) ------------------------------
+# A contact's attributes as compact JSON, per request (what msgspec encodes).
+MAX_ATTRIBUTES_BYTES = 64 * KiB
+# As stored after merges (Postgres prints jsonb with a space after each `:` and `,`, up to 1.5 times
+# the compact size, and that text is what a job carries). An update that merges new keys into the
+# stored ones is refused past this: one recipient always stays under a quarter of a job (512 KiB).
+MAX_STORED_ATTRIBUTES_BYTES = 128 * KiB
+MAX_ATTRIBUTE_KEYS = 100  # keys of the attributes object, and of each object nested in it
+MAX_ATTRIBUTE_KEY_CHARS = 128
+MAX_ATTRIBUTE_DEPTH = 4  # the attributes object and up to three levels of objects/arrays inside it
