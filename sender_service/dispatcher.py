@@ -5,10 +5,9 @@ a ten-recipient broadcast would wait behind every job of a million-recipient one
 queue is kept a fraction of a second of work long (the QueueGauge reads the workers' consumer),
 each run and tenant has a bounded window of jobs in flight, and shared.sending.window decides who
 gets the next jobs: the least loaded tenant first. The dispatcher tops the queue up whenever
-something may have changed: a batch finished (its
-BatchCompleted is appended, and the event store notifies), the planner wrote batches (it
-notifies), a run was paused, resumed or cancelled (an event again), or a paced run's due time
-came. It is one loop for every run: pacing is a due time per run, not a task asleep per broadcast,
+something may have changed: a batch finished (its BatchCompleted is appended, and the event store
+notifies), the planner wrote batches (it notifies), a run was paused, resumed or cancelled (an
+event again), or a paced run's due time came. It is one loop for every run: pacing is a due time per run, not a task asleep per broadcast,
 so a pause, a cancel or another broadcast never waits on a sleeping planner.
 
 One replica runs it at a time (a leader lock, as the relay). `runs.published` is how far it got:
