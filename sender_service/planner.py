@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 
 import asyncpg
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -27,7 +26,13 @@ from shared.broadcasts.status import RUNNING
 from shared.channels import accounts
 from shared.channels.registry import address_sql
 from shared.platform import commands
-from shared.platform.bus import PLANNER_CONSUMER, EventEnvelope, Names, await_acks
+from shared.platform.bus import (
+    PLANNER_CONSUMER,
+    EventEnvelope,
+    Names,
+    await_acks,
+    pull_each,
+)
 from shared.platform.logging import get_logger
 from shared.sending import snapshot
 from shared.sending.jobs import Job, encode_job, reachable
@@ -261,18 +266,11 @@ async def consume_starts(
     """Take broadcast events from the shared durable consumer, `concurrency` at a time per sender
     (so one large snapshot never holds up another tenant's run): a BroadcastStarted is planned, a
     BroadcastResumed republishes the held batches; others are acked."""
-    sub = await js.pull_subscribe_bind(durable=PLANNER_CONSUMER, stream=names.events_stream)
 
-    async def loop() -> None:
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(batch=1, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            for msg in msgs:
-                await _handle_event(msg, planner)
+    async def handle(msg: Msg) -> None:
+        await _handle_event(msg, planner)
 
-    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    await pull_each(js, PLANNER_CONSUMER, names.events_stream, handle, stop, concurrency)
 
 
 _decode_envelope = msgspec.json.Decoder(EventEnvelope).decode

@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 
 import asyncpg
 import msgspec
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -29,7 +28,7 @@ from shared.channels.provider import (
 )
 from shared.content.templates import TemplateError
 from shared.platform import codec, eventstore
-from shared.platform.bus import WORKERS_CONSUMER, Names
+from shared.platform.bus import WORKERS_CONSUMER, Names, pull_each
 from shared.platform.logging import get_logger
 from shared.sending import batch as batch_events
 from shared.sending.jobs import (
@@ -400,17 +399,10 @@ async def consume(
 ) -> None:
     """Pull jobs from the shared durable consumer with `concurrency` tasks until `stop` is set."""
 
-    async def loop() -> None:
-        sub = await js.pull_subscribe_bind(durable=WORKERS_CONSUMER, stream=names.jobs_stream)
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(batch=1, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            for msg in msgs:
-                await _handle(msg, processor)
+    async def handle(msg: Msg) -> None:
+        await _handle(msg, processor)
 
-    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    await pull_each(js, WORKERS_CONSUMER, names.jobs_stream, handle, stop, concurrency)
 
 
 async def _handle(msg: Msg, processor: JobProcessor) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 import msgspec
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -143,6 +146,27 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> Names:
         ),
     )
     return names
+
+
+async def pull_each(
+    js: JetStreamContext, durable: str, stream: str, handle: Callable[[Msg], Awaitable[None]],
+    stop: asyncio.Event, concurrency: int,
+) -> None:
+    """Hand the messages of a shared durable pull consumer to `handle`, one at a time in each of
+    `concurrency` tasks, until `stop` is set. Each task binds its own subscription: concurrent
+    fetches on one subscription share its inbox and may take each other's messages."""
+
+    async def loop() -> None:
+        sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch=1, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                await handle(msg)
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
 
 
 PLANNER_CONSUMER = "planner"
