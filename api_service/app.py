@@ -11,7 +11,8 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from api_service.auth import auth_middleware
 from api_service.idempotency import idempotency_middleware
-from api_service.problems import exception_handlers, problem_details_plugin
+from api_service.openapi import document
+from api_service.problems import ProblemRequest, exception_handlers, problem_details_plugin
 from api_service.ratelimit import rate_limited
 from api_service.routes.broadcasts import BroadcastController
 from api_service.routes.contacts import ContactController
@@ -48,7 +49,7 @@ def create_app(settings: Settings) -> Litestar:
             await bus.close(nc)
             await pool.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[healthz, readyz, BroadcastController, ContactController, ListController, ProviderController],
         lifespan=[lifespan],
         # The failed-auth gate, auth, the rate limiter (it needs the token), then idempotency (keys are
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> Litestar:
         middleware=[*rate_limited(settings, auth_middleware()), idempotency_middleware()],
         plugins=[problem_details_plugin()],
         exception_handlers=exception_handlers,
+        request_class=ProblemRequest,
         request_max_body_size=MAX_BODY,
         openapi_config=OpenAPIConfig(
             title="Crier",
@@ -70,3 +72,5 @@ def create_app(settings: Settings) -> Litestar:
         ),
         debug=False,
     )
+    document(app)  # the errors, headers and media types each route can answer
+    return app

@@ -4,7 +4,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import asyncpg
 import msgspec
+import nats.errors
+import nats.js.errors
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.plugins.problem_details import (
@@ -16,11 +19,14 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from shared.kernel.errors import (
     AlreadyExists,
+    Conflict,
     DomainError,
     Invalid,
     NotFound,
     WrongStatus,
 )
+from shared.kernel.limits import PATTERN_REASONS
+from shared.platform.db import is_connection_error
 from shared.platform.logging import get_logger
 
 log = get_logger(__name__)
@@ -89,6 +95,8 @@ def invalid(field: str, reason: str) -> ProblemDetailsException:
 _AT = re.compile(r"\s*-\s*at `\$\.?([^`]*)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
+# A string against one of the character patterns (no U+0000, one line) is said in words, not regex.
+_PATTERNS = {f"Expected `str` matching regex {pattern!r}": reason for pattern, reason in PATTERN_REASONS.items()}
 
 
 def _field_errors(exc: ValidationException) -> list[dict[str, str]]:
@@ -111,6 +119,7 @@ def _field_errors(exc: ValidationException) -> list[dict[str, str]]:
                 path = f"{path}.{m.group(1)}" if path else m.group(1)
                 message = reason
                 break
+        message = _PATTERNS.get(message.strip(), message)
         errors.append({"field": path or "body", "reason": message.strip()})
     if not errors:
         errors.append({"field": "body", "reason": exc.detail})
@@ -146,12 +155,56 @@ def _from_domain(exc: DomainError) -> ProblemDetailsException:
             return problem(404, str(exc))
         case AlreadyExists():
             return problem(409, str(exc), "already_exists")
+        case Conflict():
+            return problem(409, str(exc), exc.code, **exc.extra)
     return problem(400, str(exc), exc.code)
 
 
+# What NATS raises while it cannot be reached (its TimeoutError is also a builtin TimeoutError).
+_NATS_DOWN = (
+    nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError, nats.errors.ConnectionReconnectingError,
+    nats.errors.NoServersError, nats.errors.StaleConnectionError, nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+RETRY_AFTER_S = 5  # a dependency that is down: when to try again (a restart or failover takes seconds)
+
+
+def _dependency_down(exc: Exception) -> str | None:
+    """Which dependency `exc` says is unreachable, or None if it is an error of this request."""
+    if isinstance(exc, _NATS_DOWN):
+        return "the message bus"
+    if is_connection_error(exc) or isinstance(exc, asyncpg.TooManyConnectionsError):
+        return "the database"
+    return None
+
+
+def _unavailable(request: Request, exc: Exception, dependency: str) -> Response:
+    """503 with Retry-After: the request may be fine, the service cannot serve it right now. A command
+    is one transaction, so it is done whole or not at all (only a connection lost at the commit
+    leaves the client unsure which: commands are idempotent, and a keyed retry is replayed)."""
+    log.warning("dependency unavailable", path=request.url.path, dependency=dependency, error=repr(exc))
+    unavailable = problem(503, f"{dependency} cannot be reached; retry in {RETRY_AFTER_S} s", retry_after=RETRY_AFTER_S)
+    unavailable.headers = {"Retry-After": str(RETRY_AFTER_S)}
+    return unavailable.to_response(request)
+
+
 def _unexpected(request: Request, exc: Exception) -> Response:
+    if dependency := _dependency_down(exc):
+        return _unavailable(request, exc, dependency)
     log.error("unhandled error", path=request.url.path, exc_info=exc)
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "an unexpected error occurred").to_response(request)
+
+
+class ProblemRequest(Request):
+    """Litestar's request, but a JSON body nested too deeply to decode is a 400 like any broken
+    body, not a 500: msgspec decodes recursively and raises RecursionError near Python's recursion
+    limit (about 1,000 levels; no input of this API is nested more than a few)."""
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except RecursionError:
+            raise problem(400, "the request body is nested too deeply to decode") from None
 
 
 def problem_details_plugin() -> ProblemDetailsPlugin:

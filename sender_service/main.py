@@ -29,7 +29,7 @@ async def run_sender(settings: Settings, stop: asyncio.Event | None = None) -> N
     names = await bus.ensure_streams(js, settings)
     await bus.ensure_sender_consumers(js, names, settings.job_ack_wait_s)
     processor = JobProcessor(pool, JobContextLoader(allow_private_networks=settings.allow_private_networks),
-                             heartbeat_every_s=settings.job_ack_wait_s / 4)
+                             keep_alive_s=settings.job_ack_wait_s / 4)
 
     async def dispatcher(con) -> None:  # the leader lock's connection is its LISTEN connection
         await run_dispatcher(pool, con, js, names, settings.send_backlog_s, settings.send_window_jobs,
@@ -37,7 +37,8 @@ async def run_sender(settings: Settings, stop: asyncio.Event | None = None) -> N
 
     planner = Planner(pool, js, names)
     tasks = [
-        asyncio.create_task(consume_starts(js, names, planner, stop, settings.planner_concurrency), name="planner"),
+        asyncio.create_task(consume_starts(js, names, planner, stop, settings.planner_concurrency,
+                                     settings.job_ack_wait_s / 4), name="planner"),
         asyncio.create_task(consume(js, names, processor, stop, settings.sender_concurrency), name="workers"),
     ]
     # One dispatcher per deployment, in whichever sender holds its lock (another takes over if it dies).

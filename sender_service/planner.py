@@ -1,6 +1,7 @@
 """The planner: turns BroadcastStarted into batches, written to Postgres.
 
-It snapshots the list's members with an address on the run's channel, in contact-id order, into
+It snapshots the list's members with an address on the run's channel (for a retry run: the
+recipients of the run retried with the ledger statuses asked for), in contact-id order, into
 `batches` rows, and records how far it got in `runs` in the same transaction (`planned_through`,
 the last contact id snapshotted), so a planner that crashes resumes there and none is written
 twice or skipped. It publishes nothing itself: the dispatcher hands the batches to JetStream a
@@ -29,6 +30,7 @@ from shared.platform import commands
 from shared.platform.bus import (
     PLANNER_CONSUMER,
     EventEnvelope,
+    KeepAlive,
     Names,
     await_acks,
     pull_each,
@@ -58,8 +60,12 @@ class Plan:
 
     @property
     def reached_runs(self) -> list[int]:
-        """Runs whose reached recipients a top-up leaves out (none for a recurring occurrence)."""
+        """Runs whose reached recipients a top-up leaves out (none for a recurring occurrence or a retry)."""
         return snapshot.reached_runs(self.started.reset_run, self.run - 1) if self.started.top_up else []
+
+    @property
+    def retry(self) -> bool:
+        return self.started.retry_of > 0
 
 
 async def _may_go_on(con: asyncpg.Connection, plan: Plan) -> bool:
@@ -88,16 +94,28 @@ def _recipient_bytes(channel: str) -> str:
             f"+ coalesce(octet_length(c.locale), 0) + pg_column_size(c.attributes) + 40")
 
 
-def _chunk_sql(channel: str, top_up: bool, cut_by_size: bool) -> str:
-    """One statement for a chunk of the snapshot: the next members ($1 list, after contact id $2,
-    at most $3), their contacts with an address on `channel`, cut into batches of $6 recipients that are written
-    to `batches` ($4 broadcast, $5 run, seq from $7), each returned with its count and (about) its
-    recipients' size. A top-up leaves out members reached in runs $8. Cut by size too, a batch also
-    ends before its recipients reach $9 (or $8) bytes. The last row says where the chunk ended even
-    when none of its members has an address."""
+def _members_sql(top_up: bool, retry: bool) -> str:
+    """The next members of the snapshot, after contact id $2, at most $3, in contact-id order: the
+    list's ($1 the list), less those reached in runs $8 for a top-up; for a retry, the recipients of
+    run $1 of broadcast $4 whose ledger status is one of $8, read along the ledger's primary key."""
+    if retry:
+        return """SELECT x.contact_id FROM messages x
+            WHERE x.broadcast_id = $4 AND x.run = $1 AND x.contact_id > $2 AND x.status = ANY($8::text[])
+            ORDER BY x.contact_id LIMIT $3"""
     not_reached = f"AND {snapshot.not_reached_clause('lm.contact_id', 4, 8)}" if top_up else ""
+    return f"""SELECT lm.contact_id FROM list_members lm
+            WHERE lm.list_id = $1 AND lm.contact_id > $2 {not_reached}
+            ORDER BY lm.contact_id LIMIT $3"""
+
+
+def _chunk_sql(channel: str, top_up: bool, cut_by_size: bool, retry: bool = False) -> str:
+    """One statement for a chunk of the snapshot: the next members (_members_sql), their contacts
+    with an address on `channel`, cut into batches of $6 recipients that are written
+    to `batches` ($4 broadcast, $5 run, seq from $7), each returned with its count and (about) its
+    recipients' size. Cut by size too, a batch also ends before its recipients reach $9 (or $8)
+    bytes. The last row says where the chunk ended even when none of its members has an address."""
     if cut_by_size:
-        size_limit = 9 if top_up else 8
+        size_limit = 9 if top_up or retry else 8
         numbered = f"""SELECT *, dense_rank() OVER (ORDER BY by_count, by_size) - 1 AS k
                         FROM (SELECT *, sum(bytes) OVER (PARTITION BY by_count ORDER BY id) / ${size_limit} AS by_size
                               FROM recipients) sized"""
@@ -105,9 +123,7 @@ def _chunk_sql(channel: str, top_up: bool, cut_by_size: bool) -> str:
         numbered = "SELECT *, by_count AS k FROM recipients"
     return f"""
         WITH members AS (
-            SELECT lm.contact_id FROM list_members lm
-            WHERE lm.list_id = $1 AND lm.contact_id > $2 {not_reached}
-            ORDER BY lm.contact_id LIMIT $3
+            {_members_sql(top_up, retry)}
         ), recipients AS (
             SELECT id, address, bytes, (row_number() OVER (ORDER BY id) - 1) / $6 AS by_count
             FROM (SELECT c.id, {address_sql(channel)} AS address, {_recipient_bytes(channel)} AS bytes
@@ -141,15 +157,20 @@ async def _snapshot_chunk(
     # scan of every remaining member plus a sort per chunk (31 ms a chunk, quadratic over the
     # snapshot: 3.1 s of a 1M send) or a hash join over all contacts (1 s a chunk), both measured.
     await con.execute(_ORDERED_LOOKUPS)
-    runs = plan.reached_runs
-    args = [plan.started.list_id, after, READ_CHUNK, plan.broadcast_id, plan.run, batch_size, seq, *([runs] if runs else [])]
+    runs, retry = plan.reached_runs, plan.retry
+    if retry:  # the run retried and the statuses in place of the list and the reached runs
+        first, extra = plan.started.retry_of, [list(plan.started.retry_statuses)]
+    else:
+        first, extra = plan.started.list_id, [runs] if runs else []
+    args = [first, after, READ_CHUNK, plan.broadcast_id, plan.run, batch_size, seq, *extra]
+    channel, top_up = plan.started.channel, bool(runs)
     try:
         async with con.transaction():  # a savepoint, rolled back when a batch comes out too big
-            rows = await con.fetch(_chunk_sql(plan.started.channel, bool(runs), cut_by_size=False), *args)
+            rows = await con.fetch(_chunk_sql(channel, top_up, cut_by_size=False, retry=retry), *args)
             if any(r["bytes"] is not None and r["bytes"] > JOB_BYTES for r in rows):
                 raise _TooBig()
     except _TooBig:  # rare (large attributes): cut the batches by size too
-        rows = await con.fetch(_chunk_sql(plan.started.channel, bool(runs), cut_by_size=True), *args, JOB_BYTES)
+        rows = await con.fetch(_chunk_sql(channel, top_up, cut_by_size=True, retry=retry), *args, JOB_BYTES)
     last_member = rows[0]["last_member"]
     if last_member is None:
         await con.execute("UPDATE runs SET planned = true WHERE broadcast_id = $1 AND run = $2", plan.broadcast_id, plan.run)
@@ -169,7 +190,7 @@ class Planner:
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, names: Names) -> None:
         self.pool, self.js, self.names = pool, js, names
 
-    async def plan(self, plan: Plan, heartbeat: Callable[[], Awaitable[None]]) -> None:
+    async def plan(self, plan: Plan, between_chunks: Callable[[], Awaitable[None]]) -> None:
         """Snapshot the audience into batches; resumable after a crash or a pause."""
         async with self.pool.acquire() as con:
             if not await _may_go_on(con, plan):
@@ -198,12 +219,12 @@ class Planner:
                 more = not progress["planned"] and await _snapshot_chunk(
                     con, plan, progress["planned_through"], batch_size, progress["batches"]
                 )
-            await heartbeat()
+            await between_chunks()
             if not more:
                 break
         await self._record_snapshot(plan)
 
-    async def resume(self, plan: Plan, resumes: int, heartbeat: Callable[[], Awaitable[None]]) -> None:
+    async def resume(self, plan: Plan, resumes: int, between_chunks: Callable[[], Awaitable[None]]) -> None:
         """After a pause: publish again the batches workers held unsent while the run was paused
         (at most a window of them), under new job ids, then plan on if planning was cut short.
 
@@ -228,16 +249,22 @@ class Planner:
                        WHERE broadcast_id = $1 AND run = $2 AND seq = ANY($3::int[]) AND status = 'held'""",
                     plan.broadcast_id, plan.run, group,
                 )
-            await heartbeat()
-        await self.plan(plan, heartbeat)
+            await between_chunks()
+        await self.plan(plan, between_chunks)
 
     async def _record_snapshot(self, plan: Plan) -> None:
         async with self.pool.acquire() as con:
             totals = await con.fetchrow(
                 "SELECT batches, recipients FROM runs WHERE broadcast_id = $1 AND run = $2", plan.broadcast_id, plan.run
             )
+            # A retry's recipients by their status in the run retried, for the counters (which take
+            # them out of that run's figures). Counted once planning is done: that run has ended,
+            # so its ledger rows no longer change, and a resumed planning counts the same.
+            split = await snapshot.retried_split(con, plan.broadcast_id, plan.run, plan.started.retry_of) if (
+                plan.retry) else {}
         command = b.RecordSnapshot(
-            run=plan.run, recipients=totals["recipients"], batches=totals["batches"], at=datetime.now(timezone.utc)
+            run=plan.run, recipients=totals["recipients"], batches=totals["batches"], at=datetime.now(timezone.utc),
+            retried_failed=split.get("failed", 0), retried_unknown=split.get("unknown", 0),
         )
         await commands.handle(self.pool, DECIDER, b.stream_name(plan.broadcast_id), command, _metadata(plan), INLINE)
         log.info("audience snapshotted", broadcast_id=str(plan.broadcast_id), run=plan.run, recipients=totals["recipients"])
@@ -261,22 +288,28 @@ async def publish_jobs(js: JetStreamContext, names: Names, jobs: list[Job]) -> N
 
 
 async def consume_starts(
-    js: JetStreamContext, names: Names, planner: Planner, stop: asyncio.Event, concurrency: int = 4
+    js: JetStreamContext, names: Names, planner: Planner, stop: asyncio.Event, concurrency: int = 4,
+    keep_alive_s: float = 1.5,
 ) -> None:
     """Take broadcast events from the shared durable consumer, `concurrency` at a time per sender
     (so one large snapshot never holds up another tenant's run): a BroadcastStarted is planned, a
-    BroadcastResumed republishes the held batches; others are acked."""
+    BroadcastResumed republishes the held batches; others are acked. Work in progress is kept
+    alive every `keep_alive_s`; a sender that stops hands it back between two snapshot chunks."""
 
     async def handle(msg: Msg) -> None:
-        await _handle_event(msg, planner)
+        await _handle_event(msg, planner, stop, keep_alive_s)
 
     await pull_each(js, PLANNER_CONSUMER, names.events_stream, handle, stop, concurrency)
+
+
+class _Stopping(Exception):
+    """The sender is stopping: planning was left between two chunks (each committed)."""
 
 
 _decode_envelope = msgspec.json.Decoder(EventEnvelope).decode
 
 
-async def _handle_event(msg: Msg, planner: Planner) -> None:
+async def _handle_event(msg: Msg, planner: Planner, stop: asyncio.Event, keep_alive_s: float) -> None:
     try:
         envelope = _decode_envelope(msg.data)
         broadcast_id = b.id_from_stream(envelope.stream)
@@ -286,13 +319,23 @@ async def _handle_event(msg: Msg, planner: Planner) -> None:
         log.error("undecodable broadcast event terminated", subject=msg.subject)
         await msg.term()
         return
+
+    async def go_on() -> None:  # between two chunks: each is committed, so planning resumes there
+        if stop.is_set():
+            raise _Stopping()
+
     try:
-        if isinstance(event, b.BroadcastStarted):
-            await planner.plan(Plan(event.tenant_id, broadcast_id, event), msg.in_progress)
-        elif isinstance(event, b.BroadcastResumed):
-            started = await _started_event(planner.pool, broadcast_id, event.run)
-            if started is not None:
-                await planner.resume(Plan(started.tenant_id, broadcast_id, started), event.resumes, msg.in_progress)
+        async with KeepAlive(msg, keep_alive_s):
+            if isinstance(event, b.BroadcastStarted):
+                await planner.plan(Plan(event.tenant_id, broadcast_id, event), go_on)
+            elif isinstance(event, b.BroadcastResumed):
+                started = await _started_event(planner.pool, broadcast_id, event.run)
+                if started is not None:
+                    await planner.resume(Plan(started.tenant_id, broadcast_id, started), event.resumes, go_on)
+    except _Stopping:
+        log.info("planning handed back: the sender is stopping", broadcast_id=str(broadcast_id))
+        await msg.nak()  # at once: another sender plans on from the last chunk
+        return
     except Exception as exc:  # Postgres or NATS trouble: another try soon, resuming where it stopped
         log.warning("planning failed, will be retried", broadcast_id=str(broadcast_id), error=repr(exc))
         await msg.nak(delay=2.0)

@@ -3,8 +3,11 @@
 The ledger decides, not the ack. A job is redelivered after a crash or a lost ack; recipients
 with a final ledger row are skipped. Providers that dedupe by idempotency key (or have no side
 effects) get unrecorded recipients again with the same key. For the others each recipient is
-claimed (`sending`) before the provider call, so a crash leaves at most the in-flight ones
-ambiguous, and those are marked failed with an "outcome unknown" error rather than sent twice.
+claimed (`sending`) at the last moment the provider can still withdraw it (the provider's commit:
+for SMTP, the message written but not its final "."), so a crash leaves ambiguous only messages
+that were past that point, and those are marked `unknown` rather than sent twice (a retry sends
+them on request). Outcomes the worker knows are kept while Postgres is away and written when it
+is back; the job is kept alive meanwhile.
 """
 from __future__ import annotations
 
@@ -21,14 +24,18 @@ from nats.js import JetStreamContext
 from sender_service.job_context import JobContext, JobContextLoader
 from shared.broadcasts.status import ACTIVE, RUNNING, Status, sql_list
 from shared.channels.provider import (
+    OUTCOME_UNKNOWN,
+    WITHDRAWN,
+    Commit,
+    CommitFailed,
     OutgoingMessage,
     Provider,
     ProviderUnavailable,
     SendResult,
 )
 from shared.content.templates import TemplateError
-from shared.platform import codec, eventstore
-from shared.platform.bus import WORKERS_CONSUMER, Names, pull_each
+from shared.platform import codec, db, eventstore
+from shared.platform.bus import WORKERS_CONSUMER, KeepAlive, Names, pull_each
 from shared.platform.logging import get_logger
 from shared.sending import batch as batch_events
 from shared.sending.jobs import (
@@ -40,7 +47,12 @@ from shared.sending.jobs import (
 )
 
 log = get_logger(__name__)
-UNKNOWN_OUTCOME = "outcome unknown: the sender stopped while sending; not resent to avoid a duplicate"
+UNKNOWN_OUTCOME = ("outcome unknown: the sender stopped after handing the message over and before the answer; "
+                   "not resent to avoid a duplicate")
+# How long a worker keeps outcomes it knows while Postgres is away, waiting to write them. Past
+# it (or when the process is cancelled at its shutdown timeout) they are lost, and those recipients
+# end `unknown`.
+LEDGER_PATIENCE_S = 600.0
 _LEDGER_COLUMNS = ("broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts, error, "
                    "provider_message_id, sent_at")
 
@@ -59,46 +71,120 @@ def _batch_sql(channel: str) -> str:
 _RUN_GOES_ON = f"EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2 AND status IN {sql_list(ACTIVE)})"
 
 
-class _Heartbeat:
-    """Tells JetStream the job is still being worked on, at most every `every_s`."""
-
-    def __init__(self, msg: Msg | None, every_s: float = 10.0) -> None:
-        self.msg, self.every_s, self.last = msg, every_s, time.monotonic()
-
-    async def __call__(self) -> None:
-        if self.msg is not None and time.monotonic() - self.last > self.every_s:
-            self.last = time.monotonic()
-            await self.msg.in_progress()
-
-
 class Outcome(msgspec.Struct):
     contact_id: int
     address: str
-    status: str  # sent | failed
+    status: str  # sent | failed | unknown
     attempts: int
     error: str | None = None
     provider_message_id: str | None = None
     sent_at: datetime | None = None
 
 
+def _status_of(result: SendResult) -> str:
+    if result.ok:
+        return "sent"
+    return "unknown" if result.failure == OUTCOME_UNKNOWN else "failed"
+
+
 def _outcome(r: Recipient, result: SendResult, attempts: int, now: datetime) -> Outcome:
     if result.ok:
         return Outcome(r.contact_id, r.address, "sent", attempts, None, result.provider_message_id, now)
-    return Outcome(r.contact_id, r.address, "failed", attempts, result.error or "failed")
+    return Outcome(r.contact_id, r.address, _status_of(result), attempts, result.error or "failed")
+
+
+class Stopping(Exception):
+    """The process is stopping: the job was left between two recipients, its outcomes so far
+    written, to be handed back (nak) for another sender to go on with at once."""
+
+
+# SQL: the advisory lock key of batch ($1 broadcast, $2 run, $3 seq).
+_BATCH_KEY = "hashtextextended('crier-batch:' || $1::uuid || ':' || $2::int || ':' || $3::int, 0)"
+
+
+class BatchBusy(Exception):
+    """Another attempt, still alive, is sending this batch: this delivery of its job waits."""
+
+
+class _Ledger:
+    """The connection one job's claims and outcomes are written on, replaced when Postgres goes
+    away. `durably` retries a write through an outage, so outcomes the worker knows are kept.
+
+    With a `job`, the connection holds the batch's advisory lock: one attempt at a time sends a
+    claimed batch. A job redelivered while its first attempt still lives (frozen past the ack wait,
+    or cut off from NATS) then waits for it instead of declaring its messages in flight unknown;
+    a dead attempt's session, and so its lock, ends with its process."""
+
+    def __init__(self, pool: asyncpg.Pool, job: Job | None = None) -> None:
+        self.pool, self.job = pool, job
+        self.con: asyncpg.Connection | None = None
+
+    async def once(self, op):
+        """`op(con)` on the job's connection; a lost connection is dropped and the error raised."""
+        try:
+            if self.con is None:
+                self.con = await self._connect()
+            return await op(self.con)
+        except Exception as exc:
+            if db.is_connection_error(exc):
+                await self.release()
+            raise
+
+    async def _connect(self) -> asyncpg.Connection:
+        con = await self.pool.acquire()
+        if self.job is not None:
+            j = self.job
+            try:
+                locked = await con.fetchval(f"SELECT pg_try_advisory_lock({_BATCH_KEY})", j.broadcast_id, j.run, j.seq)
+            except BaseException:
+                await self.pool.release(con)
+                raise
+            if not locked:
+                await self.pool.release(con)
+                raise BatchBusy()
+        return con
+
+    async def durably(self, op, what: str):
+        """`op(con)`, again and again while Postgres cannot be reached, for up to LEDGER_PATIENCE_S:
+        the caller holds outcomes nobody else knows. A sender stopping meanwhile goes on trying
+        until its shutdown timeout cancels it."""
+        deadline = time.monotonic() + LEDGER_PATIENCE_S
+        delay = 0.1
+        while True:
+            try:
+                return await self.once(op)
+            except Exception as exc:
+                if not db.is_connection_error(exc) or time.monotonic() > deadline:
+                    raise
+                log.warning("postgres unreachable; keeping outcomes until it is back", what=what, error=repr(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def release(self) -> None:
+        con, self.con = self.con, None
+        if con is not None:
+            try:
+                if self.job is not None and not con.is_closed():
+                    j = self.job
+                    await con.execute(f"SELECT pg_advisory_unlock({_BATCH_KEY})", j.broadcast_id, j.run, j.seq)
+                await self.pool.release(con)
+            except Exception:  # a broken connection cannot be reset: the pool opens a new one later
+                con.terminate()
 
 
 class JobProcessor:
     """Processes one job to completion; used by the consumer loop and directly by tests."""
 
     def __init__(
-        self, pool: asyncpg.Pool, contexts: JobContextLoader, backoff_s: float = 0.5, heartbeat_every_s: float = 10.0
+        self, pool: asyncpg.Pool, contexts: JobContextLoader, backoff_s: float = 0.5, keep_alive_s: float = 1.5
     ) -> None:
         self.pool, self.contexts, self.backoff_s = pool, contexts, backoff_s
-        self.heartbeat_every_s = heartbeat_every_s
+        self.keep_alive_s = keep_alive_s  # how often a job in progress tells JetStream so
 
-    async def process(self, job: Job, heartbeat: _Heartbeat | None = None) -> bool:
-        """Returns False when the batch was already done (nothing sent)."""
-        heartbeat = heartbeat or _Heartbeat(None)
+    async def process(self, job: Job, stop: asyncio.Event | None = None) -> bool:
+        """Returns False when the batch was already done (nothing sent). Raises Stopping when `stop`
+        was set before the batch was through (the rest is left for another attempt)."""
+        stop = stop or asyncio.Event()
         async with self.pool.acquire() as con:
             batch = await con.fetchrow(_batch_sql(job.channel), job.broadcast_id, job.run, job.seq)
             if batch is None or batch["status"] in ("done", "dropped"):
@@ -129,8 +215,7 @@ class JobProcessor:
             # which marks the batch `sending`; a deduping attempt writes its rows as it finishes.
             previous = await self._ledger(con, job, recipients) if batch["status"] == "sending" else {}
             ctx = await self.contexts.load(con, job, batch["version"])
-        done = {cid for cid, status in previous.items() if status in ("sent", "failed")}
-        in_flight = {cid for cid, status in previous.items() if status == "sending"}
+        done = {cid for cid, status in previous.items() if status != "sending"}
         todo = [r for r in recipients if r.contact_id not in done]
         try:
             await ctx.provider.open()
@@ -143,14 +228,21 @@ class JobProcessor:
         try:
             if ctx.provider.dedupes:
                 messages, results = self._render(ctx, todo)
-                sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
+                sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries)
                 results.update(sent)
                 return await self._finish(job, recipients, todo, results, attempts, bool(previous))
-            called_off = await self._send_claimed(job, ctx, todo, in_flight, heartbeat)
+            ledger = _Ledger(self.pool, job)
+            try:
+                called_off = await self._send_claimed(ledger, job, ctx, recipients, stop)
+                # Called off half-way: the batch ends `dropped`, so its unsent recipients show as dropped.
+                return await self._finish(job, recipients, [], {}, {}, True, "dropped" if called_off else "done",
+                                          ledger)
+            except _AlreadyDone:
+                return False
+            finally:
+                await ledger.release()
         finally:
             await ctx.provider.close()
-        # Called off half-way: the batch ends `dropped`, so its unsent recipients show as dropped.
-        return await self._finish(job, recipients, [], {}, {}, True, "dropped" if called_off else "done")
 
     async def _ledger(self, con: asyncpg.Connection, job: Job, recipients: list[Recipient]) -> dict[int, str]:
         rows = await con.fetch(
@@ -175,7 +267,7 @@ class JobProcessor:
         return messages, failures
 
     async def _send_with_retries(
-        self, provider: Provider, messages: list[OutgoingMessage], max_retries: int, heartbeat: _Heartbeat
+        self, provider: Provider, messages: list[OutgoingMessage], max_retries: int, commit: Commit | None = None
     ) -> tuple[dict[int, SendResult], dict[int, int]]:
         """Send, then resend the transient failures up to max_retries times with exponential backoff."""
         results: dict[int, SendResult] = {}
@@ -186,82 +278,132 @@ class JobProcessor:
                 break
             if retry:
                 await asyncio.sleep(min(self.backoff_s * 2 ** (retry - 1), 30.0))
-            for message, result in zip(pending, await provider.send(pending)):
+            for message, result in zip(pending, await provider.send(pending, commit)):
                 results[message.contact_id] = result
                 attempts[message.contact_id] = retry + 1
-            await heartbeat()
             pending = [m for m in pending if not results[m.contact_id].ok and results[m.contact_id].retryable]
         return results, attempts
 
     async def _send_claimed(
-        self, job: Job, ctx: JobContext, todo: list[Recipient], in_flight: set[int], heartbeat: _Heartbeat
+        self, ledger: _Ledger, job: Job, ctx: JobContext, recipients: list[Recipient], stop: asyncio.Event
     ) -> bool:
-        """Send each recipient under a claim; True if the run was called off before the batch was through."""
-        async with self.pool.acquire() as con:
+        """Send each recipient under a claim; True if the run was called off before the batch was through.
+        The batch's ledger is read under its lock (the first statement takes it): what an earlier
+        attempt left is final by then."""
+
+        async def begin(con: asyncpg.Connection) -> dict[int, str]:
+            status = await con.fetchval(
+                "SELECT status FROM batches WHERE broadcast_id = $1 AND run = $2 AND seq = $3",
+                job.broadcast_id, job.run, job.seq,
+            )
+            if status in ("done", "dropped"):
+                raise _AlreadyDone()  # the attempt this one waited for finished it
             await con.execute(
                 "UPDATE batches SET status = 'sending' WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status = 'queued'",
                 job.broadcast_id, job.run, job.seq,
             )
+            previous = await self._ledger(con, job, recipients) if status == "sending" else {}
+            in_flight = [cid for cid, s in previous.items() if s == "sending"]
             if in_flight:
+                # Claimed by an attempt that is gone (this job was handed on only once it stopped
+                # keeping it alive) after the message was handed over: nobody knows if it arrived.
                 await con.execute(
-                    """UPDATE messages SET status = 'failed', error = $5
+                    """UPDATE messages SET status = 'unknown', error = $5
                        WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[]) AND channel = $4
                          AND status = 'sending'""",
-                    job.broadcast_id, job.run, list(in_flight), job.channel, UNKNOWN_OUTCOME,
+                    job.broadcast_id, job.run, in_flight, job.channel, UNKNOWN_OUTCOME,
                 )
-                log.warning("recipients left in sending by a crashed attempt marked unknown",
+                log.warning("recipients left in flight by an attempt that died marked unknown",
                             broadcast_id=str(job.broadcast_id), seq=job.seq, count=len(in_flight))
-            for recipient in todo:
-                if recipient.contact_id not in in_flight:
-                    if not await self._send_one_claimed(con, job, ctx, recipient, heartbeat):
-                        return True
+            return previous
+
+        previous = await ledger.once(begin)
+        for recipient in recipients:
+            if recipient.contact_id in previous:  # final, or in flight when its attempt died: now unknown
+                continue
+            if stop.is_set():
+                raise Stopping()
+            if not await self._send_one_claimed(ledger, job, ctx, recipient):
+                return True
         return False
 
-    async def _send_one_claimed(
-        self, con: asyncpg.Connection, job: Job, ctx: JobContext, recipient: Recipient, heartbeat: _Heartbeat
-    ) -> bool:
-        """Claim, send and record one recipient; False if the run was called off (nothing sent)."""
-        # The claim also checks that the run still goes on: once it is cancelled, stopped or reset,
-        # this batch sends nobody more (a pause lets it finish). Without that check a top-up sent
-        # right after a cancel planned the rest of this batch too, and they got both runs' message.
-        claimed = await con.fetchval(
-            f"""INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
-               SELECT $1, $2, $3, $4, $5, $6, 'sending', 1 WHERE {_RUN_GOES_ON}
+    async def _send_one_claimed(self, ledger: _Ledger, job: Job, ctx: JobContext, recipient: Recipient) -> bool:
+        """Send and record one recipient, claimed when the provider commits to hand it over; False
+        if the run was called off (nothing sent)."""
+        claimed = False
+
+        async def claim(message: OutgoingMessage) -> bool:
+            # The claim also checks that the run still goes on: once it is cancelled, stopped or
+            # reset, this batch sends nobody more (a pause lets it finish). Without that check a
+            # top-up sent right after a cancel planned the rest of this batch too, and they got
+            # both runs' message. Claimed once: a retry of this message commits again.
+            nonlocal claimed
+            if not claimed:
+                claimed = bool(await ledger.once(lambda con: con.fetchval(
+                    f"""INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
+                       SELECT $1, $2, $3, $4, $5, $6, 'sending', 1 WHERE {_RUN_GOES_ON}
+                       ON CONFLICT DO NOTHING RETURNING true""",
+                    job.broadcast_id, job.run, recipient.contact_id, job.channel, job.seq, recipient.address,
+                )))
+            return claimed
+
+        messages, results = self._render(ctx, [recipient])
+        try:
+            sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, claim)
+        except CommitFailed as exc:  # Postgres went away at the claim: nothing was handed over
+            raise exc.__cause__ or exc
+        results.update(sent)
+        result = results[recipient.contact_id]
+        o = _outcome(recipient, result, attempts.get(recipient.contact_id, 1), datetime.now(timezone.utc))
+        if claimed:
+            await ledger.durably(lambda con: con.execute(
+                """UPDATE messages SET status = $5, attempts = $6, error = $7, provider_message_id = $8, sent_at = $9
+                   WHERE broadcast_id = $1 AND run = $2 AND contact_id = $3 AND channel = $4 AND status = 'sending'""",
+                job.broadcast_id, job.run, recipient.contact_id, job.channel, o.status, o.attempts, o.error,
+                o.provider_message_id, o.sent_at,
+            ), "outcome")
+            return True
+        if result.failure == WITHDRAWN:  # another attempt holds or finished this recipient, or the run was called off
+            return await ledger.once(lambda con: con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run))
+        # Refused before it was handed over (the template, the address, the server's RCPT answer):
+        # failed for sure, recorded unless another attempt has this recipient or the run was called off.
+        written = await ledger.durably(lambda con: con.fetchval(
+            f"""INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts, error)
+               SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE {_RUN_GOES_ON}
                ON CONFLICT DO NOTHING RETURNING true""",
             job.broadcast_id, job.run, recipient.contact_id, job.channel, job.seq, recipient.address,
-        )
-        if not claimed:  # another attempt holds or finished this recipient, or the run was called off
-            return await con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run)
-        messages, results = self._render(ctx, [recipient])
-        sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, heartbeat)
-        results.update(sent)
-        o = _outcome(recipient, results[recipient.contact_id], attempts.get(recipient.contact_id, 1),
-                     datetime.now(timezone.utc))
-        await con.execute(
-            """UPDATE messages SET status = $5, attempts = $6, error = $7, provider_message_id = $8, sent_at = $9
-               WHERE broadcast_id = $1 AND run = $2 AND contact_id = $3 AND channel = $4 AND status = 'sending'""",
-            job.broadcast_id, job.run, recipient.contact_id, job.channel, o.status, o.attempts, o.error,
-            o.provider_message_id, o.sent_at,
-        )
-        return True
+            o.status, o.attempts, o.error,
+        ), "outcome")
+        return bool(written) or await ledger.once(
+            lambda con: con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run))
 
     async def _finish(
         self, job: Job, recipients: list[Recipient], todo: list[Recipient], results: dict[int, SendResult],
-        attempts: dict[int, int], ledger_has_rows: bool, batch_status: str = "done",
+        attempts: dict[int, int], ledger_has_rows: bool, batch_status: str = "done", session: _Ledger | None = None,
     ) -> bool:
         """In one transaction: write the outcomes of `todo` (of the batch's `recipients`), mark the batch
         done (or `batch_status`) and append its BatchCompleted. Returns False if another attempt
-        finished it first (this one then writes nothing)."""
+        finished it first (this one then writes nothing). Retried while Postgres is away: the
+        outcomes are known only here. A transaction whose commit was lost to the outage is found
+        done on the retry, which then writes nothing."""
         ledger = _LedgerColumns(todo, results, attempts, datetime.now(timezone.utc))
+
+        async def finish(con: asyncpg.Connection) -> None:
+            if ledger_has_rows:
+                async with con.transaction():
+                    await self._finish_after_earlier_attempt(con, job, recipients, ledger, batch_status)
+            else:
+                await self._finish_first_attempt(con, job, ledger)
+
+        own = session is None  # else the claimed batch's, whose lock is held until it is done
+        session = session or _Ledger(self.pool)
         try:
-            async with self.pool.acquire() as con:
-                if ledger_has_rows:
-                    async with con.transaction():
-                        await self._finish_after_earlier_attempt(con, job, recipients, ledger, batch_status)
-                else:
-                    await self._finish_first_attempt(con, job, ledger)
+            await session.durably(finish, "batch outcome")
         except _AlreadyDone:
             return False  # another attempt finished the batch first; this one wrote nothing
+        finally:
+            if own:
+                await session.release()
         return True
 
     @staticmethod
@@ -270,19 +412,20 @@ class JobProcessor:
         trip and one transaction: mark the batch done, write its ledger rows and its BatchCompleted,
         all only if it was not done yet (a concurrent attempt waits on the batch row's lock, then
         finds it done and writes nothing)."""
-        sent, failed = ledger.sent, len(ledger.contact_ids) - ledger.sent
+        sent, unknown = ledger.sent, ledger.unknown
+        failed = len(ledger.contact_ids) - sent - unknown
         if not await con.fetchval(
             f"""WITH done AS (
                     UPDATE batches SET status = 'done', attempts = attempts + 1, completed_at = now(),
-                                       sent = $4, failed = $5
+                                       sent = $4, failed = $5, unknown = $6
                     WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING 1),
                 written AS (
-                    INSERT INTO messages ({_LEDGER_COLUMNS}) {ledger.rows(11)} WHERE EXISTS (SELECT FROM done)),
+                    INSERT INTO messages ({_LEDGER_COLUMNS}) {ledger.rows(12)} WHERE EXISTS (SELECT FROM done)),
                 recorded AS (
-                    {eventstore.first_event_insert(6)} WHERE EXISTS (SELECT FROM done))
+                    {eventstore.first_event_insert(7)} WHERE EXISTS (SELECT FROM done))
                 SELECT EXISTS (SELECT FROM done)""",
-            job.broadcast_id, job.run, job.seq, sent, failed,
-            *eventstore.first_event_arguments(_stream(job), _completed(job, sent, failed)),
+            job.broadcast_id, job.run, job.seq, sent, failed, unknown,
+            *eventstore.first_event_arguments(_stream(job), _completed(job, sent, failed, unknown)),
             *ledger.arguments(job.channel),
         ):
             raise _AlreadyDone()
@@ -305,20 +448,21 @@ class JobProcessor:
                 SET status = excluded.status, attempts = messages.attempts + excluded.attempts,
                     error = excluded.error, provider_message_id = excluded.provider_message_id,
                     sent_at = excluded.sent_at
-                WHERE messages.status NOT IN ('sent', 'failed')""",
+                WHERE messages.status = 'sending'""",
             job.broadcast_id, job.run, job.seq, *ledger.arguments(job.channel),
         )
         counts = await con.fetchrow(
             """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
-                      count(*) FILTER (WHERE status = 'failed') AS failed
+                      count(*) FILTER (WHERE status = 'failed') AS failed,
+                      count(*) FILTER (WHERE status = 'unknown') AS unknown
                FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
                  AND channel = $4""",
             job.broadcast_id, job.run, [r.contact_id for r in recipients], job.channel,
         )
-        sent, failed = counts["sent"], counts["failed"]
-        await _mark_done(con, job, sent, failed, batch_status)
+        sent, failed, unknown = counts["sent"], counts["failed"], counts["unknown"]
+        await _mark_done(con, job, sent, failed, unknown, batch_status)
         await eventstore.append(
-            con, _stream(job), [_completed(job, sent, failed)], expected_version=eventstore.NO_STREAM
+            con, _stream(job), [_completed(job, sent, failed, unknown)], expected_version=eventstore.NO_STREAM
         )
 
 
@@ -326,9 +470,9 @@ def _stream(job: Job) -> str:
     return batch_events.stream_name(job.broadcast_id, job.run, job.seq)
 
 
-def _completed(job: Job, sent: int, failed: int) -> eventstore.NewEvent:
+def _completed(job: Job, sent: int, failed: int, unknown: int) -> eventstore.NewEvent:
     event = batch_events.BatchCompleted(
-        broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=sent, failed=failed,
+        broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=sent, failed=failed, unknown=unknown,
         at=datetime.now(timezone.utc),
     )
     return codec.to_new_event(event, {"tenant_id": str(job.tenant_id), "actor": "sender:worker"})
@@ -342,11 +486,14 @@ class _ResumedMeanwhile(Exception):
     """The broadcast was resumed between reading it paused and holding the batch."""
 
 
-async def _mark_done(con: asyncpg.Connection, job: Job, sent: int, failed: int, status: str = "done") -> bool:
+async def _mark_done(
+    con: asyncpg.Connection, job: Job, sent: int, failed: int, unknown: int, status: str = "done"
+) -> bool:
     return bool(await con.fetchval(
-        """UPDATE batches SET status = $6, attempts = attempts + 1, completed_at = now(), sent = $4, failed = $5
+        """UPDATE batches SET status = $7, attempts = attempts + 1, completed_at = now(), sent = $4, failed = $5,
+                              unknown = $6
            WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING true""",
-        job.broadcast_id, job.run, job.seq, sent, failed, status,
+        job.broadcast_id, job.run, job.seq, sent, failed, unknown, status,
     ))
 
 
@@ -369,8 +516,10 @@ class _LedgerColumns:
         self.sent = sum(o.ok for o in outcomes)
         self.attempts = [attempts.get(r.contact_id, 1) for r in todo]
         self.all_sent_at_once = self.sent == len(todo) and all(a == 1 for a in self.attempts)
+        self.unknown = 0
         if not self.all_sent_at_once:
-            self.statuses = ["sent" if o.ok else "failed" for o in outcomes]
+            self.statuses = [_status_of(o) for o in outcomes]
+            self.unknown = self.statuses.count("unknown")
             self.errors = [None if o.ok else (o.error or "failed") for o in outcomes]
             self.sent_at = [now if o.ok else None for o in outcomes]
 
@@ -400,12 +549,12 @@ async def consume(
     """Pull jobs from the shared durable consumer with `concurrency` tasks until `stop` is set."""
 
     async def handle(msg: Msg) -> None:
-        await _handle(msg, processor)
+        await _handle(msg, processor, stop)
 
     await pull_each(js, WORKERS_CONSUMER, names.jobs_stream, handle, stop, concurrency)
 
 
-async def _handle(msg: Msg, processor: JobProcessor) -> None:
+async def _handle(msg: Msg, processor: JobProcessor, stop: asyncio.Event) -> None:
     try:
         job = decode_job(msg.data)
     except msgspec.DecodeError:
@@ -413,7 +562,15 @@ async def _handle(msg: Msg, processor: JobProcessor) -> None:
         await msg.term()
         return
     try:
-        await processor.process(job, _Heartbeat(msg, processor.heartbeat_every_s))
+        async with KeepAlive(msg, processor.keep_alive_s):
+            await processor.process(job, stop)
+    except Stopping:
+        log.info("job handed back: the sender is stopping", broadcast_id=str(job.broadcast_id), seq=job.seq)
+        await msg.nak()  # at once: another sender goes on with the rest
+        return
+    except BatchBusy:  # its earlier attempt lives on: look again shortly (the lock goes with its process)
+        await msg.nak(delay=1.0)
+        return
     except Exception as exc:  # Postgres down, provider unreachable ...: try again later
         log.warning("job failed, will be redelivered", broadcast_id=str(job.broadcast_id), seq=job.seq,
                     error=repr(exc))

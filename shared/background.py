@@ -1,4 +1,4 @@
-"""The run-once background tasks (relay, projector with run completion, scheduler, progress feed),
+"""The run-once background tasks (relay, projector with run completion and the progress feed, scheduler),
 each under a leader lock: any API or sender process may run them, one of each runs at a time, and
 another process takes over within seconds when that one dies. At least one process of the
 deployment must run them (CRIER_RUN_BACKGROUND, true by default everywhere)."""
@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from shared.broadcasts.completion import finish_done_runs
 from shared.broadcasts.counters import CountersView
-from shared.broadcasts.progress import publish_progress
+from shared.broadcasts.progress import ProgressFeed
 from shared.broadcasts.scheduler import run_scheduler
 from shared.platform.bus import Names
 from shared.platform.leader import run_as_leader
@@ -42,16 +42,16 @@ def start_background_tasks(
         await run_relay(pool, con, js, names, poll)
 
     async def projector(con: asyncpg.Connection) -> None:
-        await run_projector(pool, con, async_projections(), poll)
+        # The progress feed publishes what the projector folds, so it runs beside it, with its lock.
+        feed = ProgressFeed(pool, nc, names)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(feed.run(), name="progress-feed")
+            await run_projector(pool, con, async_projections(), poll, committed=feed.committed)
 
     async def scheduler(_: asyncpg.Connection) -> None:
         await run_scheduler(pool, clock)
 
-    async def progress(_: asyncpg.Connection) -> None:
-        await publish_progress(pool, nc, names)
-
     return [
-        asyncio.create_task(run_as_leader(dsn, "progress", progress), name="progress"),
         asyncio.create_task(run_as_leader(dsn, "relay", relay), name="relay"),
         asyncio.create_task(run_as_leader(dsn, "projector", projector), name="projector"),
         asyncio.create_task(run_as_leader(dsn, "scheduler", scheduler), name="scheduler"),

@@ -24,6 +24,10 @@ from tests.api_helpers import (  # noqa: F401  (api, tenant_tokens are fixtures)
 )
 
 
+# A year to schedule in: in the future, and within the 10 years a one-off schedule may be ahead.
+FUTURE_YEAR = datetime.now(timezone.utc).year + 2
+
+
 def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -467,18 +471,18 @@ async def test_an_unknown_path_is_a_404_problem(api, tenant_tokens):
 
 
 async def test_create_with_scheduled_at_is_scheduled_at_once(api, tenant_tokens):
-    created = await create_broadcast(api, tenant_tokens.a_write, scheduled_at="2099-01-02T09:00:00Z")
+    created = await create_broadcast(api, tenant_tokens.a_write, scheduled_at=f"{FUTURE_YEAR}-01-02T09:00:00Z")
 
     assert created["status"] == "scheduled"
-    assert parse_time(created["scheduled_at"]) == parse_time("2099-01-02T09:00:00+00:00")
+    assert parse_time(created["scheduled_at"]) == parse_time(f"{FUTURE_YEAR}-01-02T09:00:00+00:00")
     assert created["recurring"] is False and created["next_run_at"] is None
 
 
 async def test_a_local_scheduled_at_is_read_in_the_given_timezone(api, tenant_tokens):
-    created = await create_broadcast(api, tenant_tokens.a_write, scheduled_at="2099-07-04T09:00:00",
+    created = await create_broadcast(api, tenant_tokens.a_write, scheduled_at=f"{FUTURE_YEAR}-07-04T09:00:00",
                                      timezone="America/New_York")
 
-    assert parse_time(created["scheduled_at"]) == parse_time("2099-07-04T13:00:00+00:00")  # 09:00 EDT
+    assert parse_time(created["scheduled_at"]) == parse_time(f"{FUTURE_YEAR}-07-04T13:00:00+00:00")  # 09:00 EDT
     assert created["schedule"]["timezone"] == "America/New_York"
 
 
@@ -496,12 +500,12 @@ async def test_schedule_and_reschedule_a_draft(api, tenant_tokens):
     draft = await create_broadcast(api, tenant_tokens.a_write)
     path = f"{BROADCASTS}/{draft['id']}/schedule"
 
-    first = await api.post(path, json={"scheduled_at": "2099-01-02T09:00:00Z"}, headers=bearer(tenant_tokens.a_write))
-    again = await api.post(path, json={"scheduled_at": "2099-01-03T09:00:00Z"}, headers=bearer(tenant_tokens.a_write))
+    first = await api.post(path, json={"scheduled_at": f"{FUTURE_YEAR}-01-02T09:00:00Z"}, headers=bearer(tenant_tokens.a_write))
+    again = await api.post(path, json={"scheduled_at": f"{FUTURE_YEAR}-01-03T09:00:00Z"}, headers=bearer(tenant_tokens.a_write))
 
     assert first.status_code == 200 and first.json()["status"] == "scheduled", first.text
     assert again.status_code == 200, again.text
-    assert parse_time(again.json()["scheduled_at"]) == parse_time("2099-01-03T09:00:00+00:00")
+    assert parse_time(again.json()["scheduled_at"]) == parse_time(f"{FUTURE_YEAR}-01-03T09:00:00+00:00")
 
 
 async def test_schedule_in_the_past_is_a_422_and_changes_nothing(api, tenant_tokens):
@@ -534,9 +538,9 @@ async def test_recurring_is_scheduled_for_its_next_occurrence(api, tenant_tokens
         ({"recurring": True, "cron": "every monday"}, "cron"),
         ({"recurring": True, "cron": "0 9 * * 1 2026"}, "cron"),
         ({"recurring": True, "cron": "0 9 * * 1", "timezone": "Mars/Olympus"}, "timezone"),
-        ({"scheduled_at": "2099-01-01T00:00:00", "timezone": "Nowhere"}, "timezone"),
+        ({"scheduled_at": f"{FUTURE_YEAR}-01-01T00:00:00", "timezone": "Nowhere"}, "timezone"),
         ({"recurring": True}, "cron"),
-        ({"scheduled_at": "2099-01-01T00:00:00Z", "missed_policy": "later"}, "missed_policy"),
+        ({"scheduled_at": f"{FUTURE_YEAR}-01-01T00:00:00Z", "missed_policy": "later"}, "missed_policy"),
     ],
 )
 async def test_a_bad_schedule_is_a_422_naming_the_field(api, tenant_tokens, fields, field):
@@ -556,14 +560,14 @@ async def test_commands_the_status_does_not_allow_are_409_with_the_current_statu
         response = await api.post(f"{path}/{command}", headers=headers)
         assert assert_problem(response, 409, "wrong_status")["current_status"] == "draft", command
 
-    await api.post(f"{path}/schedule", json={"scheduled_at": "2099-01-02T09:00:00Z"}, headers=headers)
+    await api.post(f"{path}/schedule", json={"scheduled_at": f"{FUTURE_YEAR}-01-02T09:00:00Z"}, headers=headers)
     for command in ("pause", "resume", "reset"):
         response = await api.post(f"{path}/{command}", headers=headers)
         assert assert_problem(response, 409, "wrong_status")["current_status"] == "scheduled", command
 
 
 async def test_a_scheduled_broadcast_can_be_edited_stopped_and_deleted(api, tenant_tokens):
-    created = await create_broadcast(api, tenant_tokens.a_write, scheduled_at="2099-01-02T09:00:00Z")
+    created = await create_broadcast(api, tenant_tokens.a_write, scheduled_at=f"{FUTURE_YEAR}-01-02T09:00:00Z")
     path = f"{BROADCASTS}/{created['id']}"
     headers = bearer(tenant_tokens.a_write)
 
@@ -572,7 +576,7 @@ async def test_a_scheduled_broadcast_can_be_edited_stopped_and_deleted(api, tena
     stopped = await api.post(f"{path}/stop", headers=headers)
     assert stopped.status_code == 200 and stopped.json()["status"] == "draft", stopped.text
     assert stopped.json()["scheduled_at"] is None
-    await api.post(f"{path}/schedule", json={"scheduled_at": "2099-01-02T09:00:00Z"}, headers=headers)
+    await api.post(f"{path}/schedule", json={"scheduled_at": f"{FUTURE_YEAR}-01-02T09:00:00Z"}, headers=headers)
     assert (await api.delete(path, headers=headers)).status_code == 204
     assert (await api.get(path, headers=headers)).status_code == 404
 

@@ -58,25 +58,28 @@ COMMANDS = {
     "reset": b.ResetBroadcast(at=T2),
     "edit": b.EditBroadcast(name="Renamed", at=T2),
     "delete": b.DeleteBroadcast(at=T2),
+    # the handler counted one failed recipient in the latest run (a run in the table is no retry)
+    "retry": b.RetryBroadcast(statuses=("failed",), failed=1, unknown=0, at=T2),
 }
-TABLE = {  # status: (send, schedule, pause, resume, cancel, stop, reset, edit, delete)
+TABLE = {  # status: (send, schedule, pause, resume, cancel, stop, reset, edit, delete, retry)
     "draft": ("BroadcastStarted queued", "BroadcastScheduled scheduled", 409, 409, 409, "no-op", "no-op",
-              "BroadcastEdited draft", "BroadcastDeleted draft"),
+              "BroadcastEdited draft", "BroadcastDeleted draft", 409),
     "scheduled": ("BroadcastStarted queued", "BroadcastScheduled scheduled", 409, 409, "BroadcastCancelled cancelled",
-                  "BroadcastStopped draft", 409, "BroadcastEdited scheduled", "BroadcastDeleted scheduled"),
-    "queued": ("no-op", 409, 409, "no-op", "BroadcastCancelled cancelled", "BroadcastStopped draft", 409, 409, 409),
+                  "BroadcastStopped draft", 409, "BroadcastEdited scheduled", "BroadcastDeleted scheduled", 409),
+    "queued": ("no-op", 409, 409, "no-op", "BroadcastCancelled cancelled", "BroadcastStopped draft", 409, 409, 409,
+               409),
     "sending": ("no-op", 409, "BroadcastPaused paused", "no-op", "BroadcastCancelled cancelled",
-                "BroadcastStopped draft", 409, 409, 409),
+                "BroadcastStopped draft", 409, 409, 409, 409),
     "paused": (409, 409, "no-op", "BroadcastResumed sending", "BroadcastCancelled cancelled", "BroadcastStopped draft",
-               409, "BroadcastEdited paused", 409),
+               409, "BroadcastEdited paused", 409, 409),
     "completed": ("BroadcastStarted queued", 409, 409, 409, 409, 409, "BroadcastReset draft", 409,
-                  "BroadcastDeleted completed"),
+                  "BroadcastDeleted completed", "BroadcastStarted queued"),
     "partially_failed": ("BroadcastStarted queued", 409, 409, 409, 409, 409, "BroadcastReset draft", 409,
-                         "BroadcastDeleted partially_failed"),
+                         "BroadcastDeleted partially_failed", "BroadcastStarted queued"),
     "failed": ("BroadcastStarted queued", 409, 409, 409, 409, 409, "BroadcastReset draft", 409,
-               "BroadcastDeleted failed"),
+               "BroadcastDeleted failed", "BroadcastStarted queued"),
     "cancelled": ("BroadcastStarted queued", 409, 409, 409, "no-op", 409, "BroadcastReset draft", 409,
-                  "BroadcastDeleted cancelled"),
+                  "BroadcastDeleted cancelled", "BroadcastStarted queued"),
 }
 CELLS = [(status, command, TABLE[status][i]) for status in TABLE for i, command in enumerate(COMMANDS)]
 

@@ -204,6 +204,38 @@ async def test_many_racing_appends_at_one_version_exactly_one_wins(pool):
     assert await eventstore.read_stream(pool, stream) == won[0]
 
 
+async def test_racing_any_version_appends_all_land_one_after_another(pool):
+    stream = new_stream()
+    rng = random.Random(11)
+    go = asyncio.Event()
+
+    async def appender(i: int) -> list[RecordedEvent]:
+        evs = new_events(1 + i % 3, tag=str(i))
+        async with pool.acquire() as con:
+            await go.wait()  # every appender holds its own connection, then all start at once
+            if i % 2:  # half append on their own, outside a transaction
+                return await eventstore.append(con, stream, evs, ANY_VERSION)
+            async with con.transaction():  # half in a transaction held open a while after the append
+                written = await eventstore.append(con, stream, evs, ANY_VERSION)
+                await asyncio.sleep(rng.uniform(0, 0.05))
+                return written
+
+    tasks = [asyncio.create_task(appender(i)) for i in range(24)]
+    await asyncio.sleep(0.2)
+    go.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    # Every append landed, each one's events together, and the stream has no gap and no overlap
+    for written in results:
+        positions = [e.position for e in written]
+        assert positions == list(range(positions[0], positions[0] + len(positions)))
+    total = sum(len(written) for written in results)
+    stored = await eventstore.read_stream(pool, stream)
+    assert [e.position for e in stored] == list(range(1, total + 1))
+    assert sorted(e.id for e in stored) == sorted(e.id for written in results for e in written)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. commit-order reads: the xid8 horizon never skips a late commit
 
@@ -246,9 +278,8 @@ async def test_out_of_order_commits_are_never_skipped_by_the_horizon_reader_but_
         if after_long:
             await long_inserted.wait()
         await asyncio.sleep(rng.uniform(0, 0.8 if after_long else 0.3))
-        # Distinct streams: ANY_VERSION computes the next position from max(position), so two open
-        # transactions on one stream would collide on the unique key and one would get
-        # WrongExpectedVersion, which is not what this test is about.
+        # Distinct streams: ANY_VERSION appends to one stream wait for each other's transaction
+        # (the stream lock), so they could not commit out of order, which is what this test is about.
         batches = {new_stream(): new_events(rng.randint(1, 3), tag=str(i)) for _ in range(rng.randint(1, 2))}
         ids = {e.id for evs in batches.values() for e in evs}
         roll_back = i % 5 == 0

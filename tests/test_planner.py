@@ -227,3 +227,59 @@ async def test_batches_leave_out_members_without_an_address_and_stay_under_the_j
             (j.seq, [x.contact_id for x in rs]) for j, rs in zip(jobs, per_job)
         ]
         assert (run["batches"], run["recipients"], run["planned"]) == (len(jobs), len(with_email), True)
+
+
+async def test_a_retry_run_snapshots_the_failed_recipients_of_the_run_retried_and_resumes_after_a_crash(
+    settings, monkeypatch
+):
+    # Given a run of 40 in which the server refused every third address (14 failed), and one of
+    # those contacts deleted since
+    from tests.smtp_peer import SmtpPeer
+    from tests.stack import sender_in_process
+    from tests.test_send_e2e import smtp_broadcast
+
+    refused = {f"person{i}@example.com" for i in range(0, 40, 3)}
+    with SmtpPeer(fail_permanently=refused) as peer:
+        async with api_for(settings) as api:
+            bid = await smtp_broadcast(api, peer, await audience(api, 40), max_retries=0)
+            async with sender_in_process(settings):
+                await api.post(f"/v1/broadcasts/{bid}/send", expect=202)
+                first = await api.wait_for_status(bid, {"completed", "partially_failed", "failed"})
+            failing = sorted(m["contact_id"] for m in await api.all_messages(bid) if m["status"] == "failed")
+            assert first["counters"]["failed"] == len(failing) == 14
+            await api.call("DELETE", f"/v1/contacts/{failing[5]}")
+            # When the failed ones are retried (no sender runs: this test plans the run itself)
+            accepted = await api.post(f"/v1/broadcasts/{bid}/retry", {"statuses": ["failed"]}, expect=202)
+    assert (accepted["queued"], accepted["run"]) == (13, 2)
+
+    monkeypatch.setattr(planner_module, "READ_CHUNK", 3)
+    settings = msgspec.structs.replace(settings, run_background=False)
+    broadcast_id = uuid.UUID(bid)
+    async with planning(settings) as (js, names, pool):
+        con = await db.connect(settings.database_url)
+        try:
+            events = await eventstore.read_stream(con, b.stream_name(broadcast_id))
+        finally:
+            await con.close()
+        started = [codec.from_recorded(e, b.Event) for e in events if e.type == "BroadcastStarted"][-1]
+        plan = Plan(started.tenant_id, broadcast_id, started)
+        # and its planner dies after two chunks, and a fresh one plans it again
+        with pytest.raises(Crash):
+            await Planner(pool, js, names).plan(plan, DyingHeartbeat(2))
+        await Planner(pool, js, names).plan(plan, no_heartbeat)
+        con = await db.connect(settings.database_url)
+        try:
+            batches = await con.fetch("SELECT seq, contact_ids FROM batches WHERE broadcast_id = $1 AND run = 2 "
+                                      "ORDER BY seq", broadcast_id)
+            run = await con.fetchrow("SELECT * FROM runs WHERE broadcast_id = $1 AND run = 2", broadcast_id)
+            events = await eventstore.read_stream(con, b.stream_name(broadcast_id))
+        finally:
+            await con.close()
+
+    # Then run 2's batches hold each failed contact still there once, in contact-id order, nobody else
+    snapshotted = [codec.from_recorded(e, b.Event) for e in events if e.type == "AudienceSnapshotted"][-1]
+    assert [cid for r in batches for cid in r["contact_ids"]] == sorted(set(failing) - {failing[5]})
+    assert [r["seq"] for r in batches] == list(range(len(batches)))
+    assert (run["recipients"], run["planned"]) == (13, True)
+    assert (snapshotted.run, snapshotted.recipients, snapshotted.retried_failed, snapshotted.retried_unknown) == (
+        2, 13, 13, 0)

@@ -20,7 +20,7 @@ from litestar.testing import AsyncTestClient
 
 from api_service.app import create_app
 from shared.channels import accounts
-from shared.channels.provider import EmailContent, OutgoingMessage, ProviderUnavailable
+from shared.channels.provider import WITHDRAWN, CommitFailed, EmailContent, OutgoingMessage, ProviderUnavailable
 from shared.channels.registry import build_provider
 from shared.channels.smtp import message_id_of
 from shared.platform import db
@@ -340,13 +340,42 @@ def message(i: int, to: str | None = None, **kw: Any) -> OutgoingMessage:
                            idempotency_key=f"{uuid.UUID(int=7)}:1:{i}:email")
 
 
-async def send_job(peer: SmtpPeer, messages: list[OutgoingMessage], **config: Any):
+async def send_job(peer: SmtpPeer, messages: list[OutgoingMessage], commit=None, **config: Any):
     provider = build_provider("smtp", peer.provider_config(**config), allow_private_networks=True)
     await provider.open()
     try:
-        return await provider.send(messages)
+        return await provider.send(messages, commit)
     finally:
         await provider.close()
+
+
+async def test_smtp_commits_each_message_when_all_but_its_end_is_written_and_a_withdrawn_one_never_arrives(smtp_peer):
+    seen_at_commit: list[tuple[str, int]] = []
+
+    async def commit(m: OutgoingMessage) -> bool:
+        # Then at the commit the server has the whole message but not its end: nothing received yet
+        await asyncio.sleep(0.05)
+        seen_at_commit.append((m.to, len(smtp_peer.received_by(m.to))))
+        return m.to != "withdrawn@example.com"
+
+    # Given three messages, the second of which the commit withdraws
+    results = await send_job(smtp_peer, [message(1), message(2, "withdrawn@example.com"), message(3)], commit)
+    # Then the withdrawn one never arrives (its session was dropped before the end) and the others do
+    assert [(r.ok, r.failure) for r in results] == [(True, None), (False, WITHDRAWN), (True, None)]
+    assert seen_at_commit == [("user1@example.com", 0), ("withdrawn@example.com", 0), ("user3@example.com", 0)]
+    assert smtp_peer.received_by("withdrawn@example.com") == []
+    assert len(smtp_peer.received_by("user1@example.com")) == len(smtp_peer.received_by("user3@example.com")) == 1
+
+
+async def test_a_commit_that_fails_withdraws_the_message_and_ends_the_call(smtp_peer):
+    async def commit(m: OutgoingMessage) -> bool:
+        raise ConnectionRefusedError("postgres is away")
+
+    with pytest.raises(CommitFailed) as raised:
+        await send_job(smtp_peer, [message(1), message(2)], commit)
+    assert isinstance(raised.value.__cause__, ConnectionRefusedError)
+    await asyncio.sleep(0.2)
+    assert smtp_peer.received == []
 
 
 async def test_smtp_sends_a_job_on_one_connection(smtp_peer):

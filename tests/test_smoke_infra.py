@@ -6,7 +6,8 @@ from shared.platform.db import migration_files
 SHIPPED = [
     "001_event_store.sql", "002_tenants.sql", "003_broadcasts.sql", "004_contacts_lists.sql", "005_providers.sql",
     "006_sending.sql", "007_idempotency.sql", "008_audience_counts.sql", "009_held_batches.sql",
-    "010_parked_events.sql", "011_rate_limits.sql", "012_fair_sending.sql",
+    "010_parked_events.sql", "011_rate_limits.sql", "012_fair_sending.sql", "013_unknown_outcomes.sql",
+    "014_retries.sql",
 ]
 
 

@@ -3,18 +3,21 @@ is held, one of a cancelled run dropped, a redelivered job after a crashed attem
 and a channel other than email takes each contact's address on it from the snapshot to the ledger."""
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
 import msgspec
+import pytest
 from nats.js import JetStreamContext
 
 from sender_service.job_context import JobContextLoader
 from sender_service.planner import Plan, Planner
-from sender_service.worker import UNKNOWN_OUTCOME, JobProcessor
+from sender_service.worker import UNKNOWN_OUTCOME, BatchBusy, JobProcessor, Stopping
 from shared.broadcasts import decider as b
 from shared.broadcasts import handlers
 from shared.channels import accounts
@@ -127,19 +130,78 @@ async def test_a_job_redelivered_after_a_crashed_attempt_sends_nobody_twice(sett
         )
         # When the job is redelivered
         assert await processor.process(job) is True
-        # Then only the three nobody had tried are sent; the one in flight is failed as unknown, not resent
+        # Then only the three nobody had tried are sent; the one in flight is unknown, not resent
         assert sorted(r.rcpt_tos[0] for r in smtp_peer.received) == sorted(r.address for r in recipients[2:])
         ledger = await ledger_of(con, job)
-        assert ledger[first] == ("sent", None) and ledger[second] == ("failed", UNKNOWN_OUTCOME)
+        assert ledger[first] == ("sent", None) and ledger[second] == ("unknown", UNKNOWN_OUTCOME)
         assert all(ledger[c] == ("sent", None) for c in rest)
         # And the batch's outcome is counted from the ledger, both attempts together
-        done = await con.fetchrow("SELECT status, sent, failed FROM batches WHERE broadcast_id = $1", job.broadcast_id)
-        assert tuple(done) == ("done", 4, 1)
+        done = await con.fetchrow("SELECT status, sent, failed, unknown FROM batches WHERE broadcast_id = $1",
+                                  job.broadcast_id)
+        assert tuple(done) == ("done", 4, 0, 1)
         completed = await con.fetchval("SELECT data FROM events WHERE type = 'BatchCompleted'")
-        assert (completed["sent"], completed["failed"]) == (4, 1)
+        assert (completed["sent"], completed["failed"], completed["unknown"]) == (4, 0, 1)
         # And a second redelivery finds the batch done and sends nothing more
         assert await processor.process(job) is False
         assert len(smtp_peer.received) == 3
+
+
+async def test_a_stopping_worker_hands_its_job_back_between_two_recipients_and_the_next_attempt_goes_on(
+    settings, smtp_peer  # noqa: F811
+):
+    async with planned(settings, 6, batch_size=6, peer=smtp_peer) as run:
+        [job], [recipients], processor, con = run.jobs, run.recipients, run.processor, run.con
+        smtp_peer.configure(delay=0.05)
+        stop = asyncio.Event()
+
+        async def stop_after_two() -> None:
+            while len(smtp_peer.received) < 2:
+                await asyncio.sleep(0.005)
+            stop.set()
+
+        # Given a worker told to stop (SIGTERM) once two of its six recipients were received
+        watcher = asyncio.create_task(stop_after_two())
+        # Then it finishes the message in hand and hands the job back, its outcomes written
+        with pytest.raises(Stopping):
+            await processor.process(job, stop)
+        await watcher
+        ledger = await ledger_of(con, job)
+        assert 2 <= len(ledger) < 6 and {status for status, _ in ledger.values()} == {"sent"}
+        # When another attempt takes the job at once
+        assert await processor.process(job) is True
+        # Then everyone received one copy, and nobody's outcome is unknown
+        assert Counter(r.rcpt_tos[0] for r in smtp_peer.received) == Counter(r.address for r in recipients)
+        assert {status for status, _ in (await ledger_of(con, job)).values()} == {"sent"}
+        assert await batch_status(con, job) == "done"
+
+
+async def test_a_job_redelivered_while_its_first_attempt_lives_waits_for_it_and_marks_nothing_unknown(
+    settings, smtp_peer  # noqa: F811
+):
+    async with planned(settings, 4, batch_size=4, peer=smtp_peer) as run:
+        [job], [recipients], processor, con = run.jobs, run.recipients, run.processor, run.con
+        first = recipients[0]
+        # Given an attempt that is alive (frozen past the ack wait, say) holding the batch, with its
+        # first recipient in flight
+        holder = await db.connect(settings.database_url)
+        await holder.execute(
+            "SELECT pg_advisory_lock(hashtextextended('crier-batch:' || $1::uuid || ':' || $2::int || ':' || $3::int, 0))",
+            job.broadcast_id, job.run, job.seq)
+        await con.execute("UPDATE batches SET status = 'sending' WHERE broadcast_id = $1", job.broadcast_id)
+        await con.execute(
+            """INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
+               VALUES ($1, 1, $2, 'email', 0, $3, 'sending', 1)""", job.broadcast_id, first.contact_id, first.address)
+        # When the job is delivered again
+        # Then this delivery waits: it sends nobody and leaves the one in flight alone
+        with pytest.raises(BatchBusy):
+            await processor.process(job)
+        assert smtp_peer.received == [] and (await ledger_of(con, job))[first.contact_id] == ("sending", None)
+        # And once the first attempt has written its outcome and is gone, the next delivery sends the rest
+        await con.execute("UPDATE messages SET status = 'sent' WHERE broadcast_id = $1", job.broadcast_id)
+        await holder.close()
+        assert await processor.process(job) is True
+        assert sorted(r.rcpt_tos[0] for r in smtp_peer.received) == sorted(r.address for r in recipients[1:])
+        assert {status for status, _ in (await ledger_of(con, job)).values()} == {"sent"}
 
 
 async def test_a_broadcast_on_another_channel_goes_to_each_contacts_address_on_it(settings):

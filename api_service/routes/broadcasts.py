@@ -1,19 +1,21 @@
 """/v1/broadcasts: create, edit, delete, read, and the event history of one broadcast."""
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.datastructures import State
+from litestar.openapi.spec import Operation, RequestBody
 from litestar.params import FromPath, JSONBody, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api_service.auth import require_write
+from api_service.openapi import problem_response
 from api_service.problems import problem
 from api_service.ratelimit import STREAM_SLOT
 from api_service.schemas.audience import email_problem
@@ -25,6 +27,8 @@ from api_service.schemas.broadcasts import (
     Message,
     Preview,
     PreviewMessage,
+    RetryAccepted,
+    RetryIn,
     ScheduleFields,
     ScheduleIn,
     SendAccepted,
@@ -38,14 +42,28 @@ from shared.broadcasts import handlers, previews, progress, view
 from shared.broadcasts import messages as messages_view
 from shared.broadcasts.counters import Counters, counters_of, shown
 from shared.broadcasts.handlers import Actor
-from shared.broadcasts.status import ACTIVE, ENDED
 from shared.kernel.errors import Invalid
+from shared.kernel.limits import MAX_OFFSET
 from shared.platform import eventstore
 from shared.tenants.store import Principal
 
 Limit = Annotated[int, Parameter(ge=1, le=500, description="page size")]
-Offset = Annotated[int, Parameter(ge=0)]
+Offset = Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="items to skip")]  # a bigint in SQL
+WRONG_STATUS = problem_response("the broadcast's status does not allow it (`current_status` says which it is)")
 StatusFilter = Annotated[b.Status | None, Parameter(description="only broadcasts in this status")]
+MessageStatus = Literal["queued", "sending", "sent", "failed", "unknown", "dropped"]
+MessageStatusFilter = Annotated[MessageStatus | None, Parameter(
+    description="only records in this status: queued, sending, sent, failed, unknown (handed to the provider, "
+                "no answer) or dropped")]
+
+
+@dataclass
+class OptionalBodyOperation(Operation):
+    """The OpenAPI operation of a route whose body may be left out (Litestar marks every body required)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.request_body, RequestBody):
+            self.request_body.required = False
 
 
 def actor_of(request: Request[Principal, Any, Any]) -> Actor:
@@ -81,8 +99,9 @@ async def with_counters(pool: Any, rows: list[view.BroadcastRow], audiences: boo
     return [to_response(r, counters.get(r.id), sizes.get(r.id)) for r in rows]
 
 
-def schedule_command(data: ScheduleFields, at: datetime) -> b.ScheduleBroadcast:
-    """The domain command from the API's schedule fields (naive times are local to `timezone`)."""
+def schedule_command(data: ScheduleFields, at: datetime, min_interval_s: int) -> b.ScheduleBroadcast:
+    """The domain command from the API's schedule fields (naive times are local to `timezone`); a
+    cron may fire at most once per `min_interval_s` (the deployment's CRIER_MIN_CRON_INTERVAL_S)."""
     from shared.broadcasts.schedule import zone
 
     try:
@@ -99,7 +118,8 @@ def schedule_command(data: ScheduleFields, at: datetime) -> b.ScheduleBroadcast:
     recurrence = b.Recurrence(cron=data.cron, timezone=data.timezone) if data.recurring and data.cron else None
     schedule = b.Schedule(recurrence=recurrence, timezone=data.timezone, missed_policy=data.missed_policy,
                           max_lateness_s=data.max_lateness_s)
-    return b.ScheduleBroadcast(scheduled_at=None if recurrence else scheduled_at, schedule=schedule, at=at)
+    return b.ScheduleBroadcast(scheduled_at=None if recurrence else scheduled_at, schedule=schedule, at=at,
+                               min_interval_s=min_interval_s)
 
 
 def wants_schedule(data: ScheduleFields) -> bool:
@@ -123,7 +143,8 @@ class BroadcastController(Controller):
             at=services.clock(),
         )
         # With a schedule it is created straight into `scheduled`, in the same transaction.
-        then = schedule_command(data, command.at) if wants_schedule(data) else None
+        min_interval_s = services.settings.min_cron_interval_s
+        then = schedule_command(data, command.at, min_interval_s) if wants_schedule(data) else None
         return to_response(await handlers.create(services.pool, actor_of(request), command, then))
 
     @get("/", summary="List broadcasts")
@@ -145,7 +166,8 @@ class BroadcastController(Controller):
             raise problem(404, "broadcast not found")
         return (await with_counters(state.services.pool, [row], audiences=True))[0]
 
-    @patch("/{broadcast_id:uuid}", guards=[require_write], summary="Edit a broadcast (draft, scheduled, paused)")
+    @patch("/{broadcast_id:uuid}", guards=[require_write], summary="Edit a broadcast (draft, scheduled, paused)",
+           responses={409: WRONG_STATUS})
     async def edit(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID], data: JSONBody[BroadcastPatch]) -> Broadcast:
         changes = msgspec.structs.asdict(data)
         if changes.get("content") is not msgspec.UNSET:
@@ -154,7 +176,7 @@ class BroadcastController(Controller):
         row = await handlers.edit(state.services.pool, actor_of(request), broadcast_id, command)
         return (await with_counters(state.services.pool, [row]))[0]
 
-    @delete("/{broadcast_id:uuid}", guards=[require_write], summary="Delete a broadcast")
+    @delete("/{broadcast_id:uuid}", guards=[require_write], summary="Delete a broadcast", responses={409: WRONG_STATUS})
     async def delete_broadcast(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> None:
         await handlers.delete(state.services.pool, actor_of(request), broadcast_id, state.services.clock())
 
@@ -186,13 +208,36 @@ class BroadcastController(Controller):
         row, queued = await handlers.send(services.pool, actor_of(request), broadcast_id, services.clock())
         return SendAccepted(status=row.status, queued=queued, run=row.run)
 
+    @post("/{broadcast_id:uuid}/retry", guards=[require_write], status_code=202,
+          summary="Send the latest run again to its failed (and/or unknown) recipients, once it ended",
+          description=(
+              "202 with the new run: it goes to the recipients of the latest run whose status there is one of "
+              '`statuses` (default `["failed"]`; the body may be left out) and who still have an address. '
+              "`unknown` ones (handed to the provider, no answer) may have arrived: they are sent again only "
+              "when asked for. 409 `wrong_status` unless the latest run ended (completed, partially_failed, "
+              "failed, cancelled); 409 `nothing_to_retry` when it has no such recipient."),
+          operation_class=OptionalBodyOperation,
+          responses={409: problem_response(
+              "the latest run has not ended (`wrong_status`, with `current_status`), or has no recipient with "
+              "those statuses who can still be reached (`nothing_to_retry`, with `run` and `statuses`)")})
+    async def retry(
+        self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID], data: JSONBody[RetryIn | None] = None,
+    ) -> RetryAccepted:
+        services = state.services
+        statuses = (data or RetryIn()).statuses
+        row, queued = await handlers.retry(services.pool, actor_of(request), broadcast_id, statuses, services.clock())
+        shown_statuses = [s for s in b.RETRY_STATUSES if s in statuses]
+        # A repeat while the retry runs decides nothing: `run` is that retry's, `retry_of` the run before.
+        return RetryAccepted(status=row.status, queued=queued, run=row.run, retry_of=row.run - 1,
+                             statuses=shown_statuses)
+
     @get("/{broadcast_id:uuid}/messages", summary="One record per recipient: address, status, attempts, error")
     async def messages(
         self,
         request: Request,
         state: State,
         broadcast_id: FromPath[uuid.UUID],
-        status: Annotated[str | None, Parameter(description="queued, sending, sent or failed")] = None,
+        status: MessageStatusFilter = None,
         limit: Limit = 100,
         offset: Offset = 0,
     ) -> Page[Message]:
@@ -208,7 +253,7 @@ class BroadcastController(Controller):
     async def schedule(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID], data: JSONBody[ScheduleIn]) -> Broadcast:
         if not wants_schedule(data):
             raise Invalid("scheduled_at", "required unless the broadcast is recurring")
-        command = schedule_command(data, state.services.clock())
+        command = schedule_command(data, state.services.clock(), state.services.settings.min_cron_interval_s)
         row = await handlers.schedule(state.services.pool, actor_of(request), broadcast_id, command)
         return (await with_counters(state.services.pool, [row]))[0]
 
@@ -266,29 +311,19 @@ class BroadcastController(Controller):
     @get("/{broadcast_id:uuid}/progress", summary="Server-Sent Events: status and counters as they change",
          opt={STREAM_SLOT: True})  # holds one of the token's and tenant's stream slots while open
     async def progress_stream(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> ServerSentEvent:
-        pool, tenant_id = state.services.pool, request.user.tenant_id
-        async with pool.acquire() as con:
+        services, tenant_id = state.services, request.user.tenant_id
+        async with services.pool.acquire() as con:
             if await progress.snapshot(con, tenant_id, broadcast_id) is None:
                 raise problem(404, "broadcast not found")
 
         async def updates() -> AsyncIterator[ServerSentEventMessage]:
-            # Ends once a run it saw under way ends, or at once on a broadcast already finished; on
-            # a draft or scheduled one it waits for the run to start.
-            last, saw_running = None, False
-            while True:
-                async with pool.acquire() as con:
-                    snap = await progress.snapshot(con, tenant_id, broadcast_id)
-                if snap is None:  # deleted meanwhile
-                    return
-                status = snap["status"]
-                saw_running = saw_running or status in ACTIVE
-                final = status in ENDED or (saw_running and status not in ACTIVE)
-                if snap != last or final:
-                    last = snap
-                    yield ServerSentEventMessage(event="finished" if final else "progress",
-                                                 data=msgspec.json.encode(snap).decode())
-                if final:
-                    return
-                await asyncio.sleep(progress.INTERVAL_S)
+            # What the projector publishes on NATS, on the app's one connection; no polling per client.
+            async for update in progress.follow(services.pool, services.nats, services.names, tenant_id,
+                                                broadcast_id, services.settings.progress_reread_s):
+                if update.snapshot is None:
+                    yield ServerSentEventMessage(data=None, comment="keep-alive")
+                else:
+                    yield ServerSentEventMessage(event="finished" if update.final else "progress",
+                                                 data=msgspec.json.encode(update.snapshot).decode())
 
         return ServerSentEvent(updates())

@@ -23,12 +23,13 @@ from api_service.schemas.audience import (
     contact_batch,
     decode_problem,
 )
-from api_service.schemas.common import Page
+from api_service.schemas.common import NO_NUL, Page
 from shared.audience import contacts
 from shared.audience.contacts import ContactRow
+from shared.kernel.limits import MAX_OFFSET
 
 Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="page size")]
-Offset = Annotated[int, QueryParameter(ge=0)]
+Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="items to skip")]  # a bigint in SQL
 NOT_FOUND = "contact not found"
 MAX_ID = 2**63 - 1  # bigint: a larger id cannot exist
 
@@ -123,8 +124,10 @@ class ContactController(Controller):
         self,
         request: Request,
         state: State,
-        external_id: Annotated[str | None, QueryParameter(description="only the contact with this external id")] = None,
-        email: Annotated[str | None, QueryParameter(description="only contacts with this email (any case)")] = None,
+        external_id: Annotated[str | None, QueryParameter(
+            description="only the contact with this external id", max_length=255, pattern=NO_NUL)] = None,
+        email: Annotated[str | None, QueryParameter(
+            description="only contacts with this email (any case)", max_length=254, pattern=NO_NUL)] = None,
         limit: Limit = 50,
         offset: Offset = 0,
     ) -> Page[Contact]:

@@ -5,6 +5,7 @@ import asyncio
 
 from litestar import Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 
 from api_service.schemas.common import Health, ReaderLag, Readiness
 from shared.background import async_projections
@@ -16,7 +17,8 @@ async def healthz() -> Health:
     return Health("ok")
 
 
-@get("/readyz", summary="Postgres and NATS are reachable, and the relay and projector keep up", tags=["health"])
+@get("/readyz", summary="Postgres and NATS are reachable, and the relay and projector keep up", tags=["health"],
+     responses={503: ResponseSpec(Readiness, description="not ready: `checks` says which check failed and why")})
 async def readyz(state: State) -> Response[Readiness]:
     """503 when Postgres or NATS cannot be reached, or when the relay or the projector is behind by
     more than `ready_max_lag_s` (the age of the oldest committed event it has not taken yet): a relay

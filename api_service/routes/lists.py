@@ -10,6 +10,7 @@ from litestar.datastructures import State
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from api_service.auth import require_write
+from api_service.openapi import problem_response
 from api_service.problems import problem
 from api_service.schemas.audience import (
     ContactList,
@@ -22,9 +23,10 @@ from api_service.schemas.common import Page
 from shared.audience import lists
 from shared.audience.lists import ListRow, UnknownContacts
 from shared.broadcasts import view as broadcasts_view
+from shared.kernel.limits import MAX_OFFSET
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
-Offset = Annotated[int, QueryParameter(ge=0)]
+Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="items to skip")]  # a bigint in SQL
 IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(name="Idempotency-Key", max_length=200, description="a retried POST with the same key returns the first one's list"),
@@ -88,6 +90,7 @@ class ListController(Controller):
     @delete(
         "/{list_id:uuid}", guards=[require_write],
         summary="Delete a list and its memberships (the contacts stay); 409 while a broadcast is snapshotting it",
+        responses={409: problem_response("a queued broadcast is snapshotting the list (`broadcasts`): retry later")},
     )
     async def delete_list(self, request: Request, state: State, list_id: FromPath[uuid.UUID]) -> None:
         tenant_id = request.user.tenant_id

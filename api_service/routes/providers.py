@@ -9,8 +9,9 @@ from litestar.datastructures import State
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from api_service.auth import require_write
+from api_service.openapi import problem_response
 from api_service.problems import problem
-from api_service.schemas.common import Page
+from api_service.schemas.common import NO_NUL, Page
 from api_service.schemas.providers import (
     Provider,
     ProviderCheck,
@@ -25,10 +26,11 @@ from shared.broadcasts import view as broadcasts_view
 from shared.channels import accounts as repo
 from shared.channels.provider import ProviderUnavailable
 from shared.channels.registry import build_provider
+from shared.kernel.limits import MAX_OFFSET
 from shared.platform.logging import get_logger
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
-Offset = Annotated[int, QueryParameter(ge=0)]
+Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="items to skip")]  # a bigint in SQL
 IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(
@@ -73,8 +75,10 @@ class ProviderController(Controller):
         self,
         request: Request,
         state: State,
-        channel: Annotated[str | None, QueryParameter(description="only providers of this channel")] = None,
-        kind: Annotated[str | None, QueryParameter(description="only providers of this kind (smtp, null)")] = None,
+        channel: Annotated[str | None, QueryParameter(
+            description="only providers of this channel", max_length=32, pattern=NO_NUL)] = None,
+        kind: Annotated[str | None, QueryParameter(
+            description="only providers of this kind (smtp, null)", max_length=32, pattern=NO_NUL)] = None,
         limit: Limit = 50,
         offset: Offset = 0,
     ) -> Page[Provider]:
@@ -128,7 +132,8 @@ class ProviderController(Controller):
             await provider.close()
         return ProviderCheck(ok=True)
 
-    @delete("/{provider_id:uuid}", guards=[require_write], summary="Delete a provider (not while a broadcast uses it)")
+    @delete("/{provider_id:uuid}", guards=[require_write], summary="Delete a provider (not while a broadcast uses it)",
+            responses={409: problem_response("broadcasts that are queued, sending or paused use it (`broadcasts`)")})
     async def delete_provider(self, request: Request, state: State, provider_id: FromPath[uuid.UUID]) -> None:
         tenant_id = request.user.tenant_id
         async with state.services.pool.acquire() as con, con.transaction():

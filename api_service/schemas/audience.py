@@ -19,7 +19,7 @@ from email_validator import EmailNotValidError, validate_email
 from msgspec import UNSET, Meta, UnsetType
 
 from api_service.problems import problem
-from api_service.schemas.common import Input, Name
+from api_service.schemas.common import NO_NUL, Input, Name
 from shared.audience.contacts import ATTRIBUTES, EMAIL, LOCALE, PHONE, ContactBatch
 from shared.kernel import limits as lim
 
@@ -37,7 +37,8 @@ MAX_ERRORS = 50  # a 10,000-item import with a systematic mistake gets a readabl
 # over 1 MiB, so a contact beyond that could never be sent to (shared/kernel/limits.py).
 MAX_ATTRIBUTES_BYTES = lim.MAX_ATTRIBUTES_BYTES
 
-ExternalId = Annotated[str, Meta(min_length=1, max_length=255, description="your id for the contact: the upsert key")]
+ExternalId = Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL,
+                                 description="your id for the contact: the upsert key")]
 Email = Annotated[str, Meta(max_length=254, examples=["ada@example.com"])]
 Phone = Annotated[str, Meta(max_length=16, description="E.164", examples=["+14155550100"])]
 ContactId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
@@ -161,7 +162,7 @@ _LOCALE = re.compile(
     r"([A-Za-z]{2,3})(?:[-_]([A-Za-z]{4}))?(?:[-_]([A-Za-z]{2}|[0-9]{3}))?((?:[-_](?:[A-Za-z0-9]{5,8}|[0-9][A-Za-z0-9]{3}))*)"
 )
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")  # \u0000, not an escaped backslash and u0000
-NUL = "cannot contain the character U+0000"  # Postgres stores no NUL in text or jsonb
+NUL = lim.PATTERN_REASONS[lim.NO_NUL_PATTERN]  # Postgres stores no NUL in text or jsonb
 
 
 def email_problem(address: str) -> str | None:
@@ -255,10 +256,6 @@ def contact_batch(items: list[ContactIn], array: bool) -> ContactBatch:
     attributes = [c.attributes for c in items]
     errors = _Errors(array)
 
-    if "\x00" in "".join(e for e in external_ids if e is not None):
-        for i, e in enumerate(external_ids):
-            if e is not None and "\x00" in e:
-                errors.add(i, "external_id", NUL)
     given_emails = [e for e in emails if isinstance(e, str)]
     if given_emails and not _all_fast_emails(given_emails):
         for i, e in enumerate(emails):

@@ -8,19 +8,24 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from api_service.schemas.common import Input, Name
+from api_service.schemas.common import Input, Name, text
 from shared.kernel import limits as lim
 
 # Limits and why: shared/kernel/limits.py. Together subject, html and text are also capped at
 # MAX_CONTENT_BYTES of JSON (checked by the decider, which sees an edit merged into the content).
 _CONTENT_NOTE = f"subject, html and text together: at most {lim.MAX_CONTENT_BYTES:,} bytes as JSON"
-Subject = Annotated[str, Meta(min_length=1, max_length=lim.MAX_SUBJECT_CHARS)]  # RFC 5322 line limit
-Html = Annotated[str, Meta(max_length=lim.MAX_HTML_CHARS, description=f"Liquid HTML template ({_CONTENT_NOTE})")]
-Text = Annotated[str, Meta(max_length=lim.MAX_TEXT_CHARS, description=f"Liquid plain-text template ({_CONTENT_NOTE})")]
-ContentAddress = Annotated[str, Meta(max_length=lim.MAX_ADDRESS_CHARS, description="an address, or `Name <address>`")]
-Timezone = Annotated[str, Meta(min_length=1, max_length=lim.MAX_TIMEZONE_CHARS, description="an IANA time zone")]
-Cron = Annotated[str, Meta(min_length=1, max_length=lim.MAX_CRON_CHARS, description="5 fields, in `timezone`")]
-TestAddress = Annotated[str, Meta(max_length=254)]
+# No string may hold U+0000 (Postgres cannot store it); the subject and addresses become header
+# lines, so they may not hold a CR or LF either (schemas/common.py).
+Subject = text(lim.MAX_SUBJECT_CHARS, one_line=True, min_length=1)  # RFC 5322 line limit
+Html = text(lim.MAX_HTML_CHARS, description=f"Liquid HTML template ({_CONTENT_NOTE})")
+Text = text(lim.MAX_TEXT_CHARS, description=f"Liquid plain-text template ({_CONTENT_NOTE})")
+ContentAddress = text(lim.MAX_ADDRESS_CHARS, one_line=True, description="an address, or `Name <address>`")
+Timezone = text(lim.MAX_TIMEZONE_CHARS, min_length=1, description="an IANA time zone")
+Cron = text(lim.MAX_CRON_CHARS, min_length=1, description=(
+    "5 fields, in `timezone`; it must fire within the next 10 years, and at most once per the server's "
+    "minimum interval (CRIER_MIN_CRON_INTERVAL_S, 1 hour by default)"
+))
+TestAddress = text(254)
 
 
 class ContentIn(Input, kw_only=True):
@@ -43,13 +48,17 @@ class ScheduleFields(Input, kw_only=True):
     """When a broadcast starts by itself. One-off: `scheduled_at` (an offset, or local time in
     `timezone`). Recurring: `recurring: true` with a 5-field `cron` in `timezone`."""
 
-    scheduled_at: datetime | None = None
+    scheduled_at: Annotated[datetime | None, Meta(
+        description=f"in the future, and at most {lim.MAX_SCHEDULE_AHEAD_DAYS:,} days (10 years) ahead",
+    )] = None
     timezone: Timezone = "UTC"
     recurring: bool = False
     cron: Cron | None = None
     missed_policy: Literal["send", "skip"] = "send"
     # "send": later than this, an occurrence is skipped
-    max_lateness_s: Annotated[int, Meta(ge=0, le=lim.MAX_LATENESS_S)] = 3600
+    max_lateness_s: Annotated[int, Meta(ge=0, le=lim.MAX_LATENESS_S, description=(
+        "under missed_policy send: an occurrence found later than this many seconds is skipped (at most 7 days)"
+    ))] = 3600
 
 
 class ScheduleIn(ScheduleFields, kw_only=True):
@@ -109,10 +118,16 @@ class Content(msgspec.Struct, kw_only=True):
 
 
 class Counters(msgspec.Struct, kw_only=True):
+    """Each recipient counted once, by its latest outcome (a retry moves its recipients out of
+    `failed`/`unknown`); total = queued + sent + failed + unknown + dropped."""
+
     total: int = 0
     queued: int = 0
     sent: int = 0
     failed: int = 0
+    # handed to the provider, then no answer (a sender died): may have arrived; never resent by
+    # itself, only by a retry that asks for `unknown`
+    unknown: int = 0
     dropped: int = 0  # not sent because the run was cancelled or stopped
 
 
@@ -127,6 +142,9 @@ class Broadcast(msgspec.Struct, kw_only=True):
     id: uuid.UUID
     name: str
     status: str
+    # why the latest run ended `failed` or `partially_failed`: "2 of 20 recipients failed", "outcome
+    # unknown for 1 of 20 recipients", both, or why the run could not be carried out; else null
+    status_reason: str | None = None
     channel: str
     list_id: uuid.UUID | None
     provider_id: uuid.UUID | None
@@ -150,8 +168,30 @@ class SendAccepted(msgspec.Struct, kw_only=True):
     run: int
 
 
+RetryStatus = Literal["failed", "unknown"]
+
+
+class RetryIn(Input, kw_only=True):
+    """Which recipients of the latest run to send again, by their status in it. Without a body
+    (or without `statuses`): the failed ones only. `unknown` ones may have arrived (their sender
+    died before the provider answered), so a retry sends them again only when asked to."""
+
+    statuses: Annotated[list[RetryStatus], Meta(
+        min_length=1, max_length=2, description='the ledger statuses to retry; default `["failed"]`',
+    )] = msgspec.field(default_factory=lambda: ["failed"])
+
+
+class RetryAccepted(msgspec.Struct, kw_only=True):
+    status: str
+    queued: int  # recipients of the retry run (those of `retry_of` with these statuses and an address)
+    run: int  # the retry run
+    retry_of: int  # the run whose recipients it sends again
+    statuses: list[str]
+
+
 class Message(msgspec.Struct, kw_only=True):
-    """One recipient's record: queued until its batch is attempted, then sent or failed."""
+    """One recipient's record in one run: queued until its batch is attempted, then sent, failed or
+    unknown (handed to the provider, no answer); dropped if the run was called off first."""
 
     run: int
     contact_id: int

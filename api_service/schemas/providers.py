@@ -16,7 +16,7 @@ import msgspec
 from email_validator import EmailNotValidError, validate_email
 from msgspec import UNSET, Meta, UnsetType
 
-from api_service.schemas.common import Input, Name
+from api_service.schemas.common import NO_NUL, ONE_LINE, Input, Name
 from shared.channels.accounts import (
     DEFAULT_BATCH_DELAY_MS,
     DEFAULT_BATCH_SIZE,
@@ -29,8 +29,9 @@ from shared.platform import netguard
 Channel = Literal["email"]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Host = Annotated[str, Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+$")]
-Secret = Annotated[str, Meta(max_length=1024)]
-Address = Annotated[str, Meta(min_length=3, max_length=320, description="an address, or `Name <address>`")]
+Secret = Annotated[str, Meta(max_length=1024, pattern=NO_NUL)]
+# The From header: one line (a CR or LF could never be sent, and would inject headers).
+Address = Annotated[str, Meta(min_length=3, max_length=320, pattern=ONE_LINE, description="an address, or `Name <address>`")]
 BatchSize = Annotated[int, Meta(ge=1, le=10000, description="recipients per batch job")]
 BatchDelayMs = Annotated[int, Meta(ge=0, le=86_400_000, description="delay between batches (0: none)")]
 MaxRetries = Annotated[int, Meta(ge=0, le=10, description="resends of a message after a transient failure")]

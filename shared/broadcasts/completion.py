@@ -1,5 +1,6 @@
 """Run completion: once every batch of a snapshotted run has an outcome, the run is finished on
-its broadcast stream (completed, partially failed or failed, with the ledger's counts).
+its broadcast stream (completed, partially failed or failed, with the ledger's counts: a run with
+unknown outcomes is partially failed, never completed, see the decider's `_finish`).
 
 The projector calls this after folding a batch of events into the counters, in the same
 transaction as the counters and their checkpoint: a run finishes exactly once, even on a replay
@@ -48,12 +49,14 @@ async def finish_done_runs(con: asyncpg.Connection, events: list[RecordedEvent])
     """Finish every run these events counted for whose batches all have an outcome now."""
     for (broadcast_id, run), touched in _runs_touched(events).items():
         row = await con.fetchrow(
-            """SELECT total, sent, failed FROM broadcast_counters
+            """SELECT total, sent, failed, unknown FROM broadcast_counters
                WHERE broadcast_id = $1 AND run = $2 AND snapshotted AND batches > 0 AND batches_done >= batches""",
             broadcast_id, run,
         )
         if row is None:
             continue
-        command = b.FinishRun(run=run, total=row["total"], sent=row["sent"], failed=row["failed"], at=touched.at)
+        # The run's own figures (a retry run's are its retried recipients' new outcomes).
+        command = b.FinishRun(run=run, total=row["total"], sent=row["sent"], failed=row["failed"],
+                              unknown=row["unknown"], at=touched.at)
         metadata = {"tenant_id": touched.tenant_id, "actor": ACTOR}
         await commands.handle_in(con, DECIDER, b.stream_name(broadcast_id), command, metadata, INLINE)

@@ -1,5 +1,15 @@
 """Broadcast counters per run, folded from snapshot and batch-outcome events (an async projection).
 
+A broadcast's counters are its runs' summed (a top-up adds to them), with one correction: a retry
+run goes to recipients an earlier run already counted, as failed or unknown. Its row records how
+many of each it took over (`retried_failed`, `retried_unknown`, from its events), and the sum
+takes them out of the earlier run's figures: its `total` does not add (the recipients were in the
+total already) and they no longer count as failed/unknown there, but by the retry's outcome. So a
+recipient counts once, by its latest run, without reading the ledger: after a retry that went
+through, the broadcast shows them sent. (Counting each recipient by its latest ledger row instead
+would be a scan of the ledger on every read of the counters, which the progress feed does four
+times a second.)
+
 It only folds. Finishing a run whose batches are all counted is run completion's job
 (shared.broadcasts.completion), which the projector calls in the same transaction.
 """
@@ -21,6 +31,7 @@ class Counters(msgspec.Struct, frozen=True):
     total: int = 0
     sent: int = 0
     failed: int = 0
+    unknown: int = 0  # handed to the provider, no answer: may have arrived; not resent unless retried
 
 
 class CountersView:
@@ -31,26 +42,35 @@ class CountersView:
         if event.category == bt.CATEGORY:
             done = codec.from_recorded(event, bt.Event)
             await con.execute(
-                """INSERT INTO broadcast_counters (broadcast_id, run, sent, failed, batches_done)
-                   VALUES ($1, $2, $3, $4, 1)
+                """INSERT INTO broadcast_counters (broadcast_id, run, sent, failed, unknown, batches_done)
+                   VALUES ($1, $2, $3, $4, $5, 1)
                    ON CONFLICT (broadcast_id, run) DO UPDATE SET sent = broadcast_counters.sent + $3,
-                       failed = broadcast_counters.failed + $4, batches_done = broadcast_counters.batches_done + 1""",
-                done.broadcast_id, done.run, done.sent, done.failed,
+                       failed = broadcast_counters.failed + $4, unknown = broadcast_counters.unknown + $5,
+                       batches_done = broadcast_counters.batches_done + 1""",
+                done.broadcast_id, done.run, done.sent, done.failed, done.unknown,
             )
             return
         match codec.from_recorded(event, b.Event):
             case b.BroadcastStarted() as started:
                 await con.execute(
-                    """INSERT INTO broadcast_counters (broadcast_id, run, total) VALUES ($1, $2, $3)
-                       ON CONFLICT (broadcast_id, run) DO UPDATE SET total = $3""",
+                    """INSERT INTO broadcast_counters (broadcast_id, run, total, retried_failed, retried_unknown)
+                       VALUES ($1, $2, $3, $4, $5)
+                       ON CONFLICT (broadcast_id, run) DO UPDATE SET total = $3, retried_failed = $4,
+                           retried_unknown = $5""",
                     b.id_from_stream(event.stream_name), started.run, started.audience_size,
+                    started.retried_failed, started.retried_unknown,
                 )
             case b.AudienceSnapshotted() as snapshotted:
+                # A retry's snapshot has the final split (contacts deleted since it was accepted are
+                # left out), so total = retried_failed + retried_unknown still; other runs have 0s.
                 await con.execute(
-                    """INSERT INTO broadcast_counters (broadcast_id, run, total, batches, snapshotted)
-                       VALUES ($1, $2, $3, $4, true)
-                       ON CONFLICT (broadcast_id, run) DO UPDATE SET total = $3, batches = $4, snapshotted = true""",
+                    """INSERT INTO broadcast_counters (broadcast_id, run, total, batches, snapshotted,
+                                                      retried_failed, retried_unknown)
+                       VALUES ($1, $2, $3, $4, true, $5, $6)
+                       ON CONFLICT (broadcast_id, run) DO UPDATE SET total = $3, batches = $4, snapshotted = true,
+                           retried_failed = $5, retried_unknown = $6""",
                     b.id_from_stream(event.stream_name), snapshotted.run, snapshotted.recipients, snapshotted.batches,
+                    snapshotted.retried_failed, snapshotted.retried_unknown,
                 )
             case _:
                 pass
@@ -60,20 +80,23 @@ class CountersView:
 
 
 async def counters_of(con: asyncpg.Connection, broadcast_ids: list[uuid.UUID]) -> dict[uuid.UUID, Counters]:
-    """Counters summed over a broadcast's runs (a top-up adds to them)."""
+    """Counters summed over a broadcast's runs (a top-up adds to them), a retry's recipients taken
+    out of the run it retried (see the module's docstring)."""
     rows = await con.fetch(
-        """SELECT broadcast_id, sum(total)::bigint AS total, sum(sent)::bigint AS sent, sum(failed)::bigint AS failed
+        """SELECT broadcast_id, sum(total - retried_failed - retried_unknown)::bigint AS total,
+                  sum(sent)::bigint AS sent, sum(failed - retried_failed)::bigint AS failed,
+                  sum(unknown - retried_unknown)::bigint AS unknown
            FROM broadcast_counters WHERE broadcast_id = ANY($1::uuid[]) GROUP BY broadcast_id""",
         broadcast_ids,
     )
-    return {r["broadcast_id"]: Counters(r["total"], r["sent"], r["failed"]) for r in rows}
+    return {r["broadcast_id"]: Counters(r["total"], r["sent"], r["failed"], r["unknown"]) for r in rows}
 
 
 def shown(counters: Counters | None, status: str) -> dict[str, int]:
     """Counters as users see them: while a run is active its unsent messages are `queued`; once it
     was cancelled or stopped they are `dropped`."""
     c = counters or Counters()
-    unsent = max(c.total - c.sent - c.failed, 0)
+    unsent = max(c.total - c.sent - c.failed - c.unknown, 0)
     active = status in ACTIVE
     return {"total": c.total, "queued": unsent if active else 0, "sent": c.sent, "failed": c.failed,
-            "dropped": 0 if active else unsent}
+            "unknown": c.unknown, "dropped": 0 if active else unsent}

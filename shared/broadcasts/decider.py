@@ -6,7 +6,7 @@ live in the messages ledger (docs/architecture.md).
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import assert_never
 
 import msgspec
@@ -18,6 +18,7 @@ from shared.broadcasts.status import (
     DELETABLE,
     EDITABLE,
     RESETTABLE,
+    RETRYABLE,
     RUNNING,
     SCHEDULABLE,
     SENDABLE,
@@ -25,8 +26,8 @@ from shared.broadcasts.status import (
     Status,
 )
 from shared.kernel import streams
-from shared.kernel.errors import AlreadyExists, Invalid, NotFound, WrongStatus
-from shared.kernel.limits import MAX_CONTENT_BYTES
+from shared.kernel.errors import AlreadyExists, Conflict, Invalid, NotFound, WrongStatus
+from shared.kernel.limits import MAX_CONTENT_BYTES, MAX_SCHEDULE_AHEAD_DAYS
 
 CATEGORY = "broadcast"
 
@@ -42,6 +43,11 @@ def id_from_stream(stream_name: str) -> uuid.UUID:
 
 # An occurrence due this long ago is still sent under missed_policy "skip" (scheduler tick jitter).
 SKIP_GRACE_S = 60
+
+# The ledger statuses a retry may go to again: `failed` (the provider refused, or gave up after its
+# retries) and `unknown` (handed over, then nobody heard back: it may have arrived, so a retry of
+# it is the user's choice, never automatic). In this order in events, whatever order was asked.
+RETRY_STATUSES = ("failed", "unknown")
 
 
 class Recurrence(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -109,6 +115,14 @@ class BroadcastStarted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     top_up: bool = True
     reset_run: int = 0
     occurrence_at: datetime | None = None  # the scheduled time it fired for, if any
+    # A retry run (`top_up` false) goes to the recipients of run `retry_of` whose ledger status is
+    # one of `retry_statuses` and who still have an address; `audience_size` of them when accepted,
+    # of whom `retried_failed` had failed and `retried_unknown` had an unknown outcome (the
+    # counters take them out of run `retry_of`'s figures: a recipient counts once, by its latest run).
+    retry_of: int = 0
+    retry_statuses: tuple[str, ...] = ()
+    retried_failed: int = 0
+    retried_unknown: int = 0
 
 
 class AudienceSnapshotted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -116,31 +130,46 @@ class AudienceSnapshotted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     recipients: int
     batches: int
     at: datetime
+    # A retry run's final split of `recipients` by their status in the run retried (the snapshot
+    # leaves out contacts deleted or without an address since the retry was accepted).
+    retried_failed: int = 0
+    retried_unknown: int = 0
 
 
 class BroadcastCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Every recipient of the run was sent (`unknown` is always 0 here: kept for one shape)."""
+
     run: int
     total: int
     sent: int
     failed: int
     at: datetime
+    unknown: int = 0
 
 
 class BroadcastPartiallyFailed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Not every recipient is known to have been sent: some failed, or their outcome is unknown
+    (handed to the provider, no answer: they may have arrived), or both. `reason` says which."""
+
     run: int
     total: int
     sent: int
     failed: int
     at: datetime
+    unknown: int = 0
+    reason: str | None = None  # None in events stored before it was added
 
 
 class BroadcastFailed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """Every recipient failed for sure, or the run could not be carried out at all (`reason`)."""
+
     run: int
     reason: str
     total: int = 0
     sent: int = 0
     failed: int = 0
     at: datetime
+    unknown: int = 0
 
 
 class BroadcastScheduled(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -259,11 +288,25 @@ class SendBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime
 
 
+class RetryBroadcast(msgspec.Struct, frozen=True, kw_only=True):
+    """Send the latest run again to its recipients whose ledger status is one of `statuses`.
+
+    `failed` and `unknown` are how many of that run's recipients had each status and still have
+    an address, counted by the handler in the command's transaction (the decider reads no ledger)."""
+
+    statuses: tuple[str, ...]
+    failed: int
+    unknown: int
+    at: datetime
+
+
 class RecordSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     run: int
     recipients: int
     batches: int
     at: datetime
+    retried_failed: int = 0  # a retry run: of `recipients`, how many had failed in the run retried
+    retried_unknown: int = 0  # ... and how many had an unknown outcome there
 
 
 class FinishRun(msgspec.Struct, frozen=True, kw_only=True):
@@ -274,6 +317,7 @@ class FinishRun(msgspec.Struct, frozen=True, kw_only=True):
     sent: int
     failed: int
     at: datetime
+    unknown: int = 0
 
 
 class FailRun(msgspec.Struct, frozen=True, kw_only=True):
@@ -288,6 +332,9 @@ class ScheduleBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     scheduled_at: datetime | None
     schedule: Schedule
     at: datetime
+    # The shortest time a cron may leave between two occurrences (0: any): the deployment's
+    # CRIER_MIN_CRON_INTERVAL_S, given by the caller, as the decider reads no settings.
+    min_interval_s: int = 0
 
 
 class FireOccurrence(msgspec.Struct, frozen=True, kw_only=True):
@@ -330,6 +377,7 @@ Command = (
     | EditBroadcast
     | DeleteBroadcast
     | SendBroadcast
+    | RetryBroadcast
     | RecordSnapshot
     | FinishRun
     | FailRun
@@ -361,6 +409,8 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     snapshotted: bool = False  # the latest run's audience has been split into batches
     resumes: int = 0  # times the latest run was resumed
     reset_run: int = 0  # runs up to this one no longer count as reached (a reset)
+    retry_of: int = 0  # the latest run is a retry of this run (0: it is not a retry)
+    retry_statuses: tuple[str, ...] = ()  # ... of its recipients with these ledger statuses
     scheduled_at: datetime | None = None  # the next occurrence, while scheduled (or recurring)
     schedule: Schedule | None = None
 
@@ -406,7 +456,7 @@ def evolve(state: State, event: Event) -> State:
             schedule = state.schedule if state.recurring else None
             return msgspec.structs.replace(
                 state, status=Status.QUEUED, run=event.run, snapshotted=False, resumes=0, scheduled_at=None,
-                schedule=schedule,
+                schedule=schedule, retry_of=event.retry_of, retry_statuses=event.retry_statuses,
             )
         case AudienceSnapshotted():
             # Only a queued run is snapshotted: a run can be paused once it is `sending`, after this.
@@ -520,6 +570,8 @@ def decide(command: Command, state: State) -> list[Event]:
             return [BroadcastDeleted(at=command.at)]
         case SendBroadcast():
             return _send(command, state)
+        case RetryBroadcast():
+            return _retry(command, state)
         case RecordSnapshot():
             return _record_snapshot(command, state)
         case FinishRun():
@@ -600,7 +652,8 @@ def _require_sendable(state: State) -> None:
 
 
 def _started(
-    state: State, audience_size: int, at: datetime, *, top_up: bool, occurrence_at: datetime | None = None
+    state: State, audience_size: int, at: datetime, *, top_up: bool, occurrence_at: datetime | None = None,
+    retry_of: int = 0, retry_statuses: tuple[str, ...] = (), retried_failed: int = 0, retried_unknown: int = 0,
 ) -> BroadcastStarted:
     assert state.tenant_id is not None and state.list_id is not None and state.provider_id is not None
     return BroadcastStarted(
@@ -614,11 +667,51 @@ def _started(
         top_up=top_up,
         reset_run=state.reset_run,
         occurrence_at=occurrence_at,
+        retry_of=retry_of,
+        retry_statuses=retry_statuses,
+        retried_failed=retried_failed,
+        retried_unknown=retried_unknown,
     )
 
 
+def _retry_statuses(asked: tuple[str, ...]) -> tuple[str, ...]:
+    """The statuses asked for, checked, in RETRY_STATUSES order (so a repeat in another order is
+    recognised as the same retry)."""
+    if not asked:
+        raise Invalid("statuses", f"give at least one of {', '.join(RETRY_STATUSES)}")
+    if wrong := sorted(set(asked) - set(RETRY_STATUSES)):
+        raise Invalid("statuses", f"{', '.join(wrong)}: only {' and '.join(RETRY_STATUSES)} recipients can be retried")
+    return tuple(s for s in RETRY_STATUSES if s in asked)
+
+
+def _retry(command: RetryBroadcast, state: State) -> list[Event]:
+    """A new run to the latest run's recipients with those ledger statuses, once that run ended.
+
+    Only after the run ended (completed, partially failed, failed, cancelled): while it runs or is
+    paused its outcomes are not all known yet. Not from draft: a stop or a reset sent it back
+    there to be changed, and `send` is the way on from a draft. Not while scheduled: the next
+    occurrence (or a one-off send) is under way to be started."""
+    _require_live(state)
+    statuses = _retry_statuses(command.statuses)
+    if state.status in RUNNING and state.retry_of and state.retry_statuses == statuses:
+        return []  # a repeated retry: the run it started is under way
+    if state.status not in RETRYABLE:
+        raise WrongStatus("retry", state.status.value)
+    _require_sendable(state)
+    failed = command.failed if "failed" in statuses else 0
+    unknown = command.unknown if "unknown" in statuses else 0
+    if failed + unknown == 0:
+        raise Conflict(
+            "nothing_to_retry",
+            f"run {state.run} has no recipient with status {' or '.join(statuses)} who can still be reached",
+            run=state.run, statuses=list(statuses),
+        )
+    return [_started(state, failed + unknown, command.at, top_up=False, retry_of=state.run, retry_statuses=statuses,
+                     retried_failed=failed, retried_unknown=unknown)]
+
+
 def _schedule(command: ScheduleBroadcast, state: State) -> list[Event]:
-    from shared.broadcasts.schedule import check_cron, next_occurrence, zone
+    from shared.broadcasts.schedule import zone
 
     _require_live(state)
     if state.status not in SCHEDULABLE:
@@ -631,21 +724,39 @@ def _schedule(command: ScheduleBroadcast, state: State) -> list[Event]:
     except ValueError as exc:
         raise Invalid("timezone", str(exc)) from exc
     if schedule.recurrence is not None:
-        try:
-            zone(schedule.recurrence.timezone)
-            check_cron(schedule.recurrence.cron)
-        except ValueError as exc:
-            raise Invalid("cron", str(exc)) from exc
-        scheduled_at = next_occurrence(schedule.recurrence.cron, schedule.recurrence.timezone, command.at)
+        scheduled_at = _first_occurrence(schedule.recurrence, command)
     else:
-        if command.scheduled_at is None:
-            raise Invalid("scheduled_at", "required unless the broadcast is recurring")
-        if command.scheduled_at <= command.at:
-            raise Invalid("scheduled_at", "must be in the future")
-        scheduled_at = command.scheduled_at
+        scheduled_at = _one_off_time(command)
     if state.status is Status.SCHEDULED and state.scheduled_at == scheduled_at and state.schedule == schedule:
         return []  # a retried schedule
     return [BroadcastScheduled(scheduled_at=scheduled_at, schedule=schedule, at=command.at)]
+
+
+def _first_occurrence(recurrence: Recurrence, command: ScheduleBroadcast) -> datetime:
+    """A cron's first occurrence after the command; Invalid("cron") for one that is malformed, never
+    fires (`0 0 31 2 *`), or fires more often than the command's minimum interval."""
+    from shared.broadcasts.schedule import check_cron, check_interval, next_occurrence, zone
+
+    try:
+        zone(recurrence.timezone)
+        check_cron(recurrence.cron)
+        first = next_occurrence(recurrence.cron, recurrence.timezone, command.at)  # first: "never fires"
+        check_interval(recurrence.cron, timedelta(seconds=command.min_interval_s))
+        return first
+    except ValueError as exc:
+        raise Invalid("cron", str(exc)) from exc
+
+
+def _one_off_time(command: ScheduleBroadcast) -> datetime:
+    """A one-off `scheduled_at`: in the future, and not past MAX_SCHEDULE_AHEAD_DAYS (a year-9999
+    typo would sit scheduled for ever)."""
+    if command.scheduled_at is None:
+        raise Invalid("scheduled_at", "required unless the broadcast is recurring")
+    if command.scheduled_at <= command.at:
+        raise Invalid("scheduled_at", "must be in the future")
+    if command.scheduled_at - command.at > timedelta(days=MAX_SCHEDULE_AHEAD_DAYS):
+        raise Invalid("scheduled_at", f"must be at most {MAX_SCHEDULE_AHEAD_DAYS:,} days (10 years) ahead")
+    return command.scheduled_at
 
 
 def _fire(command: FireOccurrence, state: State) -> list[Event]:
@@ -690,7 +801,8 @@ def _record_snapshot(command: RecordSnapshot, state: State) -> list[Event]:
     if command.run != state.run or state.snapshotted or state.status not in ACTIVE:
         return []  # already recorded, or the run was stopped meanwhile
     events: list[Event] = [
-        AudienceSnapshotted(run=command.run, recipients=command.recipients, batches=command.batches, at=command.at)
+        AudienceSnapshotted(run=command.run, recipients=command.recipients, batches=command.batches, at=command.at,
+                            retried_failed=command.retried_failed, retried_unknown=command.retried_unknown)
     ]
     if command.recipients == 0:  # nobody to send to: the run is complete at once
         events.append(BroadcastCompleted(run=command.run, total=0, sent=0, failed=0, at=command.at))
@@ -703,9 +815,24 @@ def _finish(command: FinishRun, state: State) -> list[Event]:
     # A run can finish while paused: the batches in flight at the pause were its last ones.
     if command.run != state.run or state.status not in (Status.SENDING, Status.PAUSED) or not state.snapshotted:
         return []  # already finished (a replayed outcome), or not this run
-    counts = dict(run=command.run, total=command.total, sent=command.sent, failed=command.failed, at=command.at)
-    if command.failed == 0:
+    c = command
+    counts = dict(run=c.run, total=c.total, sent=c.sent, failed=c.failed, unknown=c.unknown, at=c.at)
+    if c.failed == 0 and c.unknown == 0:
         return _then_reschedule([BroadcastCompleted(**counts)], state)
-    if command.sent == 0:
+    # `failed` only when nobody can have received it: an unknown outcome may have been delivered.
+    if c.sent == 0 and c.unknown == 0:
         return _then_reschedule([BroadcastFailed(reason="every recipient failed", **counts)], state)
-    return _then_reschedule([BroadcastPartiallyFailed(**counts)], state)
+    return _then_reschedule([BroadcastPartiallyFailed(reason=shortfall(c.total, c.failed, c.unknown), **counts)], state)
+
+
+def shortfall(total: int, failed: int, unknown: int) -> str:
+    """Why a run partially failed, as its event and the API say it: "2 of 20 recipients failed",
+    "outcome unknown for 1 of 20 recipients", or both."""
+    def recipients(n: int) -> str:
+        return f"{n} of {total} recipient{'' if total == 1 else 's'}"
+
+    if not unknown:
+        return f"{recipients(failed)} failed"
+    if not failed:
+        return f"outcome unknown for {recipients(unknown)}"
+    return f"{recipients(failed)} failed; outcome unknown for {unknown}"

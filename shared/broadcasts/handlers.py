@@ -14,7 +14,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from shared.broadcasts import decider as b
 from shared.broadcasts import view
-from shared.broadcasts.status import SENDABLE
+from shared.broadcasts.status import RETRYABLE, SENDABLE
 from shared.broadcasts.view import BroadcastsView
 from shared.channels import accounts
 from shared.content.templates import CompiledContent, TemplateError
@@ -158,6 +158,27 @@ async def send(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: da
             await check_references(con, actor.tenant_id, state.channel, state.list_id, state.provider_id)
             size = await _top_up_size(con, broadcast_id, state)
         return [b.SendBroadcast(audience_size=size, at=at)]
+
+    outcome, row = await _execute(pool, actor, broadcast_id, prepare)
+    assert row is not None
+    started = [e for e in outcome.events if e.type == "BroadcastStarted"]
+    return row, started[0].data["audience_size"] if started else 0
+
+
+async def retry(
+    pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, statuses: Sequence[str], at: datetime
+) -> tuple[view.BroadcastRow, int]:
+    """Start a retry run: the latest run's recipients with those ledger statuses, again. Returns the
+    broadcast and how many were queued (0: a repeat while the retry it started is under way)."""
+    async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
+        counts: dict[str, int] = {}
+        if state.live and state.status in RETRYABLE:  # the ledger is counted only when a retry may start
+            # The provider is checked again, as at send (it may have been deleted since); the list
+            # is not: a retry goes to the run's recipients, not to the list's members.
+            await check_references(con, actor.tenant_id, state.channel, None, state.provider_id)
+            counts = await snapshot.retry_counts(con, broadcast_id, state.run, state.channel, list(statuses))
+        return [b.RetryBroadcast(statuses=tuple(statuses), failed=counts.get("failed", 0),
+                                 unknown=counts.get("unknown", 0), at=at)]
 
     outcome, row = await _execute(pool, actor, broadcast_id, prepare)
     assert row is not None

@@ -33,6 +33,8 @@ SCHEDULABLE = frozenset({Status.DRAFT, Status.SCHEDULED})
 CANCELLABLE = frozenset({Status.SCHEDULED}) | ACTIVE
 STOPPABLE = CANCELLABLE
 RESETTABLE = ENDED | {Status.DRAFT}
+# `retry` sends the latest run again to its failed / unknown recipients: only once that run ended.
+RETRYABLE = ENDED
 DELETABLE = frozenset(Status) - ACTIVE
 
 

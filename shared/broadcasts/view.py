@@ -101,9 +101,11 @@ class BroadcastsView:
             case b.BroadcastCompleted():
                 await self._set_status(con, broadcast_id, event, b.Status.COMPLETED, decoded.at)
             case b.BroadcastPartiallyFailed():
-                await self._set_status(con, broadcast_id, event, b.Status.PARTIALLY_FAILED, decoded.at)
+                # Events stored before it had a reason: the same words from their counts.
+                reason = decoded.reason or b.shortfall(decoded.total, decoded.failed, decoded.unknown)
+                await self._set_status(con, broadcast_id, event, b.Status.PARTIALLY_FAILED, decoded.at, reason=reason)
             case b.BroadcastFailed():
-                await self._set_status(con, broadcast_id, event, b.Status.FAILED, decoded.at)
+                await self._set_status(con, broadcast_id, event, b.Status.FAILED, decoded.at, reason=decoded.reason)
             case b.BroadcastDeleted():
                 await con.execute(
                     "UPDATE broadcasts SET deleted = true, version = $2, updated_at = $3 WHERE id = $1",
@@ -114,12 +116,14 @@ class BroadcastsView:
 
     async def _set_status(
         self, con: asyncpg.Connection, broadcast_id: str, event: RecordedEvent, status: b.Status, at: datetime,
-        run: int | None = None,
+        run: int | None = None, reason: str | None = None,
     ) -> None:
+        """Every status change; `reason` only with a failed or partially failed end (cleared otherwise)."""
         await con.execute(
-            """UPDATE broadcasts SET status = $2, version = $3, updated_at = $4, run = coalesce($5, run)
+            """UPDATE broadcasts SET status = $2, version = $3, updated_at = $4, run = coalesce($5, run),
+                                     status_reason = $6
                WHERE id = $1""",
-            broadcast_id, status.value, event.position, at, run,
+            broadcast_id, status.value, event.position, at, run, reason,
         )
 
     @staticmethod
@@ -148,11 +152,12 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     created_at: datetime
     updated_at: datetime
+    status_reason: str | None = None  # why the latest run failed or partially failed
 
 
 _ROW = (
     "id, tenant_id, name, channel, status, list_id, provider_id, content, run, reset_run, resumes, scheduled_at, "
-    "schedule, version, created_at, updated_at"
+    "schedule, version, created_at, updated_at, status_reason"
 )
 
 

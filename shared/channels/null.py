@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.channels.provider import OutgoingMessage, SendResult
+from shared.channels.provider import WITHDRAWN, Commit, OutgoingMessage, SendResult
 
 
 class NullProvider:
@@ -15,9 +15,19 @@ class NullProvider:
     async def open(self) -> None:
         pass
 
-    async def send(self, messages: list[OutgoingMessage]) -> list[SendResult]:
-        self.sent += len(messages)
-        return [SendResult(contact_id=m.contact_id, ok=True, provider_message_id=m.idempotency_key) for m in messages]
+    async def send(self, messages: list[OutgoingMessage], commit: Commit | None = None) -> list[SendResult]:
+        if commit is None:  # the fast path the workers take: null dedupes, so nothing is committed
+            self.sent += len(messages)
+            return [SendResult(contact_id=m.contact_id, ok=True, provider_message_id=m.idempotency_key)
+                    for m in messages]
+        results = []
+        for m in messages:
+            if await commit(m):
+                self.sent += 1
+                results.append(SendResult(contact_id=m.contact_id, ok=True, provider_message_id=m.idempotency_key))
+            else:
+                results.append(SendResult(contact_id=m.contact_id, ok=False, error="withdrawn", failure=WITHDRAWN))
+        return results
 
     async def close(self) -> None:
         pass

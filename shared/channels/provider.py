@@ -1,6 +1,7 @@
 """The provider Protocol every channel implements, and the messages and results it exchanges."""
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import msgspec
@@ -43,6 +44,7 @@ REJECTED = "rejected"  # the server refused the session or the message
 DEFERRED = "deferred"  # the server refused for now (SMTP 4xx)
 CONNECTION_LOST = "connection_lost"
 OUTCOME_UNKNOWN = "outcome_unknown"  # lost while the server had the message: not resent
+WITHDRAWN = "withdrawn"  # the sender's commit said no before the message was handed over: not sent
 INVALID_MESSAGE = "invalid_message"  # the address or the message could not be sent as given
 REFUSED_PRIVATE_ADDRESS = "refused_private_address"  # the host is not on the public internet
 
@@ -68,6 +70,19 @@ class ProviderUnavailable(Exception):
         self.retryable, self.failure = retryable, failure
 
 
+# Called by a provider with a message at the last moment it can still be withdrawn unsent (SMTP:
+# the whole message written, its final "." not yet; HTTP: the request about to go out). The worker
+# records there that the message is in flight, so a crash leaves ambiguous only the messages that
+# were past that point. False withdraws the message (another attempt holds it, or the run was
+# called off); an exception withdraws it too and propagates.
+Commit = Callable[[OutgoingMessage], Awaitable[bool]]
+
+
+class CommitFailed(Exception):
+    """The commit raised (Postgres went away, say): the message was withdrawn unsent, and `send`
+    gives up at once with this error, its cause attached."""
+
+
 class Provider(Protocol):
     # True if resending a message with the same idempotency_key can never reach the recipient twice
     # (the provider dedupes by key, or has no side effects like null).
@@ -79,8 +94,13 @@ class Provider(Protocol):
         Raises ProviderUnavailable when no session can be started."""
         ...
 
-    async def send(self, messages: list[OutgoingMessage]) -> list[SendResult]:
-        """One result per message, in the same order; never raises for a per-recipient failure."""
+    async def send(self, messages: list[OutgoingMessage], commit: Commit | None = None) -> list[SendResult]:
+        """One result per message, in the same order; never raises for a per-recipient failure.
+
+        With `commit`, each message is handed over only once `commit(message)` said yes (see
+        Commit); a withdrawn one's result has failure WITHDRAWN, and a commit that raised ends the
+        call with CommitFailed. A provider may call it again for the same message (a retry after a
+        transient failure), and not at all for a message refused before that point."""
         ...
 
     async def close(self) -> None:

@@ -26,6 +26,9 @@ from shared.channels.provider import (
     TLS_FAILED,
     TLS_UNAVAILABLE,
     UNREACHABLE,
+    WITHDRAWN,
+    Commit,
+    CommitFailed,
     OutgoingMessage,
     ProviderUnavailable,
     SendResult,
@@ -36,6 +39,8 @@ from shared.platform.logging import get_logger
 # Headers a caller's `headers` may not replace: the MIME structure, and the Message-ID that makes
 # duplicates detectable downstream.
 _RESERVED_HEADERS = frozenset({"content-type", "content-transfer-encoding", "mime-version", "message-id"})
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_PERIOD = re.compile(rb"(?m)^\.")
 _FULL_DOCUMENT = re.compile(r"\A\s*(?:<!--.*?-->\s*)*(?:<!doctype\b|<html\b)", re.IGNORECASE | re.DOTALL)
 _local_hostname: str | None = None
 log = get_logger(__name__)
@@ -184,12 +189,27 @@ def _unavailable(exc: Exception, where: str, step: str) -> ProviderUnavailable:
                                failure=AUTH_FAILED if step == "login" else REJECTED)
 
 
+def data_body(payload: bytes) -> bytes:
+    """The message as DATA carries it, all but its final ".": CRLF line endings, and a period that
+    starts a line doubled (RFC 5321 4.5.2), so no line of the message can end it early."""
+    body = _LINE_ENDINGS.sub(b"\r\n", payload)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return _LEADING_PERIOD.sub(b"..", body)
+
+
+class _Withdrawn(Exception):
+    """The commit said no: the message was not handed over."""
+
+
 class SmtpProvider:
     """One session per job: `open()` connects (STARTTLS, login) once and every `send()` reuses it.
 
-    A dropped connection is reopened once per message, and that message retried, if it was lost
-    before DATA; lost during DATA the outcome is unknown and the message is not resent (an SMTP
-    server does not dedupe: resending could deliver it twice)."""
+    DATA goes in two steps: the whole message, then (after the caller's commit) the "." that ends
+    it. A server discards a message whose end never came (RFC 5321 4.1.1.4), so only between that
+    "." and the server's answer is the outcome unknown: lost there, the message is not resent (an
+    SMTP server does not dedupe). Lost any earlier, the session is reopened once and the message
+    sent again."""
 
     dedupes = False
 
@@ -267,7 +287,7 @@ class SmtpProvider:
             self._smtp.close()
             self._smtp = None
 
-    async def send(self, messages: list[OutgoingMessage]) -> list[SendResult]:
+    async def send(self, messages: list[OutgoingMessage], commit: Commit | None = None) -> list[SendResult]:
         async with self._lock:
             results: list[SendResult] = []
             connect_error: ProviderUnavailable | None = None  # one failed connect fails the rest of this call
@@ -277,13 +297,13 @@ class SmtpProvider:
                                            connect_error.failure))
                     continue
                 try:
-                    results.append(await self._send_one(message))
+                    results.append(await self._send_one(message, commit))
                 except ProviderUnavailable as exc:
                     connect_error = exc
                     results.append(_failed(message, str(exc), exc.retryable, exc.failure))
             return results
 
-    async def _send_one(self, message: OutgoingMessage) -> SendResult:
+    async def _send_one(self, message: OutgoingMessage, commit: Commit | None) -> SendResult:
         if not _is_bare_address(message.to):
             return _failed(message, f"not an email address: {message.to!r}", False, INVALID_MESSAGE)
         envelope_from = parseaddr(message.content.from_email)[1] or message.content.from_email
@@ -307,10 +327,15 @@ class SmtpProvider:
                     options, encoding = ["SMTPUTF8"], "utf-8"
                 await smtp.mail(envelope_from, options=options, encoding=encoding)
                 await smtp.rcpt(message.to, encoding=encoding)
+                await self._data(smtp, message, payload, commit)
                 handed_over = True
-                await smtp.data(payload)
+                end = await smtp.execute_command(b".")  # the message's end: from here it is the server's
+                if end.code != 250:
+                    raise aiosmtplib.SMTPDataError(end.code, end.message)
                 return SendResult(contact_id=message.contact_id, ok=True,
                                   provider_message_id=message_id_of(message.idempotency_key)[1:-1])
+            except _Withdrawn:
+                return _failed(message, "withdrawn before it was handed over", False, WITHDRAWN)
             except aiosmtplib.SMTPResponseException as exc:
                 if self.connected:
                     await self._reset()
@@ -331,6 +356,28 @@ class SmtpProvider:
                 await self._reset()
                 return _failed(message, f"smtp: {exc}", False, INVALID_MESSAGE)
         raise AssertionError("unreachable")
+
+    async def _data(self, smtp: aiosmtplib.SMTP, message: OutgoingMessage, payload: bytes,
+                    commit: Commit | None) -> None:
+        """DATA and the whole message but its end, then the commit. A withdrawn message (or a
+        commit that raised) ends the session: the server discards what it had of it."""
+        start = await smtp.execute_command(b"DATA")
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        assert smtp.protocol is not None
+        smtp.protocol.write(data_body(payload))
+        if commit is None:
+            return
+        try:
+            go = await commit(message)
+        except BaseException as exc:
+            self._drop()
+            if isinstance(exc, Exception):
+                raise CommitFailed(str(exc)) from exc
+            raise
+        if not go:
+            self._drop()
+            raise _Withdrawn()
 
     async def _reset(self) -> None:
         """Clear a refused envelope so the next message starts clean; a session that cannot is dropped."""

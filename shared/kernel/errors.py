@@ -32,3 +32,12 @@ class Invalid(DomainError):
     def __init__(self, field: str, reason: str) -> None:
         self.field, self.reason = field, reason
         super().__init__(f"{field}: {reason}")
+
+
+class Conflict(DomainError):
+    """The command is allowed in the aggregate's status, but its data leaves nothing for it to do
+    (HTTP 409). `code` names why (e.g. `nothing_to_retry`); `extra` goes into the problem."""
+
+    def __init__(self, code: str, detail: str, **extra: object) -> None:
+        self.code, self.extra = code, extra
+        super().__init__(detail)

@@ -38,7 +38,30 @@ MAX_CONTENT_BYTES = 704 * KiB
 MAX_NAME_CHARS = 200  # broadcast, list and provider names
 MAX_TIMEZONE_CHARS = 64  # IANA names are at most ~32 characters
 MAX_CRON_CHARS = 200  # a 5-field cron expression
-MAX_LATENESS_S = 366 * 24 * 3600  # a recurring broadcast's max_lateness_s: a year is already moot
+# max_lateness_s: an occurrence found later than this is skipped. A week covers any outage worth
+# catching up on; content sent weeks late is more likely a surprise than a service.
+MAX_LATENESS_S = 7 * 24 * 3600
+# How far ahead a one-off `scheduled_at` may be: past this it is a typo (year 9999) more likely than
+# a plan, and the provider, list and content it names would long be gone.
+MAX_SCHEDULE_AHEAD_DAYS = 3653  # ten years
+# croniter looks this many years ahead for a cron's next occurrence; one with none is refused.
+MAX_CRON_GAP_YEARS = 10
+
+# -- paging ----------------------------------------------------------------------------------------
+MAX_OFFSET = 2**63 - 1  # Postgres's OFFSET is a bigint: a larger one is a 422, not a driver overflow
+
+# -- characters ------------------------------------------------------------------------------------
+# Postgres text and jsonb cannot hold U+0000, so no string that is stored or queried by may contain
+# it. Header values (subject, from, reply-to) are single lines: a CR or LF there could never be sent
+# (Python's email package refuses it) and would otherwise inject headers. Both are JSON Schema
+# patterns on the API's strings (schemas/common.py); the (?!\n) is for Python's `$`, which also
+# matches before a final newline. The reasons are what a 422 says instead of the pattern.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+ONE_LINE_PATTERN = r"^[^\x00\r\n]*(?!\n)$"
+PATTERN_REASONS = {
+    NO_NUL_PATTERN: "cannot contain the character U+0000",
+    ONE_LINE_PATTERN: "must be one line: no CR, LF or U+0000",
+}
 
 # -- contacts (every batch job carries each recipient's attributes) ------------------------------
 # A contact's attributes as compact JSON, per request (what msgspec encodes).

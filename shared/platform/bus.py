@@ -169,12 +169,42 @@ async def pull_each(
     await asyncio.gather(*(loop() for _ in range(concurrency)))
 
 
+class KeepAlive:
+    """While a message is being worked on, tell JetStream so every `every_s` (`in_progress`), from a
+    task of its own: a slow provider call or a wait for Postgres does not get the message handed to
+    another consumer, while a process that dies or freezes has it redelivered within the ack wait."""
+
+    def __init__(self, msg: Msg, every_s: float) -> None:
+        self.msg, self.every_s = msg, every_s
+        self._task: asyncio.Task | None = None
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.msg.in_progress()
+            except Exception as exc:  # NATS away: the next beat tries again (the ack wait is the bound)
+                log.debug("in_progress failed", error=repr(exc))
+
+    async def __aenter__(self) -> "KeepAlive":
+        self._task = asyncio.create_task(self._beat(), name="keep-alive")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 PLANNER_CONSUMER = "planner"
 WORKERS_CONSUMER = "workers"
 
 
-async def ensure_sender_consumers(js: JetStreamContext, names: Names, job_ack_wait_s: float = 60.0) -> None:
-    """The durable pull consumers shared by every sender replica (created or updated idempotently)."""
+async def ensure_sender_consumers(js: JetStreamContext, names: Names, ack_wait_s: float = 6.0) -> None:
+    """The durable pull consumers shared by every sender replica (created or updated idempotently).
+
+    A short ack wait, kept up by KeepAlive while a message is worked on: a sender that dies or
+    freezes has its planning and its jobs taken over by another within `ack_wait_s`."""
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     await js.add_consumer(
@@ -185,7 +215,7 @@ async def ensure_sender_consumers(js: JetStreamContext, names: Names, job_ack_wa
             filter_subject=names.events_filter(category="broadcast"),
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30,  # the planner heartbeats with in_progress() while it works
+            ack_wait=ack_wait_s,
             max_deliver=-1,
         ),
     )
@@ -195,7 +225,7 @@ async def ensure_sender_consumers(js: JetStreamContext, names: Names, job_ack_wa
             durable_name=WORKERS_CONSUMER,
             filter_subject=names.jobs_all,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=job_ack_wait_s,  # workers heartbeat on long batches; a late ack is harmless (the ledger decides)
+            ack_wait=ack_wait_s,  # a late ack is harmless (the ledger decides)
             max_deliver=-1,  # never drop a job: a failing one is retried with nak(delay)
             max_ack_pending=1000,
         ),

@@ -32,8 +32,34 @@ async def _reset(con: asyncpg.Connection) -> None:
         await con.execute("ROLLBACK")
 
 
+# What a lost or refused Postgres connection raises, as opposed to an error in a statement: the
+# server stopped or restarted (class 08, 57P0x), the socket went away, or the pool could not connect.
+_CONNECTION_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.InterfaceError,  # "connection is closed", "connection was closed in the middle of operation"
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True if `exc` says Postgres could not be reached, not that a statement was wrong."""
+    return isinstance(exc, _CONNECTION_ERRORS)
+
+
+# How long opening a connection may take (asyncpg's default is 60 s). A pool opens one whenever it
+# has none idle, so with Postgres unreachable (a dropped network rather than a refused port) this is
+# how long a request waits before it is a 503; connecting takes milliseconds when all is well.
+CONNECT_TIMEOUT_S = 5.0
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_reset)
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_reset,
+                                     timeout=CONNECT_TIMEOUT_S)
 
 
 async def connect(dsn: str) -> asyncpg.Connection:

@@ -72,6 +72,17 @@ async def stream_version(con: asyncpg.Connection, stream_name: str) -> int:
     )
 
 
+async def _lock_stream(con: asyncpg.Connection, stream_name: str) -> None:
+    """Hold the stream's lock until the transaction ends. Without it two ANY_VERSION appenders read
+    the same version and the second fails on the unique key, although it accepts any version.
+
+    A statement of its own: under READ COMMITTED the version read that follows takes its snapshot
+    after the lock was granted, so it sees what the previous holder committed (a lock taken inside
+    the reading statement would come after that statement's snapshot). The key's namespace
+    (`stream:`) keeps it apart from the other transaction locks hashed the same way."""
+    await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"stream:{stream_name}")
+
+
 async def append(
     con: asyncpg.Connection, stream_name: str, events: list[NewEvent], expected_version: int
 ) -> list[RecordedEvent]:
@@ -80,9 +91,19 @@ async def append(
     Runs in the caller's transaction when there is one, so views and checkpoints written in the
     same transaction commit or roll back with the events. A concurrent writer that got there first
     surfaces as WrongExpectedVersion, either here or from the unique (stream_name, position).
+
+    ANY_VERSION appends to one stream are serialised (`_lock_stream`), so concurrent ones all land,
+    one after another. They only wait for each other: a writer with an explicit version (or
+    NO_STREAM) takes no lock, so mixing both kinds on one stream can still fail the ANY_VERSION one,
+    as can a REPEATABLE READ caller, whose snapshot predates the lock.
     """
     if not events:
         return []
+    if expected_version == ANY_VERSION and not con.is_in_transaction():
+        # The stream lock lasts until the transaction ends: outside one it needs one of its own,
+        # held from the version read to the insert.
+        async with con.transaction():
+            return await append(con, stream_name, events, expected_version)
     if expected_version == NO_STREAM:
         start = 0  # a stream that exists already fails on the unique (stream_name, position) below
     elif expected_version != ANY_VERSION:
@@ -91,6 +112,7 @@ async def append(
             raise WrongExpectedVersion(stream_name, expected_version, actual)
         start = expected_version
     else:
+        await _lock_stream(con, stream_name)
         start = await stream_version(con, stream_name)
     try:
         rows = await con.fetch(

@@ -28,15 +28,19 @@ class Projection(Protocol):
 
 # What runs after a projection folded a batch of events, in the same transaction (run completion).
 AfterFold = Callable[[asyncpg.Connection, list[RecordedEvent]], Awaitable[None]]
+# What hears of a batch of events once it is committed (the progress feed): after the commit, so
+# whoever it tells reads the new state; synchronous, so it only notes them and never holds up the fold.
+AfterCommit = Callable[[list[RecordedEvent]], None]
 
 
 async def catch_up(
-    pool: asyncpg.Pool, projection: Projection, batch_size: int = 500, then: AfterFold | None = None
+    pool: asyncpg.Pool, projection: Projection, batch_size: int = 500, then: AfterFold | None = None,
+    committed: AfterCommit | None = None,
 ) -> int:
     """Apply every committed event past the projection's checkpoint; returns how many were applied.
 
     `then` sees each batch of applied events before the transaction commits, so what it writes
-    commits with the view and the checkpoint, or not at all."""
+    commits with the view and the checkpoint, or not at all; `committed` sees it once committed."""
     applied = 0
     while True:
         async with pool.acquire() as con, con.transaction():
@@ -49,6 +53,8 @@ async def catch_up(
                 if then is not None:
                     await then(con, events)
                 await eventstore.save_checkpoint(con, projection.name, events[-1].checkpoint)
+        if events and committed is not None:
+            committed(events)
         applied += len(events)
         if len(events) < batch_size:
             return applied
@@ -102,14 +108,16 @@ async def run_projector(
     listen_con: asyncpg.Connection,
     projections: list[tuple[Projection, AfterFold | None]],
     poll_interval: float,
+    committed: AfterCommit | None = None,
 ) -> None:
-    """Keep every projection caught up (each with what runs after it folds) until cancelled."""
+    """Keep every projection caught up (each with what runs after it folds) until cancelled;
+    `committed` hears of every batch any of them committed."""
     wakeup = Wakeup(listen_con)
     await wakeup.start()
     while True:
         for projection, then in projections:
             try:
-                await catch_up(pool, projection, then=then)
+                await catch_up(pool, projection, then=then, committed=committed)
             except (asyncpg.PostgresError, OSError) as exc:
                 log.warning("projection failed, will retry", projection=projection.name, error=str(exc))
         # A commit whose transaction was still below the horizon needs another look shortly.

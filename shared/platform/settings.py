@@ -34,8 +34,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Jobs a run may have unfinished in JetStream at most, and a tenant over all its runs.
     send_window_jobs: int = 256
     send_window_jobs_per_tenant: int = 512
-    # How long JetStream waits for a job's ack before redelivering it; workers heartbeat well within it.
-    job_ack_wait_s: float = 60.0
+    # How long JetStream waits for a job's (or a planning's) ack before redelivering it: how soon
+    # another sender takes over from one that died or froze. Work in progress is kept alive with
+    # in_progress() every quarter of it.
+    job_ack_wait_s: float = 6.0
     # Whether this process (API or sender) competes for the relay/projector/scheduler/progress leader
     # locks. At least one process of a deployment must.
     run_background: bool = True
@@ -52,12 +54,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Open progress streams (SSE) at once, per token and per tenant, across replicas.
     progress_streams_per_token: int = 5
     progress_streams_per_tenant: int = 20
+    # A progress stream forwards what the projector publishes on NATS, and reads Postgres again
+    # this often in case a message was lost (core NATS is at most once); an idle stream gets a
+    # heartbeat comment as often.
+    progress_reread_s: float = 5.0
     # Failed authentications per client address per minute (a burst of this many) before 429s.
     auth_failures_per_minute: int = 10
     # Whether provider hosts (SMTP servers) may be private, loopback, link-local ... addresses
     # (shared/platform/netguard.py). Off: tenants reach only the public internet, not this network.
     # On in `crier dev` and the tests, whose SMTP peers listen on 127.0.0.1.
     allow_private_networks: bool = False
+    # A recurring broadcast's cron may not fire more often than this (seconds, wall-clock; 0: any):
+    # every occurrence is a run to the whole audience, and `* * * * *` is more likely a mistake.
+    min_cron_interval_s: int = 3600
 
     @property
     def data_path(self) -> Path:

@@ -26,6 +26,9 @@ class BatchCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     sent: int  # counted from the ledger rows written in the same transaction
     failed: int
     at: datetime
+    # Recipients whose outcome nobody knows: a sender died after handing them to the provider
+    # and before hearing back. Not resent (that could send twice); a retry may send them again.
+    unknown: int = 0
 
 
 Event = BatchCompleted

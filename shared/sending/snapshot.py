@@ -1,5 +1,6 @@
 """Who a broadcast's next run goes to: its list's members with an address for the channel, minus
-(for a top-up) those already reached by runs since its last reset."""
+(for a top-up) those already reached by runs since its last reset; for a retry, the recipients of
+the run retried with the ledger statuses asked for who still have an address."""
 from __future__ import annotations
 
 import uuid
@@ -16,9 +17,10 @@ def reached_runs(reset_run: int, through_run: int) -> list[int]:
 
 def not_reached_clause(member: str, broadcast_param: int, runs_param: int) -> str:
     """SQL: the member `member` (a qualified contact id column: an unqualified `contact_id` would
-    bind to the subquery's own column) has no `sent` message in those runs, and none `sending`:
-    a message claimed by a run that was just cancelled may still be on its way (or its outcome
-    is unknown after a crash), and sending it again would be the worse mistake.
+    bind to the subquery's own column) has no `sent` message in those runs, none `sending` and
+    none `unknown`: a message claimed by a run that was just cancelled may still be on its way, one
+    whose outcome is unknown after a crash may have arrived, and sending it again would be the
+    worse mistake (a retry sends `unknown` ones again when asked to).
 
     It is one probe of the ledger's primary key (broadcast_id, run, contact_id) per member.
     `OFFSET 0` keeps it that way: without it Postgres turns the NOT EXISTS into an anti-join, and
@@ -27,7 +29,8 @@ def not_reached_clause(member: str, broadcast_param: int, runs_param: int) -> st
     (measured), 0.25 s as probes."""
     return (
         f"NOT EXISTS (SELECT 1 FROM messages x WHERE x.broadcast_id = ${broadcast_param} "
-        f"AND x.run = ANY(${runs_param}::int[]) AND x.contact_id = {member} AND x.status IN ('sent', 'sending') OFFSET 0)"
+        f"AND x.run = ANY(${runs_param}::int[]) AND x.contact_id = {member} "
+        f"AND x.status IN ('sent', 'sending', 'unknown') OFFSET 0)"
     )
 
 
@@ -108,6 +111,35 @@ async def first_recipients(
         *args,
     )
     return [r[0] for r in rows]
+
+
+async def retry_counts(
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, run: int, channel: str, statuses: list[str]
+) -> dict[str, int]:
+    """{status: count} of run `run`'s recipients whose ledger status is one of `statuses` and who
+    still have an address on `channel`: who a retry of that run would go to now. A contact deleted
+    since, or without an address now, is not counted (the planner leaves it out too)."""
+    rows = await con.fetch(
+        f"""SELECT x.status, count(*) AS n FROM messages x JOIN contacts c ON c.id = x.contact_id
+            WHERE x.broadcast_id = $1 AND x.run = $2 AND x.status = ANY($3::text[]) AND {reachable(channel)}
+            GROUP BY x.status""",
+        broadcast_id, run, statuses,
+    )
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def retried_split(con: asyncpg.Connection, broadcast_id: uuid.UUID, run: int, retry_of: int) -> dict[str, int]:
+    """{status: count}: the status in run `retry_of` of each recipient a retry run `run` snapshotted
+    into its batches (one probe of the ledger's key per recipient)."""
+    rows = await con.fetch(
+        """SELECT x.status, count(*) AS n
+           FROM batches bt CROSS JOIN LATERAL unnest(bt.contact_ids) AS q(contact_id)
+           JOIN messages x ON x.broadcast_id = bt.broadcast_id AND x.run = $3 AND x.contact_id = q.contact_id
+           WHERE bt.broadcast_id = $1 AND bt.run = $2
+           GROUP BY x.status""",
+        broadcast_id, run, retry_of,
+    )
+    return {r["status"]: r["n"] for r in rows}
 
 
 # Notified (at commit) when a snapshot chunk wrote batches, so the dispatcher hands them out at once.

@@ -2,7 +2,8 @@
 
 Starts (or reuses, under .crier/) an embedded Postgres and nats-server unless CRIER_DATABASE_URL /
 CRIER_NATS_URL point elsewhere, migrates, makes a dev tenant and write token, and runs the API
-and one sender as child processes until Ctrl-C, then stops everything it started.
+and one sender as child processes until Ctrl-C (or SIGTERM, what `docker stop`, systemd and
+`timeout` send, or SIGHUP, a closed terminal), then stops everything it started.
 """
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ from pathlib import Path
 from shared.platform import db
 from shared.platform.settings import Settings
 from shared.tenants import store as tenants
-from shared.tooling.embedded import start_nats, start_postgres, wait_for_port
+from shared.tooling.embedded import (
+    start_nats,
+    start_postgres,
+    stop_postgres,
+    wait_for_port,
+)
 
 DEV_TENANT = uuid.UUID("00000000-0000-4000-8000-00000000de00")
+# Signals that end `crier dev` the way Ctrl-C does. Python's default for SIGTERM and SIGHUP ends the
+# process at once, without a `finally`: the API, the sender, Postgres and nats-server ran on.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def _dev_token(database_url: str, token_file: Path) -> str:
@@ -42,19 +51,29 @@ async def _dev_token(database_url: str, token_file: Path) -> str:
     return issued.token
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the one way out: the `finally` of run_dev stops everything
+
+
+def _on_stop_signals(handler: object) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
 def run_dev(settings: Settings) -> None:
     data = settings.data_path.resolve()
     data.mkdir(parents=True, exist_ok=True)
     stops: list = []
     children: list[subprocess.Popen] = []
     env = dict(os.environ)
+    _on_stop_signals(_interrupt)
     try:
         database_url = settings.database_url
         if not database_url:
             print(f"starting embedded Postgres (data in {data / 'pg'}) ...", flush=True)
-            pg = start_postgres(data / "pg")
-            stops.append(pg.stop)
-            database_url = pg.url
+            # Registered before the start: a signal while the server starts still stops it.
+            stops.append(lambda: stop_postgres(data / "pg"))
+            database_url = start_postgres(data / "pg").url
         nats_url = settings.nats_url
         if not nats_url:
             ns = start_nats(data / "nats", log_file=data / "nats.log")
@@ -90,6 +109,8 @@ def run_dev(settings: Settings) -> None:
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the stopping short and leave servers behind.
+        _on_stop_signals(signal.SIG_IGN)
         _stop_children(children)
         for stop in reversed(stops):
             stop()

