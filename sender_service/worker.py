@@ -162,14 +162,16 @@ class _Ledger:
 
     async def release(self) -> None:
         con, self.con = self.con, None
-        if con is not None:
-            try:
-                if self.job is not None and not con.is_closed():
-                    j = self.job
-                    await con.execute(f"SELECT pg_advisory_unlock({_BATCH_KEY})", j.broadcast_id, j.run, j.seq)
-                await self.pool.release(con)
-            except Exception:  # a broken connection cannot be reset: the pool opens a new one later
-                con.terminate()
+        if con is None:
+            return
+        try:
+            if self.job is not None and not con.is_closed():
+                j = self.job
+                await con.execute(f"SELECT pg_advisory_unlock({_BATCH_KEY})", j.broadcast_id, j.run, j.seq)
+        except Exception:  # a broken connection: closing it ends its session, and the lock with it
+            con.terminate()
+        # Always back to the pool, broken or not (it replaces a closed one): else its slot is lost.
+        await self.pool.release(con)
 
 
 class JobProcessor:
