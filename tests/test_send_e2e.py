@@ -133,7 +133,8 @@ async def test_a_recipient_whose_template_fails_is_failed_and_the_rest_of_its_ba
         await api.post(f"/v1/lists/{lst['id']}/members", {"contact_ids": ids})
         provider = await api.post(
             "/v1/providers",
-            {"name": "null", "channel": "email", "kind": "null", "from_email": "news@example.com", "batch_size": 8},
+            {"name": "null", "channel": "email", "kind": "null", "from_email": "news@example.com", "batch_size": 8,
+             "batch_delay_ms": 0},
         )
         b = await api.post(
             "/v1/broadcasts",

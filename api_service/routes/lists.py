@@ -10,6 +10,7 @@ from litestar.datastructures import State
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from api_service.auth import require_write
+from api_service.idempotency import MAX_KEY_LENGTH
 from api_service.openapi import problem_response
 from api_service.problems import problem
 from api_service.schemas.audience import (
@@ -29,7 +30,7 @@ Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, QueryParameter(ge=0, le=MAX_OFFSET, description="items to skip")]  # a bigint in SQL
 IdempotencyKey = Annotated[
     str | None,
-    HeaderParameter(name="Idempotency-Key", max_length=200, description="a retried POST with the same key returns the first one's list"),
+    HeaderParameter(name="Idempotency-Key", max_length=MAX_KEY_LENGTH, description="a retried POST with the same key returns the first one's list"),
 ]
 NOT_FOUND = "list not found"
 _SHOWN = 100  # unknown ids listed in a 422

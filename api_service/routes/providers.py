@@ -9,6 +9,7 @@ from litestar.datastructures import State
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from api_service.auth import require_write
+from api_service.idempotency import MAX_KEY_LENGTH
 from api_service.openapi import problem_response
 from api_service.problems import problem
 from api_service.schemas.common import NO_NUL, Page
@@ -35,7 +36,7 @@ IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(
         name="Idempotency-Key",
-        max_length=200,
+        max_length=MAX_KEY_LENGTH,
         description="a retried POST with the same key returns the provider the first one created",
     ),
 ]
