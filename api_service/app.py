@@ -12,13 +12,21 @@ from litestar.openapi.spec import Components, SecurityScheme
 from api_service.auth import auth_middleware
 from api_service.idempotency import idempotency_middleware
 from api_service.openapi import document
-from api_service.problems import ProblemRequest, exception_handlers, problem_details_plugin
+from api_service.problems import (
+    ProblemRequest,
+    exception_handlers,
+    problem_details_plugin,
+)
 from api_service.ratelimit import rate_limited
 from api_service.routes.broadcasts import BroadcastController
 from api_service.routes.contacts import ContactController
 from api_service.routes.health import healthz, readyz
+from api_service.routes.imports import ImportController
 from api_service.routes.lists import ListController
 from api_service.routes.providers import ProviderController
+from api_service.routes.segments import SegmentController
+from api_service.routes.suppressions import SuppressionController
+from api_service.routes.unsubscribe import unsubscribe, unsubscribe_page
 from api_service.services import Services
 from shared.background import start_background_tasks, stop_background_tasks
 from shared.platform import bus, db
@@ -50,7 +58,8 @@ def create_app(settings: Settings) -> Litestar:
             await pool.close()
 
     app = Litestar(
-        route_handlers=[healthz, readyz, BroadcastController, ContactController, ListController, ProviderController],
+        route_handlers=[healthz, readyz, BroadcastController, ContactController, ListController, ProviderController, SegmentController,
+                        SuppressionController, unsubscribe_page, unsubscribe, ImportController],
         lifespan=[lifespan],
         # The failed-auth gate, auth, the rate limiter (it needs the token), then idempotency (keys are
         # per token; a 401, 403 or 429 is never stored)

@@ -12,7 +12,8 @@ from litestar.middleware.base import DefineMiddleware
 from shared.tenants import store as tenants
 from shared.tenants.store import Principal
 
-PUBLIC_PATHS = ["/healthz", "/readyz", "/schema"]
+# /u/: unsubscribe links, whose signed code is the credential (api_service/routes/unsubscribe.py)
+PUBLIC_PATHS = ["/healthz", "/readyz", "/schema", "/u/"]
 
 
 class BearerTokenMiddleware(AbstractAuthenticationMiddleware):

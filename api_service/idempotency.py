@@ -9,7 +9,8 @@ refusals (401, 403, 429) are not kept either, so a refused request leaves its ke
 The body is buffered here (to fingerprint it) only for a request that may run: a read token's POST
 passes straight on to the route, whose guard refuses it before anything reads the body, and a body
 over the app's `request_max_body_size` is a 413 from its Content-Length, or as soon as the bytes
-read pass the cap.
+read pass the cap. A route that streams its body (`opt={STREAMED_BODY: True}`, the contact import:
+any size, never buffered) is passed on unread and keeps its own keys.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ KEPT_HOURS = 24  # a key may be reused for another request after this
 ABANDONED_AFTER_S = 300  # a first request without an answer this long ago died with its replica
 PURGE_CHANCE = 0.01  # share of new keys after which the tenant's expired keys are deleted
 NOT_KEPT = frozenset({401, 403, 429})  # refusals: the key stays free for the request once allowed
+STREAMED_BODY = "crier_streamed_body"  # a route handler `opt` key: its body is streamed, not buffered here
 
 
 class IdempotencyMiddleware:
@@ -37,7 +39,8 @@ class IdempotencyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = _header(scope, HEADER) if scope["type"] == "http" and scope["method"] == "POST" else None
         user = scope.get("user")
-        if key is None or user is None:
+        handler = scope.get("route_handler")
+        if key is None or user is None or (handler is not None and handler.opt.get(STREAMED_BODY)):
             await self.app(scope, receive, send)
             return
         if not user.can_write:  # refused by the route's guard, unread: nothing to buffer or keep

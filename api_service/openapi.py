@@ -138,7 +138,8 @@ def _exact_bounds(operation: Operation, handler: HTTPRouteHandler) -> None:
 def _document_operation(operation: Operation, handler: HTTPRouteHandler, method: str, has_path_params: bool) -> None:
     responses = operation.responses if operation.responses is not None else {}
     operation.responses = responses
-    responses.pop("400", None)  # Litestar's own shape, which this API never sends (see above)
+    if 400 not in (handler.responses or {}):
+        responses.pop("400", None)  # Litestar's own shape, which this API never sends (see above)
     if _returns_events(handler):
         responses["200"] = OpenAPIResponse(
             description="a stream of Server-Sent Events",
@@ -156,7 +157,8 @@ def _document_operation(operation: Operation, handler: HTTPRouteHandler, method:
 
 def _statuses(operation: Operation, handler: HTTPRouteHandler, method: str, has_path_params: bool) -> set[int]:
     """The errors any route like this one can answer (the rules in the module's docstring)."""
-    has_body = bool({"data", "body"} & set(handler.parsed_fn_signature.parameters))
+    # A route that streams its body declares it on its operation instead (the contact import).
+    has_body = bool({"data", "body"} & set(handler.parsed_fn_signature.parameters)) or operation.request_body is not None
     has_params = any(getattr(p, "param_in", "path") != "path" for p in operation.parameters or [])
     statuses = {401, 429, 503}
     if require_write in (handler.guards or []):

@@ -1,7 +1,9 @@
-"""What a worker needs besides the job: the broadcast's compiled content and a provider session.
+"""What a worker needs besides the job: the broadcast's compiled content, a provider session and
+a signer for the recipients' unsubscribe links.
 
 Content is compiled once per broadcast version (not per recipient, not per job); provider rows
-are cached briefly so a PATCH reaches running senders within seconds.
+are cached briefly so a PATCH reaches running senders within seconds; signing keys are cached per
+process (shared/platform/signing.py).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from shared.channels import accounts
 from shared.channels.provider import EmailContent, OutgoingMessage, Provider
 from shared.channels.registry import build_provider
 from shared.content.templates import CompiledContent
+from shared.platform.signing import KeyRing, Signer
 from shared.sending.jobs import Job, Recipient
 
 PROVIDER_TTL_S = 5.0
@@ -25,20 +28,31 @@ class JobContext:
 
     def __init__(
         self, job: Job, content: CompiledContent, from_email: str, reply_to: str | None, provider: Provider,
-        max_retries: int,
+        max_retries: int, signer: Signer,
     ) -> None:
         self.content, self.from_email, self.reply_to = content, from_email, reply_to
         self.provider, self.max_retries = provider, max_retries
         # "broadcast:run:contact:channel", with the job's part formatted once (str(UUID) is not free).
         self._key_prefix, self._key_suffix = f"{job.broadcast_id}:{job.run}:", f":{job.channel}"
+        self._signer, self._job = signer, job
 
     def message(self, recipient: Recipient) -> OutgoingMessage:
-        subject, html, text = self.content.render(recipient.variables())
+        job = self._job
+        unsubscribe_url = self._signer.unsubscribe_url(job.tenant_id, job.broadcast_id, recipient.contact_id,
+                                                       job.channel)
+        variables = recipient.variables()
+        variables["unsubscribe_url"] = unsubscribe_url
+        subject, html, text = self.content.render(variables)
         return OutgoingMessage(
             contact_id=recipient.contact_id,
             to=recipient.address,
             idempotency_key=f"{self._key_prefix}{recipient.contact_id}{self._key_suffix}",
-            content=EmailContent(subject=subject, html=html, text=text, from_email=self.from_email, reply_to=self.reply_to),
+            content=EmailContent(
+                subject=subject, html=html, text=text, from_email=self.from_email, reply_to=self.reply_to,
+                # RFC 2369 and RFC 8058 one-click: what Gmail and Yahoo require of bulk mail.
+                headers={"List-Unsubscribe": f"<{unsubscribe_url}>",
+                         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"},
+            ),
         )
 
 
@@ -49,8 +63,9 @@ class _Content(NamedTuple):
 
 
 class JobContextLoader:
-    def __init__(self, *, allow_private_networks: bool = False) -> None:
+    def __init__(self, *, allow_private_networks: bool = False, public_url: str = "http://127.0.0.1:8000") -> None:
         self.allow_private_networks = allow_private_networks  # the operator's setting, for the providers
+        self.keys = KeyRing(base_url=public_url)  # unsubscribe links point at the API's public address
         self._content: dict[tuple[uuid.UUID, int], _Content] = {}
         self._providers: dict[uuid.UUID, tuple[float, accounts.ProviderRow]] = {}
 
@@ -70,7 +85,7 @@ class JobContextLoader:
         return JobContext(
             job, compiled.templates, from_email, compiled.reply_to,
             build_provider(provider.kind, provider.config, allow_private_networks=self.allow_private_networks),
-            provider.max_retries,
+            provider.max_retries, await self.keys.signer(con),
         )
 
     def _compiled(self, broadcast_id: uuid.UUID, version: int, content: dict[str, Any]) -> "_Content":

@@ -28,7 +28,8 @@ async def run_sender(settings: Settings, stop: asyncio.Event | None = None) -> N
     js = nc.jetstream(publish_async_max_pending=4000)
     names = await bus.ensure_streams(js, settings)
     await bus.ensure_sender_consumers(js, names, settings.job_ack_wait_s)
-    processor = JobProcessor(pool, JobContextLoader(allow_private_networks=settings.allow_private_networks),
+    processor = JobProcessor(pool, JobContextLoader(
+        allow_private_networks=settings.allow_private_networks, public_url=settings.public_base_url),
                              keep_alive_s=settings.job_ack_wait_s / 4)
 
     async def dispatcher(con) -> None:  # the leader lock's connection is its LISTEN connection

@@ -20,12 +20,14 @@ import asyncpg
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from shared.audience.segments import SqlArgs
 
 from shared.broadcasts import decider as b
 from shared.broadcasts.handlers import DECIDER, INLINE
 from shared.broadcasts.status import RUNNING
 from shared.channels import accounts
 from shared.channels.registry import address_sql
+from shared.kernel.audience import Audience
 from shared.platform import commands
 from shared.platform.bus import (
     PLANNER_CONSUMER,
@@ -36,8 +38,8 @@ from shared.platform.bus import (
     pull_each,
 )
 from shared.platform.logging import get_logger
-from shared.sending import snapshot
-from shared.sending.jobs import Job, encode_job, reachable
+from shared.sending import audience, snapshot
+from shared.sending.jobs import Job, encode_job
 
 log = get_logger(__name__)
 READ_CHUNK = 10_000  # members read per query; split into batch_size jobs
@@ -94,41 +96,27 @@ def _recipient_bytes(channel: str) -> str:
             f"+ coalesce(octet_length(c.locale), 0) + pg_column_size(c.attributes) + 40")
 
 
-def _members_sql(top_up: bool, retry: bool) -> str:
-    """The next members of the snapshot, after contact id $2, at most $3, in contact-id order: the
-    list's ($1 the list), less those reached in runs $8 for a top-up; for a retry, the recipients of
-    run $1 of broadcast $4 whose ledger status is one of $8, read along the ledger's primary key."""
-    if retry:
-        return """SELECT x.contact_id FROM messages x
-            WHERE x.broadcast_id = $4 AND x.run = $1 AND x.contact_id > $2 AND x.status = ANY($8::text[])
-            ORDER BY x.contact_id LIMIT $3"""
-    not_reached = f"AND {snapshot.not_reached_clause('lm.contact_id', 4, 8)}" if top_up else ""
-    return f"""SELECT lm.contact_id FROM list_members lm
-            WHERE lm.list_id = $1 AND lm.contact_id > $2 {not_reached}
-            ORDER BY lm.contact_id LIMIT $3"""
-
-
-def _chunk_sql(channel: str, top_up: bool, cut_by_size: bool, retry: bool = False) -> str:
-    """One statement for a chunk of the snapshot: the next members (_members_sql), their contacts
-    with an address on `channel`, cut into batches of $6 recipients that are written
-    to `batches` ($4 broadcast, $5 run, seq from $7), each returned with its count and (about) its
-    recipients' size. Cut by size too, a batch also ends before its recipients reach $9 (or $8)
-    bytes. The last row says where the chunk ended even when none of its members has an address."""
+def _chunk_sql(channel: str, members: str, keep: str, p: dict[str, str], cut_by_size: bool) -> str:
+    """One statement for a chunk of the snapshot: the next candidates (`members`, a query of
+    contact ids in id order), their contacts that `keep` (the audience's conditions over `c`), cut
+    into batches of p["batch_size"] recipients that are written to `batches` (p["broadcast"],
+    p["run"], seq from p["seq"]), each returned with its count and (about) its recipients' size.
+    Cut by size too, a batch also ends before its recipients reach p["size_limit"] bytes. The last
+    row says where the chunk ended even when none of its candidates is a recipient."""
     if cut_by_size:
-        size_limit = 9 if top_up or retry else 8
         numbered = f"""SELECT *, dense_rank() OVER (ORDER BY by_count, by_size) - 1 AS k
-                        FROM (SELECT *, sum(bytes) OVER (PARTITION BY by_count ORDER BY id) / ${size_limit} AS by_size
+                        FROM (SELECT *, sum(bytes) OVER (PARTITION BY by_count ORDER BY id) / {p["size_limit"]} AS by_size
                               FROM recipients) sized"""
     else:
         numbered = "SELECT *, by_count AS k FROM recipients"
     return f"""
         WITH members AS (
-            {_members_sql(top_up, retry)}
+            {members}
         ), recipients AS (
-            SELECT id, address, bytes, (row_number() OVER (ORDER BY id) - 1) / $6 AS by_count
+            SELECT id, address, bytes, (row_number() OVER (ORDER BY id) - 1) / {p["batch_size"]} AS by_count
             FROM (SELECT c.id, {address_sql(channel)} AS address, {_recipient_bytes(channel)} AS bytes
                   FROM members m
-                  CROSS JOIN LATERAL (SELECT * FROM contacts c WHERE c.id = m.contact_id AND {reachable(channel)}
+                  CROSS JOIN LATERAL (SELECT * FROM contacts c WHERE c.id = m.contact_id AND {keep}
                                       OFFSET 0) c) r
         ), numbered AS ({numbered}
         ), batched AS (
@@ -137,7 +125,7 @@ def _chunk_sql(channel: str, top_up: bool, cut_by_size: bool, retry: bool = Fals
             FROM numbered GROUP BY k
         ), written AS (
             INSERT INTO batches (broadcast_id, run, seq, contact_ids, addresses)
-            SELECT $4, $5, $7 + k, ids, addresses FROM batched
+            SELECT {p["broadcast"]}, {p["run"]}, {p["seq"]} + k, ids, addresses FROM batched
         )
         SELECT (SELECT max(contact_id) FROM members) AS last_member, b.k, b.n, b.bytes
         FROM (SELECT) one LEFT JOIN batched b ON true ORDER BY b.k"""
@@ -157,20 +145,30 @@ async def _snapshot_chunk(
     # scan of every remaining member plus a sort per chunk (31 ms a chunk, quadratic over the
     # snapshot: 3.1 s of a 1M send) or a hash join over all contacts (1 s a chunk), both measured.
     await con.execute(_ORDERED_LOOKUPS)
-    runs, retry = plan.reached_runs, plan.retry
-    if retry:  # the run retried and the statuses in place of the list and the reached runs
-        first, extra = plan.started.retry_of, [list(plan.started.retry_statuses)]
+    args, channel = SqlArgs([]), plan.started.channel
+    reached = audience.Reached(plan.broadcast_id, plan.reached_runs) if plan.reached_runs else None
+    # A retry goes to the run retried's recipients (below), with the same checks on each.
+    target = Audience() if plan.retry else plan.started.target
+    resolved = await audience.resolve(con, plan.tenant_id, target, channel, plan.started.at, args, reached)
+    after_p, limit_p = args.add(after, "bigint"), args.add(READ_CHUNK, "int")
+    p = {"broadcast": args.add(plan.broadcast_id, "uuid"), "run": args.add(plan.run, "int"),
+         "batch_size": args.add(batch_size, "int"), "seq": args.add(seq, "int")}
+    if plan.retry:  # read along the ledger's primary key
+        members = f"""SELECT x.contact_id FROM messages x
+            WHERE x.broadcast_id = {p["broadcast"]} AND x.run = {args.add(plan.started.retry_of, "int")}
+              AND x.contact_id > {after_p} AND x.status = ANY({args.add(list(plan.started.retry_statuses), "text[]")})
+            ORDER BY x.contact_id LIMIT {limit_p}"""
     else:
-        first, extra = plan.started.list_id, [runs] if runs else []
-    args = [first, after, READ_CHUNK, plan.broadcast_id, plan.run, batch_size, seq, *extra]
-    channel, top_up = plan.started.channel, bool(runs)
+        members = resolved.candidates(after_p, limit_p)
+    values = list(args.values)
     try:
         async with con.transaction():  # a savepoint, rolled back when a batch comes out too big
-            rows = await con.fetch(_chunk_sql(channel, top_up, cut_by_size=False, retry=retry), *args)
+            rows = await con.fetch(_chunk_sql(channel, members, resolved.recipient, p, cut_by_size=False), *values)
             if any(r["bytes"] is not None and r["bytes"] > JOB_BYTES for r in rows):
                 raise _TooBig()
     except _TooBig:  # rare (large attributes): cut the batches by size too
-        rows = await con.fetch(_chunk_sql(channel, top_up, cut_by_size=True, retry=retry), *args, JOB_BYTES)
+        p["size_limit"] = args.add(JOB_BYTES, "bigint")
+        rows = await con.fetch(_chunk_sql(channel, members, resolved.recipient, p, cut_by_size=True), *args.values)
     last_member = rows[0]["last_member"]
     if last_member is None:
         await con.execute("UPDATE runs SET planned = true WHERE broadcast_id = $1 AND run = $2", plan.broadcast_id, plan.run)
@@ -206,12 +204,23 @@ class Planner:
                 plan.broadcast_id, plan.run, plan.tenant_id, plan.started.channel, plan.started.provider_id,
             )
         batch_size = pacing[0]
+        try:
+            planned = await self._plan_chunks(plan, batch_size, between_chunks)
+        except audience.MissingSegment as exc:
+            await self._fail(plan, f"segment {exc.segment_id} of the audience no longer exists")
+            return
+        if planned:
+            await self._record_snapshot(plan)
+
+    async def _plan_chunks(self, plan: Plan, batch_size: int, between_chunks: Callable[[], Awaitable[None]]) -> bool:
+        """Chunk after chunk until the snapshot is complete (True), or the run was paused, cancelled
+        or stopped (False: a resume plans on from the last chunk)."""
         while True:
             async with self.pool.acquire() as con, con.transaction():
                 # One planner per run at a time (a resume may plan a run a paused planner left).
                 await snapshot.lock_run(con, plan.broadcast_id, plan.run)
                 if not await _may_go_on(con, plan):
-                    return  # paused, cancelled or stopped: a resume plans on from here
+                    return False
                 progress = await con.fetchrow(
                     "SELECT planned_through, batches, planned FROM runs WHERE broadcast_id = $1 AND run = $2",
                     plan.broadcast_id, plan.run,
@@ -221,8 +230,7 @@ class Planner:
                 )
             await between_chunks()
             if not more:
-                break
-        await self._record_snapshot(plan)
+                return True
 
     async def resume(self, plan: Plan, resumes: int, between_chunks: Callable[[], Awaitable[None]]) -> None:
         """After a pause: publish again the batches workers held unsent while the run was paused

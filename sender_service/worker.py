@@ -22,9 +22,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from sender_service.job_context import JobContext, JobContextLoader
+from shared.audience.suppressions import suppressed_among
 from shared.broadcasts.status import ACTIVE, RUNNING, Status, sql_list
 from shared.channels.provider import (
     OUTCOME_UNKNOWN,
+    SUPPRESSED,
     WITHDRAWN,
     Commit,
     CommitFailed,
@@ -74,7 +76,7 @@ _RUN_GOES_ON = f"EXISTS (SELECT 1 FROM broadcasts WHERE id = $1 AND run = $2 AND
 class Outcome(msgspec.Struct):
     contact_id: int
     address: str
-    status: str  # sent | failed | unknown
+    status: str  # sent | failed | unknown | suppressed
     attempts: int
     error: str | None = None
     provider_message_id: str | None = None
@@ -84,7 +86,14 @@ class Outcome(msgspec.Struct):
 def _status_of(result: SendResult) -> str:
     if result.ok:
         return "sent"
-    return "unknown" if result.failure == OUTCOME_UNKNOWN else "failed"
+    if result.failure == OUTCOME_UNKNOWN:
+        return "unknown"
+    return "suppressed" if result.failure == SUPPRESSED else "failed"
+
+
+def _suppressed(contact_id: int) -> SendResult:
+    return SendResult(contact_id=contact_id, ok=False, failure=SUPPRESSED,
+                      error="suppressed (unsubscribed, bounced or by hand) after the snapshot: not sent")
 
 
 def _outcome(r: Recipient, result: SendResult, attempts: int, now: datetime) -> Outcome:
@@ -217,6 +226,10 @@ class JobProcessor:
             # which marks the batch `sending`; a deduping attempt writes its rows as it finishes.
             previous = await self._ledger(con, job, recipients) if batch["status"] == "sending" else {}
             ctx = await self.contexts.load(con, job, batch["version"])
+            # Checked as the batch goes out, not only at the snapshot: someone who unsubscribed
+            # while the run was under way gets nothing after the batch in flight.
+            suppressed = await suppressed_among(
+                con, job.tenant_id, job.channel, [(r.contact_id, r.address) for r in recipients])
         done = {cid for cid, status in previous.items() if status != "sending"}
         todo = [r for r in recipients if r.contact_id not in done]
         try:
@@ -229,13 +242,14 @@ class JobProcessor:
             return await self._finish(job, recipients, todo, {r.contact_id: failure for r in todo}, {}, bool(previous))
         try:
             if ctx.provider.dedupes:
-                messages, results = self._render(ctx, todo)
+                messages, results = self._render(ctx, [r for r in todo if r.contact_id not in suppressed])
                 sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries)
                 results.update(sent)
+                results.update((r.contact_id, _suppressed(r.contact_id)) for r in todo if r.contact_id in suppressed)
                 return await self._finish(job, recipients, todo, results, attempts, bool(previous))
             ledger = _Ledger(self.pool, job)
             try:
-                called_off = await self._send_claimed(ledger, job, ctx, recipients, stop)
+                called_off = await self._send_claimed(ledger, job, ctx, recipients, stop, suppressed)
                 # Called off half-way: the batch ends `dropped`, so its unsent recipients show as dropped.
                 return await self._finish(job, recipients, [], {}, {}, True, "dropped" if called_off else "done",
                                           ledger)
@@ -287,7 +301,8 @@ class JobProcessor:
         return results, attempts
 
     async def _send_claimed(
-        self, ledger: _Ledger, job: Job, ctx: JobContext, recipients: list[Recipient], stop: asyncio.Event
+        self, ledger: _Ledger, job: Job, ctx: JobContext, recipients: list[Recipient], stop: asyncio.Event,
+        suppressed: set[int],
     ) -> bool:
         """Send each recipient under a claim; True if the run was called off before the batch was through.
         The batch's ledger is read under its lock (the first statement takes it): what an earlier
@@ -325,13 +340,15 @@ class JobProcessor:
                 continue
             if stop.is_set():
                 raise Stopping()
-            if not await self._send_one_claimed(ledger, job, ctx, recipient):
+            if not await self._send_one_claimed(ledger, job, ctx, recipient, recipient.contact_id in suppressed):
                 return True
         return False
 
-    async def _send_one_claimed(self, ledger: _Ledger, job: Job, ctx: JobContext, recipient: Recipient) -> bool:
+    async def _send_one_claimed(
+        self, ledger: _Ledger, job: Job, ctx: JobContext, recipient: Recipient, suppressed: bool
+    ) -> bool:
         """Send and record one recipient, claimed when the provider commits to hand it over; False
-        if the run was called off (nothing sent)."""
+        if the run was called off (nothing sent). A suppressed one is recorded, not sent."""
         claimed = False
 
         async def claim(message: OutgoingMessage) -> bool:
@@ -349,14 +366,16 @@ class JobProcessor:
                 )))
             return claimed
 
-        messages, results = self._render(ctx, [recipient])
+        messages, results = ([], {recipient.contact_id: _suppressed(recipient.contact_id)}) if suppressed else (
+            self._render(ctx, [recipient]))
         try:
             sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, claim)
         except CommitFailed as exc:  # Postgres went away at the claim: nothing was handed over
             raise exc.__cause__ or exc
         results.update(sent)
         result = results[recipient.contact_id]
-        o = _outcome(recipient, result, attempts.get(recipient.contact_id, 1), datetime.now(timezone.utc))
+        o = _outcome(recipient, result, attempts.get(recipient.contact_id, 0 if suppressed else 1),
+                     datetime.now(timezone.utc))
         if claimed:
             await ledger.durably(lambda con: con.execute(
                 """UPDATE messages SET status = $5, attempts = $6, error = $7, provider_message_id = $8, sent_at = $9
@@ -367,8 +386,8 @@ class JobProcessor:
             return True
         if result.failure == WITHDRAWN:  # another attempt holds or finished this recipient, or the run was called off
             return await ledger.once(lambda con: con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run))
-        # Refused before it was handed over (the template, the address, the server's RCPT answer):
-        # failed for sure, recorded unless another attempt has this recipient or the run was called off.
+        # Refused before it was handed over (the template, the address, the server's RCPT answer) or
+        # suppressed: failed (or suppressed) for sure, recorded unless another attempt has this recipient or the run was called off.
         written = await ledger.durably(lambda con: con.fetchval(
             f"""INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts, error)
                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE {_RUN_GOES_ON}
@@ -414,20 +433,20 @@ class JobProcessor:
         trip and one transaction: mark the batch done, write its ledger rows and its BatchCompleted,
         all only if it was not done yet (a concurrent attempt waits on the batch row's lock, then
         finds it done and writes nothing)."""
-        sent, unknown = ledger.sent, ledger.unknown
-        failed = len(ledger.contact_ids) - sent - unknown
+        sent, unknown, suppressed = ledger.sent, ledger.unknown, ledger.suppressed
+        failed = len(ledger.contact_ids) - sent - unknown - suppressed
         if not await con.fetchval(
             f"""WITH done AS (
                     UPDATE batches SET status = 'done', attempts = attempts + 1, completed_at = now(),
-                                       sent = $4, failed = $5, unknown = $6
+                                       sent = $4, failed = $5, unknown = $6, suppressed = $7
                     WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING 1),
                 written AS (
-                    INSERT INTO messages ({_LEDGER_COLUMNS}) {ledger.rows(12)} WHERE EXISTS (SELECT FROM done)),
+                    INSERT INTO messages ({_LEDGER_COLUMNS}) {ledger.rows(13)} WHERE EXISTS (SELECT FROM done)),
                 recorded AS (
-                    {eventstore.first_event_insert(7)} WHERE EXISTS (SELECT FROM done))
+                    {eventstore.first_event_insert(8)} WHERE EXISTS (SELECT FROM done))
                 SELECT EXISTS (SELECT FROM done)""",
-            job.broadcast_id, job.run, job.seq, sent, failed, unknown,
-            *eventstore.first_event_arguments(_stream(job), _completed(job, sent, failed, unknown)),
+            job.broadcast_id, job.run, job.seq, sent, failed, unknown, suppressed,
+            *eventstore.first_event_arguments(_stream(job), _completed(job, sent, failed, unknown, suppressed)),
             *ledger.arguments(job.channel),
         ):
             raise _AlreadyDone()
@@ -456,15 +475,16 @@ class JobProcessor:
         counts = await con.fetchrow(
             """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
                       count(*) FILTER (WHERE status = 'failed') AS failed,
-                      count(*) FILTER (WHERE status = 'unknown') AS unknown
+                      count(*) FILTER (WHERE status = 'unknown') AS unknown,
+                      count(*) FILTER (WHERE status = 'suppressed') AS suppressed
                FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
                  AND channel = $4""",
             job.broadcast_id, job.run, [r.contact_id for r in recipients], job.channel,
         )
-        sent, failed, unknown = counts["sent"], counts["failed"], counts["unknown"]
-        await _mark_done(con, job, sent, failed, unknown, batch_status)
+        sent, failed, unknown, suppressed = counts["sent"], counts["failed"], counts["unknown"], counts["suppressed"]
+        await _mark_done(con, job, sent, failed, unknown, suppressed, batch_status)
         await eventstore.append(
-            con, _stream(job), [_completed(job, sent, failed, unknown)], expected_version=eventstore.NO_STREAM
+            con, _stream(job), [_completed(job, sent, failed, unknown, suppressed)], expected_version=eventstore.NO_STREAM
         )
 
 
@@ -472,10 +492,10 @@ def _stream(job: Job) -> str:
     return batch_events.stream_name(job.broadcast_id, job.run, job.seq)
 
 
-def _completed(job: Job, sent: int, failed: int, unknown: int) -> eventstore.NewEvent:
+def _completed(job: Job, sent: int, failed: int, unknown: int, suppressed: int) -> eventstore.NewEvent:
     event = batch_events.BatchCompleted(
         broadcast_id=job.broadcast_id, run=job.run, seq=job.seq, sent=sent, failed=failed, unknown=unknown,
-        at=datetime.now(timezone.utc),
+        suppressed=suppressed, at=datetime.now(timezone.utc),
     )
     return codec.to_new_event(event, {"tenant_id": str(job.tenant_id), "actor": "sender:worker"})
 
@@ -489,13 +509,13 @@ class _ResumedMeanwhile(Exception):
 
 
 async def _mark_done(
-    con: asyncpg.Connection, job: Job, sent: int, failed: int, unknown: int, status: str = "done"
+    con: asyncpg.Connection, job: Job, sent: int, failed: int, unknown: int, suppressed: int, status: str = "done"
 ) -> bool:
     return bool(await con.fetchval(
-        """UPDATE batches SET status = $7, attempts = attempts + 1, completed_at = now(), sent = $4, failed = $5,
-                              unknown = $6
+        """UPDATE batches SET status = $8, attempts = attempts + 1, completed_at = now(), sent = $4, failed = $5,
+                              unknown = $6, suppressed = $7
            WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status <> 'done' RETURNING true""",
-        job.broadcast_id, job.run, job.seq, sent, failed, unknown, status,
+        job.broadcast_id, job.run, job.seq, sent, failed, unknown, suppressed, status,
     ))
 
 
@@ -518,10 +538,11 @@ class _LedgerColumns:
         self.sent = sum(o.ok for o in outcomes)
         self.attempts = [attempts.get(r.contact_id, 1) for r in todo]
         self.all_sent_at_once = self.sent == len(todo) and all(a == 1 for a in self.attempts)
-        self.unknown = 0
+        self.unknown = self.suppressed = 0
         if not self.all_sent_at_once:
             self.statuses = [_status_of(o) for o in outcomes]
             self.unknown = self.statuses.count("unknown")
+            self.suppressed = self.statuses.count("suppressed")
             self.errors = [None if o.ok else (o.error or "failed") for o in outcomes]
             self.sent_at = [now if o.ok else None for o in outcomes]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import msgspec
@@ -16,16 +17,18 @@ from hypothesis import strategies as st
 from litestar.testing import AsyncTestClient
 
 from api_service.app import create_app
-from api_service.schemas.audience import (
+from shared.audience import contacts
+from shared.audience.fields import (
     _FAST_EMAIL,
-    _all_fast_emails,
     canonical_locale,
     email_problem,
     phone_problem,
 )
-from shared.audience import contacts
+from shared.audience.fields import all_fast_emails as _all_fast_emails
+from shared.kernel.audience import Audience
 from shared.platform import db
-from shared.sending import snapshot
+from shared.sending import audience
+from shared.sending.jobs import recipient_json
 from shared.tenants import store as tenants
 
 
@@ -185,8 +188,9 @@ async def test_invalid_email_at_index_3_rejects_the_whole_request(env):
 @pytest.mark.parametrize(
     ("item", "field"),
     [
-        ({"phone": "+1 415 555 0100"}, "phone"),  # not E.164: spaces
+        ({"phone": "415 555 0100"}, "phone"),  # a national number without phone_region
         ({"phone": "0044 20 7946 0958"}, "phone"),
+        ({"phone": "not a number"}, "phone"),
         ({"phone": "+4420"}, "phone"),  # too short
         ({"phone": "+99912345678"}, "phone"),  # no such country code
         ({"locale": "english"}, "locale"),
@@ -323,8 +327,10 @@ async def test_the_next_runs_recipients_are_members_with_an_address_on_the_chann
     con = await db.connect(env.database_url)
     try:
         # When the first recipients of a first run are read per channel
-        by_email = await snapshot.first_recipients(con, uuid.uuid4(), uuid.UUID(lst["id"]), "email", [], 3)
-        by_phone = await snapshot.first_recipients(con, uuid.uuid4(), uuid.UUID(lst["id"]), "sms", [], 10)
+        tenant_id = await con.fetchval("SELECT tenant_id FROM contacts LIMIT 1")
+        target, now = Audience(lists=(uuid.UUID(lst["id"]),)), datetime.now(timezone.utc)
+        by_email = await audience.first_recipients(con, tenant_id, target, "email", now, 3, recipient_json("email"))
+        by_phone = await audience.first_recipients(con, tenant_id, target, "sms", now, 10, recipient_json("sms"))
         people_by_id = {r["id"]: r for r in await con.fetch("SELECT id, email, phone FROM contacts")}
     finally:
         await con.close()

@@ -8,6 +8,12 @@ SHIPPED = [
     "006_sending.sql", "007_idempotency.sql", "008_audience_counts.sql", "009_held_batches.sql",
     "010_parked_events.sql", "011_rate_limits.sql", "012_fair_sending.sql", "013_unknown_outcomes.sql",
     "014_retries.sql",
+    "015_contact_channels.sql",
+    "016_imports.sql",
+    "017_segments.sql",
+    "018_suppressions.sql",
+    "019_contacts_more.sql",
+    "020_audiences.sql",
 ]
 
 

@@ -1,6 +1,7 @@
 """/v1/broadcasts: create, edit, delete, read, and the event history of one broadcast."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,12 +19,14 @@ from api_service.auth import require_write
 from api_service.openapi import problem_response
 from api_service.problems import problem
 from api_service.ratelimit import STREAM_SLOT
-from api_service.schemas.audience import email_problem
 from api_service.schemas.broadcasts import (
+    AudienceCount,
+    AudienceIn,
     Broadcast,
     BroadcastCreate,
     BroadcastPatch,
     HistoryEvent,
+    InlineAddress,
     Message,
     Preview,
     PreviewMessage,
@@ -37,11 +40,14 @@ from api_service.schemas.broadcasts import (
     TestSent,
 )
 from api_service.schemas.common import Page
+from shared.audience.fields import e164, email_problem, normal_email
+from shared.audience.recipients import Kind
 from shared.broadcasts import decider as b
 from shared.broadcasts import handlers, previews, progress, view
 from shared.broadcasts import messages as messages_view
 from shared.broadcasts.counters import Counters, counters_of, shown
 from shared.broadcasts.handlers import Actor
+from shared.kernel.audience import Audience
 from shared.kernel.errors import Invalid
 from shared.kernel.limits import MAX_OFFSET
 from shared.platform import eventstore
@@ -51,10 +57,10 @@ Limit = Annotated[int, Parameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="items to skip")]  # a bigint in SQL
 WRONG_STATUS = problem_response("the broadcast's status does not allow it (`current_status` says which it is)")
 StatusFilter = Annotated[b.Status | None, Parameter(description="only broadcasts in this status")]
-MessageStatus = Literal["queued", "sending", "sent", "failed", "unknown", "dropped"]
+MessageStatus = Literal["queued", "sending", "sent", "failed", "unknown", "suppressed", "dropped"]
 MessageStatusFilter = Annotated[MessageStatus | None, Parameter(
     description="only records in this status: queued, sending, sent, failed, unknown (handed to the provider, "
-                "no answer) or dropped")]
+                "no answer), suppressed (after the snapshot, before its batch was sent) or dropped")]
 
 
 @dataclass
@@ -75,6 +81,8 @@ def to_response(
     row: view.BroadcastRow, counters: Counters | None = None, audience: tuple[int, int] | None = None
 ) -> Broadcast:
     data = msgspec.to_builtins(row)
+    target = row.target
+    data["audience"] = msgspec.to_builtins(target) if target is not None else {}
     data["counters"] = shown(counters, row.status)
     schedule = row.schedule or None
     recurrence = (schedule or {}).get("recurrence")
@@ -88,14 +96,16 @@ def to_response(
     return msgspec.convert(data, Broadcast, strict=False)
 
 
-async def with_counters(pool: Any, rows: list[view.BroadcastRow], audiences: bool = False) -> list[Broadcast]:
+async def with_counters(
+    pool: Any, rows: list[view.BroadcastRow], audiences: bool = False, clock: Any = None
+) -> list[Broadcast]:
     async with pool.acquire() as con:
         counters = await counters_of(con, [r.id for r in rows])
         sizes = {}
         if audiences:  # only for one broadcast at a time: it counts the list
             for r in rows:
                 if r.status not in {s.value for s in b.ACTIVE}:
-                    sizes[r.id] = await handlers.audience_of(con, r)
+                    sizes[r.id] = await handlers.audience_of(con, r, clock())
     return [to_response(r, counters.get(r.id), sizes.get(r.id)) for r in rows]
 
 
@@ -122,6 +132,33 @@ def schedule_command(data: ScheduleFields, at: datetime, min_interval_s: int) ->
                                min_interval_s=min_interval_s)
 
 
+def audience_command(data: AudienceIn) -> tuple[Audience, list[tuple[Kind, int | str]]]:
+    """The audience for a command, and its ad-hoc recipients to resolve (addresses checked and in
+    normal form here: a bad one is a 422 naming `audience.recipients[i].email`)."""
+    refs: list[tuple[Kind, int | str]] = []
+    for i, item in enumerate(data.recipients):
+        if isinstance(item, int):
+            refs.append(("contact_id", item))
+        elif isinstance(item, str):
+            refs.append(("external_id", item))
+        elif (item.email is None) == (item.phone is None):
+            raise Invalid(f"audience.recipients[{i}]", "give exactly one of email and phone")
+        elif item.email is not None:
+            if reason := email_problem(item.email):
+                raise Invalid(f"audience.recipients[{i}].email", reason)
+            refs.append(("email", normal_email(item.email)))
+        else:
+            assert isinstance(item, InlineAddress) and item.phone is not None
+            number, reason = e164(item.phone)
+            if number is None:
+                raise Invalid(f"audience.recipients[{i}].phone", reason or "not a phone number")
+            refs.append(("phone", number))
+    audience = Audience(lists=tuple(dict.fromkeys(data.lists)), segments=tuple(dict.fromkeys(data.segments)),
+                        exclude_lists=tuple(dict.fromkeys(data.exclude_lists)),
+                        exclude_segments=tuple(dict.fromkeys(data.exclude_segments)))
+    return audience, refs
+
+
 def wants_schedule(data: ScheduleFields) -> bool:
     return data.scheduled_at is not None or data.recurring or data.cron is not None
 
@@ -133,11 +170,15 @@ class BroadcastController(Controller):
     @post("/", guards=[require_write], summary="Create a broadcast (in draft)")
     async def create(self, request: Request, state: State, data: JSONBody[BroadcastCreate]) -> Broadcast:
         services = state.services
+        if data.audience is not None and data.list_id is not None:
+            raise Invalid("list_id", "give either list_id or audience, not both")
+        audience, refs = audience_command(data.audience) if data.audience is not None else (None, [])
         command = b.CreateBroadcast(
             broadcast_id=uuid.uuid4(),
             tenant_id=request.user.tenant_id,
             name=data.name,
             list_id=data.list_id,
+            audience=audience,
             provider_id=data.provider_id,
             content=msgspec.convert(msgspec.to_builtins(data.content), b.Content),
             at=services.clock(),
@@ -145,7 +186,7 @@ class BroadcastController(Controller):
         # With a schedule it is created straight into `scheduled`, in the same transaction.
         min_interval_s = services.settings.min_cron_interval_s
         then = schedule_command(data, command.at, min_interval_s) if wants_schedule(data) else None
-        return to_response(await handlers.create(services.pool, actor_of(request), command, then))
+        return to_response(await handlers.create(services.pool, actor_of(request), command, then, refs))
 
     @get("/", summary="List broadcasts")
     async def list_broadcasts(
@@ -164,7 +205,7 @@ class BroadcastController(Controller):
             row = await view.get(con, request.user.tenant_id, broadcast_id)
         if row is None:
             raise problem(404, "broadcast not found")
-        return (await with_counters(state.services.pool, [row], audiences=True))[0]
+        return (await with_counters(state.services.pool, [row], audiences=True, clock=state.services.clock))[0]
 
     @patch("/{broadcast_id:uuid}", guards=[require_write], summary="Edit a broadcast (draft, scheduled, paused)",
            responses={409: WRONG_STATUS})
@@ -172,8 +213,13 @@ class BroadcastController(Controller):
         changes = msgspec.structs.asdict(data)
         if changes.get("content") is not msgspec.UNSET:
             changes["content"] = msgspec.convert(msgspec.to_builtins(data.content), b.ContentChanges)
+        if data.audience is not msgspec.UNSET and data.list_id is not msgspec.UNSET:
+            raise Invalid("list_id", "give either list_id or audience, not both")
+        refs: list[tuple[Kind, int | str]] = []
+        if isinstance(data.audience, AudienceIn):
+            changes["audience"], refs = audience_command(data.audience)
         command = b.EditBroadcast(**changes, at=state.services.clock())
-        row = await handlers.edit(state.services.pool, actor_of(request), broadcast_id, command)
+        row = await handlers.edit(state.services.pool, actor_of(request), broadcast_id, command, refs)
         return (await with_counters(state.services.pool, [row]))[0]
 
     @delete("/{broadcast_id:uuid}", guards=[require_write], summary="Delete a broadcast", responses={409: WRONG_STATUS})
@@ -291,8 +337,17 @@ class BroadcastController(Controller):
         self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID],
         limit: Annotated[int, Parameter(ge=1, le=10)] = 10,
     ) -> Preview:
-        items = await previews.preview(state.services.pool, request.user.tenant_id, broadcast_id, limit)
+        services = state.services
+        items = await previews.preview(services.pool, request.user.tenant_id, broadcast_id, limit, services.clock(),
+                                       services.settings.public_base_url)
         return Preview(items=[PreviewMessage(**msgspec.structs.asdict(i)) for i in items])
+
+    @get("/{broadcast_id:uuid}/audience",
+         summary="Preflight: how many the next send would reach, and why the others would not get it")
+    async def audience(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID]) -> AudienceCount:
+        channel, counted = await handlers.preflight(
+            state.services.pool, request.user.tenant_id, broadcast_id, state.services.clock())
+        return AudienceCount(channel=channel, **dataclasses.asdict(counted))
 
     @post("/{broadcast_id:uuid}/test", guards=[require_write], status_code=200,
           summary="Send the content now to a few addresses, as a test (not counted)")

@@ -21,7 +21,7 @@ from api_service.schemas.audience import (
     MembersRemoved,
 )
 from api_service.schemas.common import Page
-from shared.audience import lists
+from shared.audience import lists, segment_store
 from shared.audience.lists import ListRow, UnknownContacts
 from shared.broadcasts import view as broadcasts_view
 from shared.kernel.limits import MAX_OFFSET
@@ -91,7 +91,8 @@ class ListController(Controller):
     @delete(
         "/{list_id:uuid}", guards=[require_write],
         summary="Delete a list and its memberships (the contacts stay); 409 while a broadcast is snapshotting it",
-        responses={409: problem_response("a queued broadcast is snapshotting the list (`broadcasts`): retry later")},
+        responses={409: problem_response("a queued broadcast is snapshotting the list (`broadcasts`): retry later; "
+                                         "or a segment uses it (`segments`)")},
     )
     async def delete_list(self, request: Request, state: State, list_id: FromPath[uuid.UUID]) -> None:
         tenant_id = request.user.tenant_id
@@ -102,6 +103,11 @@ class ListController(Controller):
                 raise problem(
                     409, f"list is being snapshotted by {len(busy)} queued broadcast(s); retry when they are sending",
                     "list_in_use", broadcasts=[str(b) for b in busy],
+                )
+            if users := await segment_store.segments_using_list(con, tenant_id, list_id):
+                raise problem(
+                    409, f"list is used by {len(users)} segment(s) (member_of); change them first",
+                    "list_in_use", segments=[str(s) for s in users],
                 )
             await lists.delete_list(con, tenant_id, list_id)
 

@@ -1,34 +1,53 @@
 """Request and response bodies of /v1/contacts and /v1/lists, and the checks the struct types cannot do.
 
 An import checks 10,000 contacts per request, so the checks work column by column, not in a Python
-loop per contact: all emails go through one compiled regex at once (about 0.3 µs per address),
-which accepts only what email-validator accepts; only when it refuses one does each address go to
-email-validator (~20 µs each), which decides. Phones: an E.164 regex and a length check per
-country code, cached from phonenumbers' metadata (parsing each number would cost ~12 µs).
+loop per contact (shared/audience/fields.py has the field rules and their fast paths).
 """
 from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
-from functools import lru_cache
 from typing import Annotated, Any
 
 import msgspec
-from email_validator import EmailNotValidError, validate_email
 from msgspec import UNSET, Meta, UnsetType
 
 from api_service.problems import problem
 from api_service.schemas.common import NO_NUL, Input, Name
-from shared.audience.contacts import ATTRIBUTES, EMAIL, LOCALE, PHONE, ContactBatch
+from shared.audience.contacts import (
+    ATTRIBUTES,
+    COLUMNS,
+    EMAIL,
+    LOCALE,
+    PHONE,
+    PUSH_TOKENS,
+    TELEGRAM_CHAT_ID,
+    TIMEZONE,
+    WHATSAPP,
+    ContactBatch,
+    ContactChanges,
+)
+from shared.audience.fields import (
+    LOCALE_REASON,
+    MAX_PUSH_TOKEN_CHARS,
+    MAX_PUSH_TOKENS,
+    PUSH_TOKEN_PATTERN,
+    PUSH_TOKEN_REASON,
+    TIMEZONE_REASON,
+    all_e164,
+    all_fast_emails,
+    canonical_locale,
+    canonical_timezone,
+    checked_email,
+    e164,
+    region_problem,
+    shape_problems,
+    telegram_chat_id_problem,
+    unique_tokens,
+)
 from shared.kernel import limits as lim
-
-try:
-    import phonenumbers
-    from phonenumbers import COUNTRY_CODE_TO_REGION_CODE as _COUNTRY_CODES
-except ImportError:  # without it, a phone is checked by the E.164 regex alone
-    phonenumbers = None  # type: ignore[assignment]
-    _COUNTRY_CODES = {}
 
 MAX_CONTACTS = 10_000  # per POST /v1/contacts
 MAX_MEMBERS = 100_000  # ids per membership change
@@ -36,13 +55,32 @@ MAX_ERRORS = 50  # a 10,000-item import with a systematic mistake gets a readabl
 # A contact's attributes as JSON: every batch job carries them, and nats-server refuses a message
 # over 1 MiB, so a contact beyond that could never be sent to (shared/kernel/limits.py).
 MAX_ATTRIBUTES_BYTES = lim.MAX_ATTRIBUTES_BYTES
+MAX_PHONE_CHARS = 64  # a number as people write it: "+1 (415) 555-0100", "0044 20 7946 0958"
 
 ExternalId = Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL,
                                  description="your id for the contact: the upsert key")]
 Email = Annotated[str, Meta(max_length=254, examples=["ada@example.com"])]
-Phone = Annotated[str, Meta(max_length=16, description="E.164", examples=["+14155550100"])]
+Phone = Annotated[str, Meta(
+    max_length=MAX_PHONE_CHARS, examples=["+14155550100", "+1 (415) 555-0100", "030 1234567"],
+    description="stored in E.164; any format phonenumbers parses, a national number with `phone_region`",
+)]
+PhoneRegion = Annotated[str, Meta(
+    min_length=2, max_length=2, pattern="^[A-Za-z]{2}$", examples=["DE", "US"],
+    description="where `phone` and `whatsapp` are national numbers (ISO 3166-1 alpha-2); not stored",
+)]
 ContactId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 Locale = Annotated[str, Meta(max_length=35, description="a BCP 47 tag", examples=["en", "pt-BR"])]
+TimeZone = Annotated[str, Meta(max_length=lim.MAX_TIMEZONE_CHARS, description="an IANA time zone",
+                               examples=["Europe/Berlin", "America/New_York"])]
+TelegramChatId = (
+    Annotated[str, Meta(max_length=33, examples=["123456789", "-1001234567890", "@channelname"],
+                        description="a chat id (an integer, also as a JSON number) or a channel's @username")]
+    | Annotated[int, Meta(ge=-(10**16), le=10**16)]
+)
+PushToken = Annotated[str, Meta(min_length=1, max_length=MAX_PUSH_TOKEN_CHARS, pattern=PUSH_TOKEN_PATTERN)]
+PushTokens = Annotated[list[PushToken], Meta(
+    max_length=MAX_PUSH_TOKENS, description=f"device tokens (FCM, APNs), at most {MAX_PUSH_TOKENS}; repeats are dropped",
+)]
 
 
 def _attributes_type() -> Any:
@@ -70,6 +108,8 @@ def _attributes_type() -> Any:
 Attributes = _attributes_type()
 _TOO_DEEP = re.compile(r"Expected `bool \| int \| float \| str \| null`, got `(?:array|object)` - at `(\$[^`]*?\.attributes)[^`]*`")
 _KEY = re.compile(r"Expected `str` of length <= (\d+) - at `key` in `(\$[^`]*)`")
+_PUSH_TOKEN = re.compile(r"Expected `str` (?:of length [<>]= \d+|matching regex .*) - at `(\$[^`]*\.push_tokens\[\d+\])`")
+_TOO_MANY_TOKENS = re.compile(r"Expected `array` of length <= \d+ - at `(\$[^`]*\.push_tokens)`")
 
 
 def decode_problem(message: str) -> str:
@@ -79,27 +119,60 @@ def decode_problem(message: str) -> str:
         return f"nested deeper than {lim.MAX_ATTRIBUTE_DEPTH} levels of objects and arrays - at `{m.group(1)}`"
     if m := _KEY.search(message):
         return f"a key is longer than {m.group(1)} characters - at `{m.group(2)}`"
+    if m := _PUSH_TOKEN.search(message):
+        return f"{PUSH_TOKEN_REASON} - at `{m.group(1)}`"
+    if m := _TOO_MANY_TOKENS.search(message):
+        return f"at most {MAX_PUSH_TOKENS} push tokens - at `{m.group(1)}`"
     return message.replace("Expected `object` of length <=", "more keys than")
 
 
 class ContactIn(Input, kw_only=True, gc=False):  # not tracked by the GC: 10,000 per request, no cycles
     """A contact to create or update. With an `external_id` the tenant already has, the fields given
     replace the stored ones (null clears one), fields left out are kept, and `attributes` are merged
-    key by key into the stored ones."""
+    key by key into the stored ones. Stored in normal forms: `email` as email-validator normalises it
+    (the domain in lower case), `phone` and `whatsapp` in E.164, `locale` in canonical case
+    (pt_br: pt-BR), `timezone` as the IANA database spells it, `push_tokens` without repeats."""
 
     external_id: ExternalId | None = None
     email: Email | None | UnsetType = UNSET
     phone: Phone | None | UnsetType = UNSET
+    phone_region: PhoneRegion | None | UnsetType = UNSET
+    whatsapp: Phone | None | UnsetType = UNSET
+    telegram_chat_id: TelegramChatId | None | UnsetType = UNSET
+    push_tokens: PushTokens | None | UnsetType = UNSET
     locale: Locale | None | UnsetType = UNSET
+    timezone: TimeZone | None | UnsetType = UNSET
     attributes: Attributes | UnsetType = UNSET  # type: ignore[valid-type]
+
+
+class ContactPatch(Input, kw_only=True):
+    """The fields to change: each one given replaces the stored one (null clears it), fields left out
+    are kept. `attributes` is a JSON merge patch (RFC 7396): a key given replaces the stored value,
+    an object is merged into a stored object the same way, a null removes the key, keys left out are
+    kept; `"attributes": null` removes them all. `push_tokens` given replaces the whole list."""
+
+    external_id: ExternalId | None | UnsetType = UNSET
+    email: Email | None | UnsetType = UNSET
+    phone: Phone | None | UnsetType = UNSET
+    phone_region: PhoneRegion | None | UnsetType = UNSET
+    whatsapp: Phone | None | UnsetType = UNSET
+    telegram_chat_id: TelegramChatId | None | UnsetType = UNSET
+    push_tokens: PushTokens | None | UnsetType = UNSET
+    locale: Locale | None | UnsetType = UNSET
+    timezone: TimeZone | None | UnsetType = UNSET
+    attributes: Attributes | None | UnsetType = UNSET  # type: ignore[valid-type]
 
 
 class Contact(msgspec.Struct, kw_only=True):
     id: int
     external_id: str | None
     email: str | None
-    phone: str | None
+    phone: str | None  # E.164
+    whatsapp: str | None  # E.164
+    telegram_chat_id: str | None
+    push_tokens: list[str]
     locale: str | None
+    timezone: str | None
     attributes: dict[str, Any]
     created_at: datetime
     updated_at: datetime
@@ -143,81 +216,8 @@ class MembersRemoved(msgspec.Struct, kw_only=True):
 
 # -- checks --------------------------------------------------------------------------------------
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_END = r"(?:\n|\Z)"
-# One address per line: a dot-atom local part of at most 64 characters; labels of letters and digits
-# joined by single hyphens, at most 63 characters; a last label ending with a letter (as every TLD
-# does) that is not a special-use name; 254 characters in all. Whatever this does not accept
-# (double hyphens as in Punycode, IP literals, quoting, non-ASCII) is left to email-validator.
-_EMAIL_LINE = (
-    rf"(?=[^@\n]{{1,64}}@)(?=[^\n]{{1,254}}{_END}){_ATEXT}+(?:\.{_ATEXT}+)*@"
-    rf"(?:(?=[A-Za-z0-9-]{{1,63}}\.)[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\.)+"
-    rf"(?!(?i:arpa|invalid|local|localhost|onion|test){_END})(?=[A-Za-z0-9-]{{1,63}}{_END})"
-    r"(?:[A-Za-z0-9]+-)*[A-Za-z0-9]*[A-Za-z]"
-)
-_FAST_EMAIL = re.compile(_EMAIL_LINE)
-_FAST_EMAILS = re.compile(rf"(?:(?>{_EMAIL_LINE})\n)*+(?>{_EMAIL_LINE})")
-_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
-_LOCALE = re.compile(
-    r"([A-Za-z]{2,3})(?:[-_]([A-Za-z]{4}))?(?:[-_]([A-Za-z]{2}|[0-9]{3}))?((?:[-_](?:[A-Za-z0-9]{5,8}|[0-9][A-Za-z0-9]{3}))*)"
-)
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")  # \u0000, not an escaped backslash and u0000
 NUL = lim.PATTERN_REASONS[lim.NO_NUL_PATTERN]  # Postgres stores no NUL in text or jsonb
-
-
-def email_problem(address: str) -> str | None:
-    """Why an address is not a valid email address, or None; email-validator's rules, without DNS."""
-    if _FAST_EMAIL.fullmatch(address):
-        return None
-    try:
-        validate_email(address, check_deliverability=False)
-    except EmailNotValidError as e:
-        return str(e)
-    return None
-
-
-def _all_fast_emails(addresses: list[str]) -> bool:
-    """True if every address passes the fast path: one regex over all of them, no call per address."""
-    joined = "\n".join(addresses)
-    return joined.count("\n") == len(addresses) - 1 and _FAST_EMAILS.fullmatch(joined) is not None
-
-
-@lru_cache(maxsize=4096)
-def _possible_length(country_code: int, length: int) -> str | None:
-    """phonenumbers' possible-number check depends only on the country code and the length."""
-    number = phonenumbers.PhoneNumber(country_code=country_code, national_number=int("1" * length))
-    if phonenumbers.is_possible_number_with_reason(number) == phonenumbers.ValidationResult.IS_POSSIBLE:
-        return None
-    return f"a +{country_code} number cannot have {length} digits after the country code"
-
-
-def phone_problem(number: str) -> str | None:
-    if not _E164.fullmatch(number):
-        return "must be an E.164 number: + and 7 to 15 digits, no spaces (e.g. +14155550100)"
-    if phonenumbers is None:
-        return None
-    for size in (1, 2, 3):  # country calling codes are prefix-free
-        code = int(number[1 : 1 + size])
-        if code in _COUNTRY_CODES:
-            return _possible_length(code, len(number) - 1 - size)
-    return f"{number[:4]}… does not start with a country calling code"
-
-
-@lru_cache(maxsize=1024)
-def canonical_locale(tag: str) -> str | None:
-    """The tag in canonical case with hyphens (pt_br → pt-BR), or None if it is not BCP 47-like."""
-    m = _LOCALE.fullmatch(tag)
-    if m is None:
-        return None
-    language, script, region, variants = m.groups()
-    parts = [language.lower()]
-    if script:
-        parts.append(script.title())
-    if region:
-        parts.append(region.upper())
-    if variants:
-        parts.extend(v.lower() for v in variants[1:].replace("_", "-").split("-"))
-    return "-".join(parts)
 
 
 class _Errors:
@@ -245,44 +245,69 @@ def _given(column: list[Any], bit: int, n: int) -> int | None:
     return bit if missing == 0 else 0 if missing == n else None
 
 
-def contact_batch(items: list[ContactIn], array: bool) -> ContactBatch:
-    """Check every item and turn them into columns; one bad item rejects the request (422 naming every
-    bad field). Column-wise, so a 10,000-item import costs a few C-level passes, not a loop per item."""
+def contact_batch(items: Sequence[ContactIn | ContactPatch], array: bool) -> ContactBatch:
+    """Check every item and turn them into columns of normal forms; one bad item rejects the request
+    (422 naming every bad field). Column-wise, so a 10,000-item import costs a few C-level passes,
+    not a loop per item: a field no item gives costs a list of UNSETs and two counts."""
     n = len(items)
     external_ids = [c.external_id for c in items]
     emails = [c.email for c in items]
     phones = [c.phone for c in items]
     locales = [c.locale for c in items]
     attributes = [c.attributes for c in items]
+    timezones = [c.timezone for c in items]
+    whatsapps = [c.whatsapp for c in items]
+    telegram_chat_ids = [c.telegram_chat_id for c in items]
+    push_tokens = [c.push_tokens for c in items]
+    columns = {EMAIL: emails, PHONE: phones, LOCALE: locales, ATTRIBUTES: attributes, TIMEZONE: timezones,
+               WHATSAPP: whatsapps, TELEGRAM_CHAT_ID: telegram_chat_ids, PUSH_TOKENS: push_tokens}
+    left_out = {bit: column.count(UNSET) for bit, column in columns.items()}  # items that do not give it
+    valued = {bit: n - left_out[bit] - (column.count(None) if left_out[bit] < n else 0)  # items with a value
+              for bit, column in columns.items()}
     errors = _Errors(array)
 
-    given_emails = [e for e in emails if isinstance(e, str)]
-    if given_emails and not _all_fast_emails(given_emails):
-        for i, e in enumerate(emails):
-            if isinstance(e, str) and (reason := email_problem(e)):
-                errors.add(i, "email", reason)
-    if phones.count(UNSET) + phones.count(None) < n:
-        for i, p in enumerate(phones):
-            if isinstance(p, str) and (reason := phone_problem(p)):
-                errors.add(i, "phone", reason)
-    if locales.count(UNSET) + locales.count(None) < n:
+    if valued[EMAIL]:
+        given_emails = [e for e in emails if isinstance(e, str)]
+        if all_fast_emails(given_emails):
+            joined = "".join(given_emails)
+            if joined.lower() != joined:  # on the fast path only the domain's case changes
+                emails[:] = [checked_email(e)[0] if isinstance(e, str) else e for e in emails]
+        else:
+            for i, e in enumerate(emails):
+                if isinstance(e, str):
+                    emails[i], reason = checked_email(e)
+                    if reason:
+                        errors.add(i, "email", reason)
+    if valued[PHONE] or valued[WHATSAPP]:
+        _phones(items, phones, whatsapps, errors)
+    if valued[LOCALE]:
         for i, tag in enumerate(locales):
             if isinstance(tag, str):
                 locales[i] = canonical_locale(tag)
                 if locales[i] is None:
-                    errors.add(i, "locale", "must be a BCP 47 language tag such as en, en-GB or pt-BR")
+                    errors.add(i, "locale", LOCALE_REASON)
+    if valued[TIMEZONE]:
+        for i, zone in enumerate(timezones):
+            if isinstance(zone, str):
+                timezones[i] = canonical_timezone(zone)
+                if timezones[i] is None:
+                    errors.add(i, "timezone", TIMEZONE_REASON)
+    if valued[TELEGRAM_CHAT_ID]:
+        for i, chat in enumerate(telegram_chat_ids):
+            if isinstance(chat, (str, int)):
+                telegram_chat_ids[i] = chat = str(chat)
+                if reason := telegram_chat_id_problem(chat):
+                    errors.add(i, "telegram_chat_id", reason)
+    if valued[PUSH_TOKENS]:
+        push_tokens[:] = [unique_tokens(t) if isinstance(t, list) else t for t in push_tokens]
 
-    masks = [_given(emails, EMAIL, n), _given(phones, PHONE, n), _given(locales, LOCALE, n), _given(attributes, ATTRIBUTES, n)]
-    if None in masks:
-        given = [
-            (e is not UNSET) * EMAIL | (p is not UNSET) * PHONE | (tag is not UNSET) * LOCALE | (a is not UNSET) * ATTRIBUTES
-            for e, p, tag, a in zip(emails, phones, locales, attributes)
-        ]
-    else:
-        given = [sum(masks)] * n  # type: ignore[arg-type]
-    for column in (emails, phones, locales, attributes):
-        if UNSET in column:
+    given = [sum(bit for bit, k in left_out.items() if k == 0)] * n
+    for bit, column in columns.items():
+        if 0 < left_out[bit] < n:  # some items give it, some do not
+            given = [g | bit if v is not UNSET else g for g, v in zip(given, column)]
             column[:] = [None if v is UNSET else v for v in column]
+        elif left_out[bit]:
+            column[:] = [None] * n
     attributes_json = msgspec.json.encode(attributes)
     if len(attributes_json) > MAX_ATTRIBUTES_BYTES:  # only then can one contact's be too large
         for i, a in enumerate(attributes):
@@ -293,4 +318,47 @@ def contact_batch(items: list[ContactIn], array: bool) -> ContactBatch:
             if a is not None and _NUL_ESCAPE.search(msgspec.json.encode(a)):
                 errors.add(i, "attributes", NUL)
     errors.raise_any()
-    return ContactBatch(external_ids, emails, phones, locales, attributes_json.decode(), given)  # type: ignore[arg-type]
+    return ContactBatch(
+        external_ids, emails, phones, locales, attributes_json.decode(), given,  # type: ignore[arg-type]
+        # A column without a value is left out of the upsert (None): its default is the same.
+        timezones=timezones if valued[TIMEZONE] else None,
+        whatsapps=whatsapps if valued[WHATSAPP] else None,
+        telegram_chat_ids=telegram_chat_ids if valued[TELEGRAM_CHAT_ID] else None,  # type: ignore[arg-type]
+        push_tokens=push_tokens if valued[PUSH_TOKENS] else None,  # type: ignore[arg-type]
+    )
+
+
+def _phones(items: Sequence[ContactIn | ContactPatch], phones: list[Any], whatsapps: list[Any], errors: _Errors) -> None:
+    """Check `phone` and `whatsapp` and put them in E.164, in place. Numbers already in E.164 are
+    checked by one regex over all of them and a length check per country code (phonenumbers'
+    metadata, cached); any other form is parsed by phonenumbers, a national one in `phone_region`."""
+    regions: list[Any] = [c.phone_region for c in items]
+    unusable: set[int] = set()  # items whose region is wrong: that error is the one to fix
+    if regions.count(UNSET) + regions.count(None) < len(regions):
+        for i, region in enumerate(regions):
+            if isinstance(region, str) and (reason := region_problem(region)):
+                errors.add(i, "phone_region", reason)
+                unusable.add(i)
+    for field, column in (("phone", phones), ("whatsapp", whatsapps)):
+        numbers = [p for p in column if isinstance(p, str)]
+        if not numbers or (all_e164(numbers) and not shape_problems(numbers)):
+            continue  # none given, or all stored as they are
+        for i, number in enumerate(column):
+            if isinstance(number, str) and i not in unusable:
+                region = regions[i] if isinstance(regions[i], str) else None
+                column[i], reason = e164(number, region)
+                if reason:
+                    errors.add(i, field, reason)
+
+
+def contact_changes(patch: ContactPatch) -> ContactChanges:
+    """A PATCH's fields checked and in their normal forms, as an upsert's are (422 naming the field)."""
+    batch = contact_batch([patch], array=False)
+    values: dict[str, Any] = {}
+    if patch.external_id is not UNSET:
+        values["external_id"] = patch.external_id
+    for bit, column, name in COLUMNS:
+        if batch.given[0] & bit:
+            value = (getattr(batch, name) or [None])[0]
+            values[column] = [] if column == "push_tokens" and value is None else value
+    return ContactChanges(values=values, attributes=patch.attributes)

@@ -10,6 +10,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from api_service.schemas.common import Input, Name, text
 from shared.kernel import limits as lim
+from shared.kernel.audience import MAX_AUDIENCE_RECIPIENTS, MAX_AUDIENCE_SETS
 
 # Limits and why: shared/kernel/limits.py. Together subject, html and text are also capped at
 # MAX_CONTENT_BYTES of JSON (checked by the decider, which sees an edit merged into the content).
@@ -65,9 +66,63 @@ class ScheduleIn(ScheduleFields, kw_only=True):
     pass
 
 
+ContactRef = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+ExternalRef = text(255, min_length=1)
+
+
+class InlineAddress(Input, kw_only=True):
+    """A recipient by address, `email` or `phone` (one of the two): the tenant's contact with that
+    address, created if there is none."""
+
+    email: Annotated[str, Meta(max_length=254)] | None = None
+    phone: Annotated[str, Meta(max_length=32, description="E.164, or international with spaces")] | None = None
+
+
+_SETS = Meta(max_length=MAX_AUDIENCE_SETS)
+
+
+class AudienceIn(Input, kw_only=True):
+    """Who a broadcast goes to: every contact in any of `lists`, `segments` or `recipients`, less
+    those in any of `exclude_lists` or `exclude_segments`, each once. Segments are evaluated when a
+    run starts. Suppressed contacts and addresses are always left out."""
+
+    lists: Annotated[list[uuid.UUID], _SETS] = []
+    segments: Annotated[list[uuid.UUID], _SETS] = []
+    exclude_lists: Annotated[list[uuid.UUID], _SETS] = []
+    exclude_segments: Annotated[list[uuid.UUID], _SETS] = []
+    recipients: Annotated[list[ContactRef | ExternalRef | InlineAddress], Meta(
+        max_length=MAX_AUDIENCE_RECIPIENTS,
+        description="contact ids (numbers), external ids (strings), or `{\"email\": ...}` / `{\"phone\": ...}` "
+                    "(a contact with that address, created if the tenant has none)",
+    )] = []
+
+
+class AudienceOut(msgspec.Struct, kw_only=True):
+    lists: list[uuid.UUID] = []
+    segments: list[uuid.UUID] = []
+    exclude_lists: list[uuid.UUID] = []
+    exclude_segments: list[uuid.UUID] = []
+    recipients: list[int] = []  # contact ids
+
+
+class AudienceCount(msgspec.Struct, kw_only=True):
+    """The next send's audience, contact by contact, each counted once under the first that applies:
+    `excluded`, `suppressed`, `reached` (by an earlier run: a send is a top-up), `no_address` (on
+    the channel), else `reach` (who it would send to). Counted by the planner's own conditions."""
+
+    channel: str
+    included: int
+    excluded: int
+    suppressed: int
+    reached: int
+    no_address: int
+    reach: int
+
+
 class BroadcastCreate(ScheduleFields, kw_only=True):
     name: Name
-    list_id: uuid.UUID | None = None
+    list_id: Annotated[uuid.UUID | None, Meta(description="shorthand for `audience: {lists: [list_id]}`")] = None
+    audience: AudienceIn | None = None
     provider_id: uuid.UUID | None = None
     content: ContentIn
 
@@ -104,7 +159,8 @@ class Preview(msgspec.Struct, kw_only=True):
 
 class BroadcastPatch(Input, kw_only=True):
     name: Name | UnsetType = UNSET
-    list_id: uuid.UUID | None | UnsetType = UNSET
+    list_id: uuid.UUID | None | UnsetType = UNSET  # replaces the audience with this one list
+    audience: AudienceIn | None | UnsetType = UNSET  # replaces the list (or the audience)
     provider_id: uuid.UUID | None | UnsetType = UNSET
     content: ContentPatch | UnsetType = UNSET
 
@@ -119,7 +175,7 @@ class Content(msgspec.Struct, kw_only=True):
 
 class Counters(msgspec.Struct, kw_only=True):
     """Each recipient counted once, by its latest outcome (a retry moves its recipients out of
-    `failed`/`unknown`); total = queued + sent + failed + unknown + dropped."""
+    `failed`/`unknown`); total = queued + sent + failed + unknown + suppressed + dropped."""
 
     total: int = 0
     queued: int = 0
@@ -128,6 +184,9 @@ class Counters(msgspec.Struct, kw_only=True):
     # handed to the provider, then no answer (a sender died): may have arrived; never resent by
     # itself, only by a retry that asks for `unknown`
     unknown: int = 0
+    # suppressed (unsubscribed, bounced, by hand) after the run's snapshot and before their batch was
+    # sent: not sent (suppressed contacts are left out of a snapshot, so they are not in `total` then)
+    suppressed: int = 0
     dropped: int = 0  # not sent because the run was cancelled or stopped
 
 
@@ -146,7 +205,8 @@ class Broadcast(msgspec.Struct, kw_only=True):
     # unknown for 1 of 20 recipients", both, or why the run could not be carried out; else null
     status_reason: str | None = None
     channel: str
-    list_id: uuid.UUID | None
+    list_id: uuid.UUID | None  # when the audience is this one list
+    audience: AudienceOut  # always set: {lists: [list_id]} for a broadcast created with list_id
     provider_id: uuid.UUID | None
     content: Content
     counters: Counters
@@ -191,7 +251,8 @@ class RetryAccepted(msgspec.Struct, kw_only=True):
 
 class Message(msgspec.Struct, kw_only=True):
     """One recipient's record in one run: queued until its batch is attempted, then sent, failed or
-    unknown (handed to the provider, no answer); dropped if the run was called off first."""
+    unknown (handed to the provider, no answer), or suppressed (unsubscribed, bounced or suppressed by
+    hand after the snapshot: not sent); dropped if the run was called off first."""
 
     run: int
     contact_id: int

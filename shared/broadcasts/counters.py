@@ -32,6 +32,7 @@ class Counters(msgspec.Struct, frozen=True):
     sent: int = 0
     failed: int = 0
     unknown: int = 0  # handed to the provider, no answer: may have arrived; not resent unless retried
+    suppressed: int = 0  # suppressed after the snapshot, before their batch: not sent
 
 
 class CountersView:
@@ -42,12 +43,13 @@ class CountersView:
         if event.category == bt.CATEGORY:
             done = codec.from_recorded(event, bt.Event)
             await con.execute(
-                """INSERT INTO broadcast_counters (broadcast_id, run, sent, failed, unknown, batches_done)
-                   VALUES ($1, $2, $3, $4, $5, 1)
+                """INSERT INTO broadcast_counters (broadcast_id, run, sent, failed, unknown, suppressed, batches_done)
+                   VALUES ($1, $2, $3, $4, $5, $6, 1)
                    ON CONFLICT (broadcast_id, run) DO UPDATE SET sent = broadcast_counters.sent + $3,
                        failed = broadcast_counters.failed + $4, unknown = broadcast_counters.unknown + $5,
+                       suppressed = broadcast_counters.suppressed + $6,
                        batches_done = broadcast_counters.batches_done + 1""",
-                done.broadcast_id, done.run, done.sent, done.failed, done.unknown,
+                done.broadcast_id, done.run, done.sent, done.failed, done.unknown, done.suppressed,
             )
             return
         match codec.from_recorded(event, b.Event):
@@ -85,18 +87,18 @@ async def counters_of(con: asyncpg.Connection, broadcast_ids: list[uuid.UUID]) -
     rows = await con.fetch(
         """SELECT broadcast_id, sum(total - retried_failed - retried_unknown)::bigint AS total,
                   sum(sent)::bigint AS sent, sum(failed - retried_failed)::bigint AS failed,
-                  sum(unknown - retried_unknown)::bigint AS unknown
+                  sum(unknown - retried_unknown)::bigint AS unknown, sum(suppressed)::bigint AS suppressed
            FROM broadcast_counters WHERE broadcast_id = ANY($1::uuid[]) GROUP BY broadcast_id""",
         broadcast_ids,
     )
-    return {r["broadcast_id"]: Counters(r["total"], r["sent"], r["failed"], r["unknown"]) for r in rows}
+    return {r["broadcast_id"]: Counters(r["total"], r["sent"], r["failed"], r["unknown"], r["suppressed"]) for r in rows}
 
 
 def shown(counters: Counters | None, status: str) -> dict[str, int]:
     """Counters as users see them: while a run is active its unsent messages are `queued`; once it
     was cancelled or stopped they are `dropped`."""
     c = counters or Counters()
-    unsent = max(c.total - c.sent - c.failed - c.unknown, 0)
+    unsent = max(c.total - c.sent - c.failed - c.unknown - c.suppressed, 0)
     active = status in ACTIVE
     return {"total": c.total, "queued": unsent if active else 0, "sent": c.sent, "failed": c.failed,
-            "unknown": c.unknown, "dropped": 0 if active else unsent}
+            "unknown": c.unknown, "suppressed": c.suppressed, "dropped": 0 if active else unsent}

@@ -26,6 +26,7 @@ from shared.broadcasts.status import (
     Status,
 )
 from shared.kernel import streams
+from shared.kernel.audience import Audience
 from shared.kernel.errors import AlreadyExists, Conflict, Invalid, NotFound, WrongStatus
 from shared.kernel.limits import MAX_CONTENT_BYTES, MAX_SCHEDULE_AHEAD_DAYS
 
@@ -86,11 +87,14 @@ class BroadcastCreated(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     provider_id: uuid.UUID | None
     content: Content
     at: datetime
+    # Who it goes to, when more than one list (`list_id` is then None); the two are never both set.
+    audience: Audience | None = None
 
 
 class BroadcastEdited(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_defaults=True):
     name: str | UnsetType = UNSET
     list_id: uuid.UUID | None | UnsetType = UNSET
+    audience: Audience | None | UnsetType = UNSET
     provider_id: uuid.UUID | None | UnsetType = UNSET
     content: Content | UnsetType = UNSET
     at: datetime
@@ -106,7 +110,7 @@ class BroadcastStarted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     run: int
     tenant_id: uuid.UUID
     channel: str
-    list_id: uuid.UUID
+    list_id: uuid.UUID | None  # the audience when it is one list (then `audience` is None)
     provider_id: uuid.UUID
     audience_size: int  # the audience counted when the send was accepted; the snapshot has the final figure
     at: datetime
@@ -123,6 +127,14 @@ class BroadcastStarted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     retry_statuses: tuple[str, ...] = ()
     retried_failed: int = 0
     retried_unknown: int = 0
+    audience: Audience | None = None
+
+    @property
+    def target(self) -> Audience:
+        """Who the run goes to (a retry: who of them the run retried reached, see above)."""
+        if self.audience is not None:
+            return self.audience
+        return Audience(lists=(self.list_id,) if self.list_id is not None else ())
 
 
 class AudienceSnapshotted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -258,6 +270,7 @@ class CreateBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     channel: str = "email"
     list_id: uuid.UUID | None = None
+    audience: Audience | None = None  # instead of list_id: lists, segments, excludes, recipients
     provider_id: uuid.UUID | None = None
     content: Content
     at: datetime
@@ -273,7 +286,8 @@ class ContentChanges(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 class EditBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     name: str | UnsetType = UNSET
-    list_id: uuid.UUID | None | UnsetType = UNSET
+    list_id: uuid.UUID | None | UnsetType = UNSET  # replaces the audience with this one list
+    audience: Audience | None | UnsetType = UNSET  # replaces the list (or the audience)
     provider_id: uuid.UUID | None | UnsetType = UNSET
     content: ContentChanges | UnsetType = UNSET
     at: datetime
@@ -403,6 +417,7 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     name: str = ""
     channel: str = "email"
     list_id: uuid.UUID | None = None
+    audience: Audience | None = None  # set instead of list_id for anything but one list
     provider_id: uuid.UUID | None = None
     content: Content | None = None
     run: int = 0  # the latest run started (0: never sent)
@@ -413,6 +428,13 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     retry_statuses: tuple[str, ...] = ()  # ... of its recipients with these ledger statuses
     scheduled_at: datetime | None = None  # the next occurrence, while scheduled (or recurring)
     schedule: Schedule | None = None
+
+    @property
+    def target(self) -> Audience | None:
+        """Who the next run goes to: the audience, or the one list."""
+        if self.audience is not None:
+            return self.audience
+        return Audience(lists=(self.list_id,)) if self.list_id is not None else None
 
     @property
     def recurring(self) -> bool:
@@ -438,13 +460,14 @@ def evolve(state: State, event: Event) -> State:
                 name=event.name,
                 channel=event.channel,
                 list_id=event.list_id,
+                audience=event.audience,
                 provider_id=event.provider_id,
                 content=event.content,
             )
         case BroadcastEdited():
             changes = {
                 f: getattr(event, f)
-                for f in ("name", "list_id", "provider_id", "content")
+                for f in ("name", "list_id", "audience", "provider_id", "content")
                 if getattr(event, f) is not UNSET
             }
             return msgspec.structs.replace(state, **changes)
@@ -536,10 +559,11 @@ def decide(command: Command, state: State) -> list[Event]:
                     tenant_id=command.tenant_id,
                     name=command.name,
                     channel=command.channel,
-                    list_id=command.list_id,
+                    list_id=command.list_id if command.audience is None else None,
                     provider_id=command.provider_id,
                     content=command.content,
                     at=command.at,
+                    audience=command.audience,
                 )
             ]
         case EditBroadcast():
@@ -548,10 +572,15 @@ def decide(command: Command, state: State) -> list[Event]:
                 raise WrongStatus("edit", state.status.value)
             assert state.content is not None
             changed: dict[str, object] = {}
-            for f in ("name", "list_id", "provider_id"):
+            for f in ("name", "list_id", "audience", "provider_id"):
                 value = getattr(command, f)
                 if value is not UNSET and value != getattr(state, f):
                     changed[f] = value
+            # One list or an audience, never both: setting either clears the other.
+            if changed.get("list_id") is not None and state.audience is not None:
+                changed["audience"] = None
+            if changed.get("audience") is not None and state.list_id is not None:
+                changed["list_id"] = None
             if command.content is not UNSET:
                 content = merge_content(state.content, command.content)
                 if content != state.content:
@@ -645,8 +674,10 @@ def _send(command: SendBroadcast, state: State) -> list[Event]:
 
 
 def _require_sendable(state: State) -> None:
-    if state.list_id is None:
-        raise Invalid("list_id", "a broadcast needs a list to be sent")
+    if state.target is None:
+        raise Invalid("list_id", "a broadcast needs a list (or an audience) to be sent")
+    if state.target.empty:
+        raise Invalid("audience", "a broadcast needs lists, segments or recipients to be sent to")
     if state.provider_id is None:
         raise Invalid("provider_id", "a broadcast needs a provider to be sent")
 
@@ -655,12 +686,13 @@ def _started(
     state: State, audience_size: int, at: datetime, *, top_up: bool, occurrence_at: datetime | None = None,
     retry_of: int = 0, retry_statuses: tuple[str, ...] = (), retried_failed: int = 0, retried_unknown: int = 0,
 ) -> BroadcastStarted:
-    assert state.tenant_id is not None and state.list_id is not None and state.provider_id is not None
+    assert state.tenant_id is not None and state.target is not None and state.provider_id is not None
     return BroadcastStarted(
         run=state.run + 1,
         tenant_id=state.tenant_id,
         channel=state.channel,
         list_id=state.list_id,
+        audience=state.audience,
         provider_id=state.provider_id,
         audience_size=audience_size,
         at=at,
@@ -735,7 +767,12 @@ def _schedule(command: ScheduleBroadcast, state: State) -> list[Event]:
 def _first_occurrence(recurrence: Recurrence, command: ScheduleBroadcast) -> datetime:
     """A cron's first occurrence after the command; Invalid("cron") for one that is malformed, never
     fires (`0 0 31 2 *`), or fires more often than the command's minimum interval."""
-    from shared.broadcasts.schedule import check_cron, check_interval, next_occurrence, zone
+    from shared.broadcasts.schedule import (
+        check_cron,
+        check_interval,
+        next_occurrence,
+        zone,
+    )
 
     try:
         zone(recurrence.timezone)
@@ -772,8 +809,8 @@ def _fire(command: FireOccurrence, state: State) -> list[Event]:
         reason = f"missed by {int(lateness)} s ({policy.missed_policy} policy allows {allowed} s)"
         skipped: list[Event] = [OccurrenceSkipped(occurrence_at=command.occurrence_at, reason=reason, at=command.at)]
         return _then_reschedule(skipped, state, after=command.at)
-    if state.list_id is None or state.provider_id is None:
-        skipped = [OccurrenceSkipped(occurrence_at=command.occurrence_at, reason="no list or provider", at=command.at)]
+    if state.target is None or state.target.empty or state.provider_id is None:
+        skipped = [OccurrenceSkipped(occurrence_at=command.occurrence_at, reason="no audience or provider", at=command.at)]
         return _then_reschedule(skipped, state, after=command.at)
     # A one-off schedule is a deferred `send` (a top-up); each recurring occurrence is a new run to
     # the whole current audience.

@@ -22,9 +22,10 @@ from shared.content.templates import (
     preview_budget,
 )
 from shared.kernel.errors import Invalid, NotFound
-from shared.platform import commands
+from shared.platform import commands, signing
 from shared.platform.logging import get_logger
-from shared.sending import snapshot
+from shared.platform.signing import Signer
+from shared.sending import audience, snapshot
 from shared.sending.jobs import Recipient, decode_recipient, reachable, recipient_json
 
 log = get_logger(__name__)
@@ -45,14 +46,19 @@ def _compiled(row: view.BroadcastRow) -> CompiledContent:
 
 
 def _resolve(
-    row: view.BroadcastRow, content: CompiledContent, recipient: Recipient, preview: Budget | None = None
+    row: view.BroadcastRow, content: CompiledContent, recipient: Recipient, preview: Budget | None = None,
+    signer: Signer | None = None,
 ) -> Resolved:
     if preview is not None and preview.used_up:
         subject, html, text = "(not rendered: the preview's budget of two messages' work is used up)", "", ""
     else:
         budget = Budget()  # a message's limits, as in the send
+        variables = recipient.variables()
+        if signer is not None:  # the recipient's own link, as the send signs it
+            variables["unsubscribe_url"] = signer.unsubscribe_url(row.tenant_id, row.id, recipient.contact_id,
+                                                                  row.channel)
         try:
-            subject, html, text = content.render(recipient.variables(), budget)
+            subject, html, text = content.render(variables, budget)
         except TemplateError as exc:  # shown, as the send would fail this recipient
             subject, html, text = f"(not rendered: {exc})", "", ""
         if preview is not None:
@@ -68,19 +74,29 @@ async def _live(con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: uui
     return row
 
 
-async def preview(pool: asyncpg.Pool, tenant_id: uuid.UUID, broadcast_id: uuid.UUID, limit: int) -> list[Resolved]:
-    """The first `limit` messages the next send would produce (a top-up: members not reached yet)."""
+async def preview(
+    pool: asyncpg.Pool, tenant_id: uuid.UUID, broadcast_id: uuid.UUID, limit: int, at: datetime, public_url: str = "",
+) -> list[Resolved]:
+    """The first `limit` messages the next send would produce (a top-up: members not reached yet),
+    each with its own unsubscribe link (under `public_url`, the deployment's CRIER_PUBLIC_URL)."""
     async with pool.acquire() as con:
         row = await _live(con, tenant_id, broadcast_id)
-        if row.list_id is None:
+        target = row.target
+        if target is None:
             return []
         runs = snapshot.reached_runs(row.reset_run, row.run)
-        records = await snapshot.first_recipients(con, broadcast_id, row.list_id, row.channel, runs, limit)
+        reached = audience.Reached(broadcast_id, runs) if runs else None
+        try:
+            records = await audience.first_recipients(
+                con, tenant_id, target, row.channel, at, limit, recipient_json(row.channel), reached)
+        except audience.MissingSegment as exc:
+            raise Invalid(exc.field, f"no segment {exc.segment_id}") from exc
+        signer = await signing.load_signer(con, public_url)
     content = _compiled(row)
     # Each message within a message's limits, and all of them within two messages' worth, so that
     # a heavy template stops the preview within a fraction of a second; the messages past it say why.
     budget = preview_budget()
-    return [_resolve(row, content, decode_recipient(r), budget) for r in records]
+    return [_resolve(row, content, decode_recipient(r), budget, signer) for r in records]
 
 
 async def test_send(

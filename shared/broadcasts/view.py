@@ -13,6 +13,7 @@ import msgspec
 
 from shared.broadcasts import decider as b
 from shared.broadcasts.status import ACTIVE, Status, sql_list
+from shared.kernel.audience import Audience, of_list
 from shared.platform import codec
 from shared.platform.eventstore import RecordedEvent
 
@@ -28,8 +29,8 @@ class BroadcastsView:
             case b.BroadcastCreated():
                 await con.execute(
                     """INSERT INTO broadcasts (id, tenant_id, name, channel, status, list_id, provider_id,
-                                               content, version, created_at, updated_at)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
+                                               content, version, created_at, updated_at, audience)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11)
                        ON CONFLICT (id) DO NOTHING""",
                     decoded.broadcast_id,
                     decoded.tenant_id,
@@ -41,15 +42,17 @@ class BroadcastsView:
                     msgspec.to_builtins(decoded.content),
                     event.position,
                     decoded.at,
+                    msgspec.to_builtins(decoded.audience),
                 )
             case b.BroadcastEdited():
                 changes = {
                     f: getattr(decoded, f)
-                    for f in ("name", "list_id", "provider_id", "content")
+                    for f in ("name", "list_id", "audience", "provider_id", "content")
                     if getattr(decoded, f) is not msgspec.UNSET
                 }
-                if "content" in changes:
-                    changes["content"] = msgspec.to_builtins(changes["content"])
+                for f in ("content", "audience"):
+                    if f in changes:
+                        changes[f] = msgspec.to_builtins(changes[f])
                 sets = ", ".join(f"{col} = ${i + 4}" for i, col in enumerate(changes))
                 await con.execute(
                     f"UPDATE broadcasts SET version = $2, updated_at = $3{', ' + sets if sets else ''} WHERE id = $1",
@@ -153,11 +156,19 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     updated_at: datetime
     status_reason: str | None = None  # why the latest run failed or partially failed
+    audience: dict | None = None  # set instead of list_id for anything but one list
+
+    @property
+    def target(self) -> Audience | None:
+        """Who the next run goes to: the audience, or the one list."""
+        if self.audience is not None:
+            return msgspec.convert(self.audience, Audience)
+        return of_list(self.list_id)
 
 
 _ROW = (
     "id, tenant_id, name, channel, status, list_id, provider_id, content, run, reset_run, resumes, scheduled_at, "
-    "schedule, version, created_at, updated_at, status_reason"
+    "schedule, version, created_at, updated_at, status_reason, audience"
 )
 
 

@@ -45,6 +45,7 @@ DEFERRED = "deferred"  # the server refused for now (SMTP 4xx)
 CONNECTION_LOST = "connection_lost"
 OUTCOME_UNKNOWN = "outcome_unknown"  # lost while the server had the message: not resent
 WITHDRAWN = "withdrawn"  # the sender's commit said no before the message was handed over: not sent
+SUPPRESSED = "suppressed"  # the address or contact was suppressed (unsubscribed ...) before its batch: not sent
 INVALID_MESSAGE = "invalid_message"  # the address or the message could not be sent as given
 REFUSED_PRIVATE_ADDRESS = "refused_private_address"  # the host is not on the public internet
 

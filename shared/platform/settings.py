@@ -67,10 +67,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A recurring broadcast's cron may not fire more often than this (seconds, wall-clock; 0: any):
     # every occurrence is a run to the whole audience, and `* * * * *` is more likely a mistake.
     min_cron_interval_s: int = 3600
+    # Where people reach this deployment's public pages (unsubscribe links in every message):
+    # empty means http://{api_host}:{api_port}, which only suits a local setup.
+    public_url: str = ""
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def public_base_url(self) -> str:
+        """CRIER_PUBLIC_URL without a final slash, or the API's own address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.api_host}]" if ":" in self.api_host else self.api_host
+        return f"http://{host}:{self.api_port}"
 
 
 _ENV_PREFIX = "CRIER_"

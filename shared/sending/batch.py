@@ -29,6 +29,9 @@ class BatchCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     # Recipients whose outcome nobody knows: a sender died after handing them to the provider
     # and before hearing back. Not resent (that could send twice); a retry may send them again.
     unknown: int = 0
+    # Recipients suppressed (unsubscribed, bounced, by hand) after the snapshot and before their
+    # batch was sent: not sent, neither failed.
+    suppressed: int = 0
 
 
 Event = BatchCompleted

@@ -1,37 +1,21 @@
-"""Who a broadcast's next run goes to: its list's members with an address for the channel, minus
-(for a top-up) those already reached by runs since its last reset; for a retry, the recipients of
-the run retried with the ledger statuses asked for who still have an address."""
+"""The figures of a broadcast's audience that are kept or counted apart from its definition
+(shared/sending/audience.py): the runs that count as reached, a list's size, the kept
+`remaining`, a retry's recipients, and the run lock the planner's chunks take."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 import asyncpg
 
-from shared.sending.jobs import reachable, recipient_json
+from shared.kernel.audience import Audience
+from shared.sending import audience
+from shared.sending.jobs import reachable
 
 
 def reached_runs(reset_run: int, through_run: int) -> list[int]:
     """The runs whose `sent` messages count as reached: after the last reset, up to `through_run`."""
     return list(range(reset_run + 1, through_run + 1))
-
-
-def not_reached_clause(member: str, broadcast_param: int, runs_param: int) -> str:
-    """SQL: the member `member` (a qualified contact id column: an unqualified `contact_id` would
-    bind to the subquery's own column) has no `sent` message in those runs, none `sending` and
-    none `unknown`: a message claimed by a run that was just cancelled may still be on its way, one
-    whose outcome is unknown after a crash may have arrived, and sending it again would be the
-    worse mistake (a retry sends `unknown` ones again when asked to).
-
-    It is one probe of the ledger's primary key (broadcast_id, run, contact_id) per member.
-    `OFFSET 0` keeps it that way: without it Postgres turns the NOT EXISTS into an anti-join, and
-    right after a run wrote its ledger the statistics still say the run has no rows, so it planned
-    a nested loop re-scanning the whole run for every member: 187 s to count 100,000 members
-    (measured), 0.25 s as probes."""
-    return (
-        f"NOT EXISTS (SELECT 1 FROM messages x WHERE x.broadcast_id = ${broadcast_param} "
-        f"AND x.run = ANY(${runs_param}::int[]) AND x.contact_id = {member} "
-        f"AND x.status IN ('sent', 'sending', 'unknown') OFFSET 0)"
-    )
 
 
 async def member_count(con: asyncpg.Connection, list_id: uuid.UUID) -> int:
@@ -42,34 +26,25 @@ async def member_count(con: asyncpg.Connection, list_id: uuid.UUID) -> int:
 
 
 async def remaining(
-    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, channel: str, runs: list[int]
+    con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: uuid.UUID, list_id: uuid.UUID, channel: str,
+    runs: list[int], at: datetime,
 ) -> tuple[int, int]:
-    """(audience_total, remaining): members with an address on `channel`, and those of them not
-    reached in `runs`."""
-    total = await con.fetchval(
-        f"""SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
-            WHERE m.list_id = $1 AND {reachable(channel)}""",
-        list_id,
-    )
-    if not runs:
-        return total, total
-    left = await con.fetchval(
-        f"""SELECT count(*) FROM list_members m JOIN contacts c ON c.id = m.contact_id
-            WHERE m.list_id = $1 AND {reachable(channel)} AND {not_reached_clause('m.contact_id', 2, 3)}""",
-        list_id, broadcast_id, runs,
-    )
-    return total, left
+    """(audience_total, remaining) of a one-list audience: members the run would send to were
+    nobody reached, and those of them not reached in `runs`; by the planner's own conditions."""
+    reached = audience.Reached(broadcast_id, runs) if runs else None
+    counted = await audience.preflight(con, tenant_id, Audience(lists=(list_id,)), channel, at, reached)
+    return counted.reached + counted.reach, counted.reach
 
 
 async def kept_remaining(
-    con: asyncpg.Connection, broadcast_id: uuid.UUID, broadcast_version: int, list_id: uuid.UUID, channel: str,
-    runs: list[int],
+    con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: uuid.UUID, broadcast_version: int,
+    list_id: uuid.UUID, channel: str, runs: list[int], at: datetime,
 ) -> tuple[int, int]:
     """`remaining(...)`, kept in audience_counts while the broadcast and the list's membership stay
     as they are and no batch of the broadcast is unfinished (its ledger could still change).
 
-    Not noticed: a contact's address cleared or set after the figures were kept (the next list or
-    broadcast change recounts)."""
+    Not noticed: a contact's address cleared or set, or a suppression added, after the figures were
+    kept (the next list or broadcast change recounts)."""
     members_version = await con.fetchval("SELECT members_version FROM lists WHERE id = $1", list_id)
     kept = await con.fetchrow(
         """SELECT total, remaining FROM audience_counts
@@ -78,7 +53,7 @@ async def kept_remaining(
     )
     if kept is not None:
         return kept["total"], kept["remaining"]
-    total, left = await remaining(con, broadcast_id, list_id, channel, runs)
+    total, left = await remaining(con, tenant_id, broadcast_id, list_id, channel, runs, at)
     settled = not await con.fetchval(
         "SELECT EXISTS (SELECT 1 FROM batches WHERE broadcast_id = $1 AND status IN ('queued', 'sending'))",
         broadcast_id,
@@ -94,23 +69,6 @@ async def kept_remaining(
             broadcast_id, broadcast_version, list_id, members_version, total, left,
         )
     return total, left
-
-
-async def first_recipients(
-    con: asyncpg.Connection, broadcast_id: uuid.UUID, list_id: uuid.UUID, channel: str, runs: list[int], limit: int
-) -> list[str]:
-    """The first `limit` recipients the next run would send to, in the planner's order, as
-    Recipient JSON."""
-    reached = f"AND {not_reached_clause('c.id', 3, 4)}" if runs else ""
-    args: list[object] = [list_id, limit] + ([broadcast_id, runs] if runs else [])
-    rows = await con.fetch(
-        f"""SELECT ({recipient_json(channel)})::text
-            FROM list_members m JOIN contacts c ON c.id = m.contact_id
-            WHERE m.list_id = $1 AND {reachable(channel)} {reached}
-            ORDER BY m.contact_id LIMIT $2""",
-        *args,
-    )
-    return [r[0] for r in rows]
 
 
 async def retry_counts(

@@ -26,7 +26,7 @@ import httpx
 
 from shared.platform import db
 from shared.tenants import store as tenants
-from shared.tooling import rawpipe
+from shared.tooling import import_bench, rawpipe
 from shared.tooling.embedded import free_port, start_nats, start_postgres, wait_for_port
 
 CHUNK = 10_000
@@ -76,7 +76,7 @@ def _contacts(start: int, count: int) -> list[dict]:
     ]
 
 
-async def _one_run(admin_url: str, nats_url: str, n: int, senders: int) -> dict:
+async def _one_run(admin_url: str, nats_url: str, n: int, senders: int, audience: str = "list") -> dict:
     dbname = f"crier_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(admin_url)
     await admin.execute(f'CREATE DATABASE "{dbname}"')
@@ -129,10 +129,16 @@ async def _one_run(admin_url: str, nats_url: str, n: int, senders: int) -> dict:
                           "batch_size": 500, "batch_delay_ms": 0, "max_retries": 0},
                 )
             ).json()
+            # The same people either way: every contact is in the list and on the pro plan.
+            if audience == "segment":
+                segment = (await api.post("/v1/segments", json={"name": "pro", "rules": _PRO})).json()
+                target: dict = {"audience": {"segments": [segment["id"]]}}
+            else:
+                target = {"list_id": lst["id"]}
             broadcast = (
                 await api.post(
                     "/v1/broadcasts",
-                    json={"name": "bench", "list_id": lst["id"], "provider_id": provider["id"],
+                    json={"name": "bench", **target, "provider_id": provider["id"],
                           "content": {"subject": "Hello {{ first_name }}", "html": _HTML, "text": _TEXT}},
                 )
             ).json()
@@ -168,6 +174,7 @@ async def _one_run(admin_url: str, nats_url: str, n: int, senders: int) -> dict:
         await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         await admin.close()
     return {
+        "audience": audience,
         "recipients": n,
         "import_s": round(import_s, 2),
         "contacts_per_s": round(n / import_s),
@@ -201,9 +208,12 @@ _HTML = (
     + "<p>Your current plan: <b>{{ plan }}</b>.</p><p>This message was sent to {{ email }}.</p>"
 )
 _TEXT = "Hello {{ first_name }} {{ last_name }}, your plan is {{ plan }}. Sent to {{ email }}."
+_PRO = {"field": "attributes.plan", "op": "eq", "value": "pro"}
 
 
-def run_bench(n: int, runs: int, senders: int) -> None:
+def run_bench(n: int, runs: int, senders: int, audiences: tuple[str, ...] = ("list",), import_rows: int = 0) -> None:
+    """`runs` times: for each audience kind (a list, a segment of the same people) a send, each
+    followed by the bare pipeline on the same servers."""
     root = Path(tempfile.mkdtemp(prefix="crier-bench-"))
     stops = []
     admin_url, nats_url = os.environ.get("CRIER_DATABASE_URL", ""), os.environ.get("CRIER_NATS_URL", "")
@@ -218,13 +228,16 @@ def run_bench(n: int, runs: int, senders: int) -> None:
             nats_url = ns.url
         results = []
         for i in range(runs):
-            result = asyncio.run(_one_run(admin_url, nats_url, n, senders))
-            # The pair interleaved: the bare pipeline right after the send, on the same servers.
-            result["bare_pipeline_s"] = round(asyncio.run(rawpipe.run_once(admin_url, nats_url, n)), 2)
-            result["send_over_bare"] = round(result["send_to_completed_s"] / result["bare_pipeline_s"], 2)
-            results.append(result)
-            print(json.dumps({"run": i + 1, **result}), flush=True)
-        if runs > 1:
+            if import_rows:  # a CSV streamed to POST /v1/contacts/imports (shared/tooling/import_bench.py)
+                print(json.dumps({"run": i + 1, **import_bench.run(admin_url, nats_url, import_rows)}), flush=True)
+            for audience in audiences if n else ():
+                result = asyncio.run(_one_run(admin_url, nats_url, n, senders, audience))
+                # The pair interleaved: the bare pipeline right after the send, on the same servers.
+                result["bare_pipeline_s"] = round(asyncio.run(rawpipe.run_once(admin_url, nats_url, n)), 2)
+                result["send_over_bare"] = round(result["send_to_completed_s"] / result["bare_pipeline_s"], 2)
+                results.append(result)
+                print(json.dumps({"run": i + 1, **result}), flush=True)
+        if runs > 1 and len(audiences) == 1 and results:
             med = {k: round(statistics.median(r[k] for r in results), 2)
                    for k in ("import_s", "contacts_per_s", "send_to_completed_s", "recipients_per_s",
                              "bare_pipeline_s", "send_over_bare")}
