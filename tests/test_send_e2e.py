@@ -82,6 +82,10 @@ async def test_a_broadcast_reaches_every_address_exactly_once_with_its_own_varia
         assert f"Hello Ann<{i}>, plan" in r.text
     assert len(messages) == n and {m["status"] for m in messages} == {"sent"}
     assert await ledger(settings, broadcast_id) == Counter(sent=n)
+    # every message carries its own one-click unsubscribe link, though the content never names it
+    links = {r.headers["list-unsubscribe"] for r in peer.received}
+    assert len(links) == n and all(link.startswith("<http://") and "/u/" in link for link in links)
+    assert {r.headers["list-unsubscribe-post"] for r in peer.received} == {"List-Unsubscribe=One-Click"}
     assert history == ["BroadcastCreated", "BroadcastStarted", "AudienceSnapshotted", "BroadcastCompleted"]
 
 

@@ -651,3 +651,14 @@ async def test_undecodable_filters_are_never_a_500(env, raw):
     for method in ("GET", "DELETE"):
         r = await env.writer.http.request(method, f"{S}?address={raw}", headers=env.writer.headers)
         assert r.status_code in (200, 400, 422), (method, raw, r.status_code, r.text)
+
+
+@given(contact_id=st.integers(min_value=1, max_value=2**63 - 1), channel=st.sampled_from(signing.CODE_CHANNELS))
+@hsettings(max_examples=200, deadline=None)
+def test_a_jobs_unsubscribe_links_are_the_signers_own_and_verify(contact_id, channel):
+    signer = signing.Signer(3, b"k" * 32, "https://crier.example.com")
+    tenant, broadcast = uuid.UUID(int=7), uuid.UUID(int=9)
+    link = signer.unsubscribe_links(tenant, broadcast, channel).url(contact_id)
+    assert link == signer.unsubscribe_url(tenant, broadcast, contact_id, channel)
+    read = signing.read_unsubscribe(link.rsplit("/", 1)[1], b"k" * 32)
+    assert read is not None and (read.contact_id, read.channel, read.tenant_id) == (contact_id, channel, tenant)

@@ -30,6 +30,11 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     to: str  # the recipient's address on the channel (chosen by the channel registry)
     idempotency_key: str  # "broadcast:run:contact:channel": stable across retries
     content: Content
+    # Makes the recipient's signed one-click unsubscribe link from `contact_id` (about 1 µs): a
+    # provider that builds headers sends it as List-Unsubscribe and List-Unsubscribe-Post (RFC 2369,
+    # RFC 8058; Gmail and Yahoo require them of bulk mail). Shared by a job's messages; called only
+    # by providers that use it (the null provider builds no message).
+    unsubscribe_link: Callable[[int], str] | None = None
 
 
 # Failure classes: what a test send tells the tenant, instead of the remote server's own words (a

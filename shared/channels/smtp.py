@@ -126,6 +126,9 @@ def build_mime(message: OutgoingMessage, *, utf8: bool = False) -> bytes:
     mime["Message-ID"] = message_id_of(message.idempotency_key)
     if email.reply_to:
         mime["Reply-To"] = email.reply_to
+    if message.unsubscribe_link is not None:
+        mime["List-Unsubscribe"] = f"<{message.unsubscribe_link(message.contact_id)}>"
+        mime["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     for name, value in email.headers.items():
         if name.lower() in _RESERVED_HEADERS:
             continue

@@ -109,6 +109,36 @@ class Signer:
         """`{base_url}/u/{code}`: the page (GET) and the RFC 8058 one-click target (POST)."""
         return f"{self.base_url}/u/{self.unsubscribe_code(tenant_id, broadcast_id, contact_id, channel)}"
 
+    def unsubscribe_links(self, tenant_id: uuid.UUID, broadcast_id: uuid.UUID, channel: str) -> UnsubscribeLinks:
+        """The links of one job's recipients (`links.url(contact_id)`), the same as `unsubscribe_url`
+        gives, at about half its cost: a worker signs one per message, on the send path."""
+        if channel not in _CHANNEL_BYTE:
+            raise ValueError(f"unknown channel {channel!r}; known: {', '.join(CODE_CHANNELS)}")
+        prefix = (bytes((PURPOSE_UNSUBSCRIBE,)) + self.kid.to_bytes(2, "big") + bytes((_CHANNEL_BYTE[channel],))
+                  + tenant_id.bytes + broadcast_id.bytes)
+        inner = self._inner.copy()
+        inner.update(prefix)
+        return UnsubscribeLinks(f"{self.base_url}/u/{_b64encode(prefix).decode()}", inner, self._outer)
+
+
+class UnsubscribeLinks:
+    """Unsubscribe links that differ only in the contact. The 36 bytes they share are a whole number
+    of base64 groups, so their text is made once, and fed once into a copy of the MAC's inner state:
+    each link then hashes and encodes just the contact and its MAC (about 1 µs, against 2)."""
+
+    __slots__ = ("_head", "_inner", "_outer")
+
+    def __init__(self, head: str, inner: Any, outer: Any) -> None:
+        self._head, self._inner, self._outer = head, inner, outer
+
+    def url(self, contact_id: int) -> str:
+        contact = contact_id.to_bytes(8, "big")
+        inner = self._inner.copy()
+        inner.update(contact)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return self._head + _b64encode(contact + outer.digest()[:MAC_BYTES]).decode()
+
 
 def public_base_url(settings_or_base: Settings | str) -> str:
     """The base of public links: CRIER_PUBLIC_URL (Settings.public_url), without a final slash."""

@@ -113,8 +113,10 @@ class ResolvedAudience:
 
     @property
     def recipient(self) -> str:
-        """SQL over `c`: a candidate the run sends to."""
-        return (f"{self.tenant} AND NOT {self.excluded} AND NOT {self.suppressed} "
+        """SQL over `c`: a candidate the run sends to. The tenant is checked as a filter (`IS TRUE`
+        is no index condition), so each candidate is looked up by the contacts' primary key, hot
+        from the import, as before audiences: by (tenant_id, id) the 1M snapshot took 15% longer."""
+        return (f"({self.tenant}) IS TRUE AND NOT {self.excluded} AND NOT {self.suppressed} "
                 f"AND NOT {self.reached} AND {self.has_address}")
 
 
@@ -140,6 +142,12 @@ async def resolve(
             f"AND lx.contact_id = c.id)")
     excludes += [await segment(s, "audience.exclude_segments") for s in audience.exclude_segments]
     single = audience.single_list
+    # Most tenants never suppressed anyone: then no probe per contact at all (asked once per chunk,
+    # so a suppression added meanwhile applies from the next chunk on, and the worker checks again).
+    suppressions = await con.fetchval(
+        "SELECT EXISTS (SELECT FROM suppression_tenants WHERE tenant_id = $1)", tenant_id)
+    suppressed = (f"({suppressed_sql('c', address_sql(channel), tenant, args.add(channel, 'text'))})"
+                  if suppressions else "false")
     return ResolvedAudience(
         args=args,
         single_list=args.add(single, "uuid") if single is not None else None,
@@ -151,7 +159,7 @@ async def resolve(
         include_segments=include_segments,
         tenant=f"c.tenant_id = {tenant}",
         excluded=f"({' OR '.join(excludes)})" if excludes else "false",
-        suppressed=f"({suppressed_sql('c', address_sql(channel), tenant, args.add(channel, 'text'))})",
+        suppressed=suppressed,
         reached=(reached_sql("c.id", args.add(reached.broadcast_id, "uuid"), args.add(reached.runs, "int[]"))
                  if reached and reached.runs else "false"),
         has_address=reachable(channel),
