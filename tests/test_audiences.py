@@ -255,3 +255,18 @@ async def test_a_snapshot_of_many_chunks_takes_each_member_of_any_audience_once(
                     for cid in r["contact_ids"]]
             expected = sorted(ids[i] for i in audiences[name][1])
             assert planned == expected, name  # each once, in contact-id order
+
+
+async def test_a_list_or_segment_a_queued_broadcast_is_snapshotting_cannot_be_deleted(settings):
+    async with api_for(settings) as api:  # no sender: the broadcast stays queued, its snapshot pending
+        ids = await people(api, 4)
+        left_out = await a_list(api, "left out", ids[:1])
+        segment = await api.post("/v1/segments", {"name": "pro", "rules": PRO})
+        provider = (await api.post("/v1/providers", {
+            "name": "null", "channel": "email", "kind": "null", "from_email": "news@example.com"}))["id"]
+        created = await broadcast(api, provider, {"segments": [segment["id"]], "exclude_lists": [left_out]})
+        await api.post(f"/v1/broadcasts/{created['id']}/send", expect=202)
+        segment_refused = await api.call("DELETE", f"/v1/segments/{segment['id']}", expect=409)
+        list_refused = await api.call("DELETE", f"/v1/lists/{left_out}", expect=409)
+    assert segment_refused["code"] == "segment_in_use" and segment_refused["broadcasts"] == [created["id"]]
+    assert list_refused["code"] == "list_in_use" and list_refused["broadcasts"] == [created["id"]]

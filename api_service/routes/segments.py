@@ -25,6 +25,7 @@ from api_service.schemas.segments import (
 )
 from shared.audience import segment_store
 from shared.audience.segment_store import PREVIEW_TIMEOUT_MS, SegmentRow
+from shared.broadcasts import view as broadcasts_view
 from shared.kernel.limits import MAX_OFFSET
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="page size")]
@@ -82,12 +83,21 @@ class SegmentController(Controller):
         return _segment(row)
 
     @delete(
-        "/{segment_id:uuid}", guards=[require_write], summary="Delete a segment; 409 while another segment uses it",
-        responses={409: problem_response("another segment uses this one (`segments`): change it first")},
+        "/{segment_id:uuid}", guards=[require_write],
+        summary="Delete a segment; 409 while another segment uses it or a broadcast is snapshotting it",
+        responses={409: problem_response("another segment uses this one (`segments`): change it first; or a queued "
+                                         "broadcast is snapshotting it (`broadcasts`): retry later")},
     )
     async def delete_segment(self, request: Request, state: State, segment_id: FromPath[uuid.UUID]) -> None:
-        async with state.services.pool.acquire() as con:
-            if not await segment_store.delete_segment(con, request.user.tenant_id, segment_id):
+        tenant_id = request.user.tenant_id
+        async with state.services.pool.acquire() as con, con.transaction():
+            # A broadcast that still only names it fails its next run with the reason, as with a list.
+            if busy := await broadcasts_view.snapshotting_segment(con, tenant_id, segment_id):
+                raise problem(
+                    409, f"segment is being snapshotted by {len(busy)} queued broadcast(s); retry when they are sending",
+                    "segment_in_use", broadcasts=[str(b) for b in busy],
+                )
+            if not await segment_store.delete_segment(con, tenant_id, segment_id):
                 raise problem(404, NOT_FOUND)
 
     @get("/{segment_id:uuid}/preview", summary=f"How many contacts the segment selects now, and the first {PREVIEW_MEMBERS}")

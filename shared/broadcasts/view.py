@@ -206,10 +206,21 @@ async def active_with_provider(con: asyncpg.Connection, tenant_id: uuid.UUID, pr
 
 
 async def snapshotting_list(con: asyncpg.Connection, tenant_id: uuid.UUID, list_id: uuid.UUID) -> list[uuid.UUID]:
-    """Broadcasts whose planner is reading this list right now (status queued)."""
+    """Broadcasts whose planner is reading this list right now (status queued): their list, or a list
+    their audience includes or excludes."""
     rows = await con.fetch(
-        f"""SELECT id FROM broadcasts WHERE tenant_id = $1 AND list_id = $2 AND status = '{Status.QUEUED.value}'
-            AND NOT deleted""",
-        tenant_id, list_id,
+        f"""SELECT id FROM broadcasts WHERE tenant_id = $1 AND status = '{Status.QUEUED.value}' AND NOT deleted
+              AND (list_id = $2 OR audience->'lists' ? $3 OR audience->'exclude_lists' ? $3)""",
+        tenant_id, list_id, str(list_id),
+    )
+    return [r["id"] for r in rows]
+
+
+async def snapshotting_segment(con: asyncpg.Connection, tenant_id: uuid.UUID, segment_id: uuid.UUID) -> list[uuid.UUID]:
+    """Broadcasts whose planner is evaluating this segment right now (status queued)."""
+    rows = await con.fetch(
+        f"""SELECT id FROM broadcasts WHERE tenant_id = $1 AND status = '{Status.QUEUED.value}' AND NOT deleted
+              AND (audience->'segments' ? $2 OR audience->'exclude_segments' ? $2)""",
+        tenant_id, str(segment_id),
     )
     return [r["id"] for r in rows]
