@@ -23,7 +23,6 @@ from tests.api_helpers import (  # noqa: F401  (api, tenant_tokens are fixtures)
     tenant_tokens,
 )
 
-
 # A year to schedule in: in the future, and within the 10 years a one-off schedule may be ahead.
 FUTURE_YEAR = datetime.now(timezone.utc).year + 2
 

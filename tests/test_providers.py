@@ -20,7 +20,13 @@ from litestar.testing import AsyncTestClient
 
 from api_service.app import create_app
 from shared.channels import accounts
-from shared.channels.provider import WITHDRAWN, CommitFailed, EmailContent, OutgoingMessage, ProviderUnavailable
+from shared.channels.provider import (
+    WITHDRAWN,
+    CommitFailed,
+    EmailContent,
+    OutgoingMessage,
+    ProviderUnavailable,
+)
 from shared.channels.registry import build_provider
 from shared.channels.smtp import message_id_of
 from shared.platform import db
