@@ -20,8 +20,8 @@ import asyncpg
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from shared.audience.segments import SqlArgs
 
+from shared.audience.segments import SqlArgs
 from shared.broadcasts import decider as b
 from shared.broadcasts.handlers import DECIDER, INLINE
 from shared.broadcasts.status import RUNNING
