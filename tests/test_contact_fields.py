@@ -8,67 +8,25 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import msgspec
 import phonenumbers
 import pytest
 from email_validator import EmailNotValidError, validate_email
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from litestar.testing import AsyncTestClient
 
-from api_service.app import create_app
 from shared.audience import erasure, fields
 from shared.platform import db
 from shared.sending import snapshot
-from shared.tenants import store as tenants
+from tests.tenant_env import Client, TenantEnv, tenant_env
 
 CONTACTS = "/v1/contacts"
 
 
-class Client:
-    def __init__(self, http: AsyncTestClient, token: str) -> None:
-        self.http, self.headers = http, {"Authorization": f"Bearer {token}"}
-
-    async def call(self, method: str, path: str, expect: int, **kw: Any) -> Any:
-        r = await self.http.request(method, path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
-        assert r.status_code == expect, f"{method} {path} -> {r.status_code}: {r.text}"
-        return r.json() if r.content else None
-
-    async def fields_refused(self, method: str, path: str, body: Any) -> list[str]:
-        """The fields a 422 names."""
-        problem = await self.call(method, path, 422, json=body)
-        return [e["field"] for e in problem["errors"]]
-
-
-class Env(msgspec.Struct):
-    writer: Client
-    reader: Client
-    stranger: Client  # a writer of another tenant
-    tenant_id: uuid.UUID
-    stranger_tenant_id: uuid.UUID
-    database_url: str
-
-    async def sql(self, method: str, query: str, *args: Any) -> Any:
-        con = await db.connect(self.database_url)
-        try:
-            return await getattr(con, method)(query, *args)
-        finally:
-            await con.close()
-
-
 @pytest.fixture
 async def env(settings):
-    settings = msgspec.structs.replace(settings, run_background=False)
-    con = await db.connect(settings.database_url)
-    one = await tenants.create_tenant(con, "one")
-    two = await tenants.create_tenant(con, "two")
-    write = (await tenants.create_token(con, one.id, "write")).token
-    read = (await tenants.create_token(con, one.id, "read")).token
-    other = (await tenants.create_token(con, two.id, "write")).token
-    await con.close()
-    async with AsyncTestClient(app=create_app(settings)) as http:
-        yield Env(Client(http, write), Client(http, read), Client(http, other), one.id, two.id, settings.database_url)
+    async with tenant_env(settings) as e:
+        yield e
 
 
 # -- each field's normal form ---------------------------------------------------------------------
@@ -100,7 +58,7 @@ async def test_a_national_phone_needs_its_region(env):
     with_region = await env.writer.call("POST", CONTACTS, 201, json={"phone": "030 1234567", "phone_region": "DE"})
     assert with_region["phone"] == "+49301234567"
     # When it comes without one, the 422 names the phone of that item, and nothing is written
-    refused = await env.writer.fields_refused("POST", CONTACTS, [{"phone": "+49 30 1234567"}, {"phone": "030 1234567"}])
+    refused = await env.writer.fields("POST", CONTACTS, json=[{"phone": "+49 30 1234567"}, {"phone": "030 1234567"}])
     assert refused == ["[1].phone"]
     # And an international number needs none, in whatever format
     assert (await env.writer.call("POST", CONTACTS, 201, json={"phone": "+49 (30) 123-4567"}))["phone"] == "+49301234567"
@@ -128,10 +86,10 @@ async def test_a_national_phone_needs_its_region(env):
     ],
 )
 async def test_a_bad_field_is_a_422_naming_it_and_nothing_is_written(env, item, field):
-    assert await env.writer.fields_refused("POST", CONTACTS, [{"external_id": "fine"}, {"external_id": "x", **item}]) == [
+    assert await env.writer.fields("POST", CONTACTS, json=[{"external_id": "fine"}, {"external_id": "x", **item}]) == [
         f"[1].{field}"
     ]
-    assert await env.writer.fields_refused("POST", CONTACTS, item) == [field]
+    assert await env.writer.fields("POST", CONTACTS, json=item) == [field]
     assert await env.sql("fetchval", "SELECT count(*) FROM contacts") == 0
 
 
@@ -140,7 +98,7 @@ async def test_every_bad_field_of_an_import_is_named(env):
     body[1]["timezone"] = "Nowhere/Land"
     body[3]["whatsapp"] = "12345"
     body[3]["telegram_chat_id"] = "@no"
-    refused = await env.writer.fields_refused("POST", CONTACTS, body)
+    refused = await env.writer.fields("POST", CONTACTS, json=body)
     assert refused == ["[1].timezone", "[3].whatsapp", "[3].telegram_chat_id"]
 
 
@@ -198,10 +156,10 @@ async def test_patch_replaces_what_it_gives_and_merges_attributes_as_a_merge_pat
 async def test_patch_refuses_bad_fields_and_changes_nothing(env):
     ann = await env.writer.call("POST", CONTACTS, 201, json={"external_id": "ann", "timezone": "UTC"})
     path = f"{CONTACTS}/{ann['id']}"
-    assert await env.writer.fields_refused("PATCH", path, {"timezone": "Moon/Base", "email": "x"}) == ["email", "timezone"]
-    assert await env.writer.fields_refused("PATCH", path, {"phone": "0151 23456789"}) == ["phone"]
-    assert await env.writer.fields_refused("PATCH", path, {"id": 5}) == ["id"]  # read-only
-    assert await env.writer.fields_refused("PATCH", path, {"external_id": ""}) == ["external_id"]
+    assert await env.writer.fields("PATCH", path, json={"timezone": "Moon/Base", "email": "x"}) == ["email", "timezone"]
+    assert await env.writer.fields("PATCH", path, json={"phone": "0151 23456789"}) == ["phone"]
+    assert await env.writer.fields("PATCH", path, json={"id": 5}) == ["id"]  # read-only
+    assert await env.writer.fields("PATCH", path, json={"external_id": ""}) == ["external_id"]
     assert await env.writer.call("GET", path, 200) == ann
 
 
@@ -231,7 +189,7 @@ async def test_patch_that_would_grow_attributes_past_the_stored_limit_is_422(env
     ann = await env.writer.call("POST", CONTACTS, 201, json={"external_id": "ann", "attributes": {"a": "x" * 65_000}})
     path = f"{CONTACTS}/{ann['id']}"
     await env.writer.call("PATCH", path, 200, json={"attributes": {"b": "y" * 60_000}})
-    assert await env.writer.fields_refused("PATCH", path, {"attributes": {"c": "z" * 60_000}}) == ["attributes"]
+    assert await env.writer.fields("PATCH", path, json={"attributes": {"c": "z" * 60_000}}) == ["attributes"]
     assert set((await env.writer.call("GET", path, 200))["attributes"]) == {"a", "b"}
 
 
@@ -320,7 +278,7 @@ async def test_segment_filter_is_the_segments_contacts_and_another_tenants_segme
 # -- erasure --------------------------------------------------------------------------------------
 
 
-async def given_a_send_history(env: Env, ann: int, bob: int) -> dict[str, Any]:
+async def given_a_send_history(env: TenantEnv, ann: int, bob: int) -> dict[str, Any]:
     """Two runs of one broadcast of the writer's tenant that reached Ann and Bob (ledger rows with
     an error quoting Ann's address, batches with their addresses, counters), and one of the
     stranger's tenant."""

@@ -8,15 +8,12 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-import msgspec
 import pytest
 from email_validator import EmailNotValidError, validate_email
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from litestar.testing import AsyncTestClient
 
-from api_service.app import create_app
 from shared.audience import contacts
 from shared.audience.fields import (
     _FAST_EMAIL,
@@ -29,45 +26,13 @@ from shared.kernel.audience import Audience
 from shared.platform import db
 from shared.sending import audience
 from shared.sending.jobs import recipient_json
-from shared.tenants import store as tenants
-
-
-class Client:
-    def __init__(self, http: AsyncTestClient, token: str) -> None:
-        self.http, self.headers = http, {"Authorization": f"Bearer {token}"}
-
-    async def call(self, method: str, path: str, expect: int, **kw: Any) -> Any:
-        r = await self.http.request(method, path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
-        assert r.status_code == expect, f"{method} {path} -> {r.status_code}: {r.text}"
-        return r.json() if r.content else None
-
-
-class Env(msgspec.Struct):
-    writer: Client
-    reader: Client
-    stranger: Client  # a writer of another tenant
-    database_url: str
-
-    async def count(self, sql: str, *args: Any) -> int:
-        con = await db.connect(self.database_url)
-        try:
-            return await con.fetchval(sql, *args)
-        finally:
-            await con.close()
+from tests.tenant_env import tenant_env
 
 
 @pytest.fixture
 async def env(settings):
-    settings = msgspec.structs.replace(settings, run_background=False)
-    con = await db.connect(settings.database_url)
-    one = await tenants.create_tenant(con, "one")
-    two = await tenants.create_tenant(con, "two")
-    write = (await tenants.create_token(con, one.id, "write")).token
-    read = (await tenants.create_token(con, one.id, "read")).token
-    other = (await tenants.create_token(con, two.id, "write")).token
-    await con.close()
-    async with AsyncTestClient(app=create_app(settings)) as http:
-        yield Env(Client(http, write), Client(http, read), Client(http, other), settings.database_url)
+    async with tenant_env(settings) as e:
+        yield e
 
 
 def people(n: int, start: int = 0) -> list[dict[str, Any]]:

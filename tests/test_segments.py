@@ -14,67 +14,29 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from litestar.testing import AsyncTestClient
 
-from api_service.app import create_app
 from shared.audience import segment_rules
 from shared.audience.segment_rules import ISO_TIME
 from shared.audience.segments import LIST, SqlArgs, compile_rule, evaluate, parse_rules
 from shared.kernel.errors import Invalid
 from shared.platform import db
 from shared.tenants import store as tenants
-from tests.api_helpers import assert_problem, error_fields
+from tests.api_helpers import error_fields
+from tests.tenant_env import Client, TenantEnv, tenant_env
 
 SEGMENTS = "/v1/segments"
 
 
-class Client:
-    def __init__(self, http: AsyncTestClient, token: str) -> None:
-        self.http, self.headers = http, {"Authorization": f"Bearer {token}"}
-
-    async def call(self, method: str, path: str, expect: int, **kw: Any) -> Any:
-        r = await self.http.request(method, path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
-        assert r.status_code == expect, f"{method} {path} -> {r.status_code}: {r.text}"
-        return r.json() if r.content else None
-
-    async def problem(self, method: str, path: str, status: int, code: str | None = None, **kw: Any) -> dict[str, Any]:
-        r = await self.http.request(method, path, headers=self.headers, **kw)
-        return assert_problem(r, status, code)
-
-
-class Env(msgspec.Struct):
-    writer: Client
-    reader: Client
-    stranger: Client  # a writer of another tenant
-    tenant_id: uuid.UUID
-    database_url: str
-
-    async def sql(self, query: str, *args: Any) -> Any:
-        con = await db.connect(self.database_url)
-        try:
-            return await con.fetch(query, *args)
-        finally:
-            await con.close()
-
-
 @pytest.fixture
 async def env(settings):
-    settings = msgspec.structs.replace(settings, run_background=False)
-    con = await db.connect(settings.database_url)
-    one = await tenants.create_tenant(con, "one")
-    two = await tenants.create_tenant(con, "two")
-    write = (await tenants.create_token(con, one.id, "write")).token
-    read = (await tenants.create_token(con, one.id, "read")).token
-    other = (await tenants.create_token(con, two.id, "write")).token
-    await con.close()
-    async with AsyncTestClient(app=create_app(settings)) as http:
-        yield Env(Client(http, write), Client(http, read), Client(http, other), one.id, settings.database_url)
+    async with tenant_env(settings) as e:
+        yield e
 
 
 PRO = {"field": "attributes.plan", "op": "eq", "value": "pro"}
 
 
-async def a_segment(env: Env, rules: dict[str, Any], name: str = "seg", client: Client | None = None) -> dict[str, Any]:
+async def a_segment(env: TenantEnv, rules: dict[str, Any], name: str = "seg", client: Client | None = None) -> dict[str, Any]:
     return await (client or env.writer).call("POST", SEGMENTS, 201, json={"name": name, "rules": rules})
 
 
@@ -248,7 +210,7 @@ async def test_preview_counts_the_segment_and_shows_the_first_ten(env):
               for i in range(20)]
     ids = (await env.writer.call("POST", "/v1/contacts", 200, json=people))["ids"]
     await env.stranger.call("POST", "/v1/contacts", 201, json={"external_id": "x", "attributes": {"plan": "pro"}})
-    await env.sql("UPDATE contacts SET created_at = now() - interval '40 days' WHERE id = ANY($1::bigint[])", ids[:3])
+    await env.sql("execute", "UPDATE contacts SET created_at = now() - interval '40 days' WHERE id = ANY($1::bigint[])", ids[:3])
     vip = await a_list(env.writer)
     await env.writer.call("POST", f"/v1/lists/{vip}/members", 200, json={"contact_ids": ids[10:12]})
 
@@ -326,7 +288,7 @@ async def test_hostile_values_match_literally_or_are_a_422(env):
     assert error_fields(body) == ["rules.value"]
     body = await env.writer.problem("POST", SEGMENTS, 422, json={"name": "x", "rules": {"member_of": "'; DROP TABLE lists; --"}})
     assert error_fields(body) == ["rules.member_of"]
-    assert len(await env.sql("SELECT 1 FROM contacts")) == len(HOSTILE_VALUES)
+    assert len(await env.sql("fetch", "SELECT 1 FROM contacts")) == len(HOSTILE_VALUES)
 
 
 def test_no_text_of_a_rule_reaches_the_sql():

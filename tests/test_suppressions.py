@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,50 +15,18 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from litestar.testing import AsyncTestClient
 
 from api_service.app import create_app
 from shared.audience import suppressions
 from shared.platform import db, signing
 from shared.platform.settings import Settings, load_settings
-from shared.tenants import store as tenants
+from tests.tenant_env import TenantEnv, tenant_env
 
 S = "/v1/suppressions"
 PROBLEM_JSON = "application/problem+json"
 
 
-class Client:
-    def __init__(self, http: AsyncTestClient, token: str) -> None:
-        self.http, self.headers = http, {"Authorization": f"Bearer {token}"}
-
-    async def call(self, method: str, path: str, expect: int, **kw: Any) -> Any:
-        r = await self.http.request(method, path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
-        assert r.status_code == expect, f"{method} {path} -> {r.status_code}: {r.text}"
-        return r.json() if r.content else None
-
-    async def fields(self, method: str, path: str, **kw: Any) -> list[str]:
-        """The fields a 422 names."""
-        body = await self.call(method, path, 422, **kw)
-        assert body["code"] in ("validation_error", "unknown_contacts"), body
-        return [e["field"] for e in body["errors"]]
-
-
-class Env(msgspec.Struct):
-    http: AsyncTestClient
-    writer: Client
-    reader: Client
-    stranger: Client  # a writer of tenant two
-    one: uuid.UUID
-    two: uuid.UUID
-    database_url: str
-
-    async def sql(self, method: str, query: str, *args: Any) -> Any:
-        con = await db.connect(self.database_url)
-        try:
-            return await getattr(con, method)(query, *args)
-        finally:
-            await con.close()
-
+class Env(TenantEnv):
     async def contact(self, tenant: uuid.UUID, email: str | None = None, phone: str | None = None) -> int:
         return await self.sql("fetchval", "INSERT INTO contacts (tenant_id, email, phone) VALUES ($1, $2, $3) RETURNING id",
                               tenant, email, phone)
@@ -73,18 +42,9 @@ class Env(msgspec.Struct):
         return [dict(r) for r in await self.sql("fetch", "SELECT * FROM suppressions ORDER BY id")]
 
 
-async def _env(settings: Settings):
-    settings = msgspec.structs.replace(settings, run_background=False)
-    con = await db.connect(settings.database_url)
-    one = await tenants.create_tenant(con, "one")
-    two = await tenants.create_tenant(con, "two")
-    write = (await tenants.create_token(con, one.id, "write")).token
-    read = (await tenants.create_token(con, one.id, "read")).token
-    other = (await tenants.create_token(con, two.id, "write")).token
-    await con.close()
-    async with AsyncTestClient(app=create_app(settings)) as http:
-        yield Env(http, Client(http, write), Client(http, read), Client(http, other), one.id, two.id,
-                  settings.database_url)
+async def _env(settings: Settings) -> AsyncIterator[Env]:
+    async with tenant_env(settings, Env) as env:
+        yield env
 
 
 @pytest.fixture
@@ -112,7 +72,7 @@ async def test_add_one_then_again_keeps_the_first(env):
 
 
 async def test_bulk_add_answers_each_items_id_in_order(env):
-    ada = await env.contact(env.one, "ada@example.com")
+    ada = await env.contact(env.tenant_id, "ada@example.com")
     body = [
         {"channel": "email", "address": "a@example.com", "reason": "complained"},
         {"channel": "sms", "address": "+14155550100", "reason": "unsubscribed"},
@@ -141,7 +101,7 @@ async def test_a_bulk_add_stays_fast_for_a_tenant_the_statistics_do_not_know(env
     statistics knew only another tenant's rows (23 s for 10,000 items); it is a probe of the key each."""
     await env.sql("execute", """INSERT INTO suppressions (tenant_id, channel, address, reason)
                                 SELECT $1, 'email', 'x' || g || '@example.com', 'bounced'
-                                FROM generate_series(1, 100000) g""", env.two)
+                                FROM generate_series(1, 100000) g""", env.stranger_tenant_id)
     await env.sql("execute", "ANALYZE suppressions")
     body = [{"channel": "email", "address": f"user{i}@example.com"} for i in range(10_000)]
     started = time.monotonic()
@@ -152,7 +112,7 @@ async def test_a_bulk_add_stays_fast_for_a_tenant_the_statistics_do_not_know(env
 
 
 async def test_list_pages_and_filters(env):
-    ada = await env.contact(env.one, "ada@example.com")
+    ada = await env.contact(env.tenant_id, "ada@example.com")
     items = [
         {"channel": "email", "address": "ada@example.com", "reason": "bounced"},
         {"channel": "email", "address": "bob@example.com", "reason": "unsubscribed"},
@@ -181,7 +141,7 @@ async def test_list_pages_and_filters(env):
 
 
 async def test_delete_by_id_and_by_address_or_contact(env):
-    ada = await env.contact(env.one, "ada@example.com")
+    ada = await env.contact(env.tenant_id, "ada@example.com")
     ids = (await env.writer.call("POST", S, 200, json=[
         {"channel": "email", "address": "x@example.com"},
         {"channel": "sms", "address": "+14155550100"},
@@ -208,13 +168,13 @@ async def test_another_tenants_suppression_is_404_and_never_suppresses_theirs(en
     await env.stranger.call("DELETE", f"{S}/{mine['id']}", 404)
     assert await env.stranger.call("DELETE", S, 200, params={"address": "same@example.com"}) == {"deleted": 0}
     # Tenant two's contact with the same address is not suppressed by tenant one's suppression.
-    theirs = await env.contact(env.two, "same@example.com")
-    ours = await env.contact(env.one, "same@example.com")
+    theirs = await env.contact(env.stranger_tenant_id, "same@example.com")
+    ours = await env.contact(env.tenant_id, "same@example.com")
     con = await db.connect(env.database_url)
     try:
         recipients = [(theirs, "same@example.com")]
-        assert await suppressions.suppressed_among(con, env.two, "email", recipients) == set()
-        assert await suppressions.suppressed_among(con, env.one, "email", [(ours, "same@example.com")]) == {ours}
+        assert await suppressions.suppressed_among(con, env.stranger_tenant_id, "email", recipients) == set()
+        assert await suppressions.suppressed_among(con, env.tenant_id, "email", [(ours, "same@example.com")]) == {ours}
     finally:
         await con.close()
     # Tenant one cannot suppress tenant two's contact by id: it is no contact of tenant one.
@@ -272,37 +232,37 @@ async def test_bad_filters_are_a_422_naming_the_parameter(env, params, field):
 
 
 async def test_suppressed_among_and_suppressed_sql(env):
-    ann = await env.contact(env.one, "Ann@Example.com", "+14155550101")
-    bob = await env.contact(env.one, "bob@example.com", "+14155550102")
-    cat = await env.contact(env.one, "cat@example.com", "+14155550103")
-    dan = await env.contact(env.one, "dan@example.com", "+14155550104")
-    eve = await env.contact(env.one, "eve@example.com", "+14155550105")
+    ann = await env.contact(env.tenant_id, "Ann@Example.com", "+14155550101")
+    bob = await env.contact(env.tenant_id, "bob@example.com", "+14155550102")
+    cat = await env.contact(env.tenant_id, "cat@example.com", "+14155550103")
+    dan = await env.contact(env.tenant_id, "dan@example.com", "+14155550104")
+    eve = await env.contact(env.tenant_id, "eve@example.com", "+14155550105")
     con = await db.connect(env.database_url)
     try:
-        await suppressions.suppress(con, env.one, address="ANN@example.COM", channel="email", reason="bounced")  # address, any case
-        await suppressions.suppress(con, env.one, contact_id=bob, channel="email", reason="manual")  # contact
-        await suppressions.suppress(con, env.one, contact_id=cat, channel="all", reason="complained")  # every channel
-        await suppressions.suppress(con, env.one, address="+14155550104", channel="sms", reason="unsubscribed")
-        await suppressions.suppress(con, env.one, address="eve@example.com", channel="all", reason="manual")
-        await suppressions.suppress(con, env.two, contact_id=dan, channel="all", reason="manual")  # another tenant
+        await suppressions.suppress(con, env.tenant_id, address="ANN@example.COM", channel="email", reason="bounced")  # address, any case
+        await suppressions.suppress(con, env.tenant_id, contact_id=bob, channel="email", reason="manual")  # contact
+        await suppressions.suppress(con, env.tenant_id, contact_id=cat, channel="all", reason="complained")  # every channel
+        await suppressions.suppress(con, env.tenant_id, address="+14155550104", channel="sms", reason="unsubscribed")
+        await suppressions.suppress(con, env.tenant_id, address="eve@example.com", channel="all", reason="manual")
+        await suppressions.suppress(con, env.stranger_tenant_id, contact_id=dan, channel="all", reason="manual")  # another tenant
 
         emails = [(c, e) for c, e in await con.fetch("SELECT id, email FROM contacts ORDER BY id")]
         phones = [(c, p) for c, p in await con.fetch("SELECT id, phone FROM contacts ORDER BY id")]
-        assert await suppressions.suppressed_among(con, env.one, "email", emails) == {ann, bob, cat, eve}
-        assert await suppressions.suppressed_among(con, env.one, "sms", phones) == {cat, dan}
-        assert await suppressions.suppressed_among(con, env.one, "push", [(ann, "token"), (cat, "token")]) == {cat}
-        assert await suppressions.suppressed_among(con, env.one, "email", []) == set()
+        assert await suppressions.suppressed_among(con, env.tenant_id, "email", emails) == {ann, bob, cat, eve}
+        assert await suppressions.suppressed_among(con, env.tenant_id, "sms", phones) == {cat, dan}
+        assert await suppressions.suppressed_among(con, env.tenant_id, "push", [(ann, "token"), (cat, "token")]) == {cat}
+        assert await suppressions.suppressed_among(con, env.tenant_id, "email", []) == set()
         # The address a batch carries, in any case, whatever contact it came with.
-        assert await suppressions.suppressed_among(con, env.one, "email", [(10**12, "ann@EXAMPLE.com")]) == {10**12}
+        assert await suppressions.suppressed_among(con, env.tenant_id, "email", [(10**12, "ann@EXAMPLE.com")]) == {10**12}
 
         for channel, column, expected in (("email", "email", {ann, bob, cat, eve}), ("sms", "phone", {cat, dan})):
             clause = suppressions.suppressed_sql("c", f"c.{column}", "$1", "$2")
-            found = await con.fetch(f"SELECT c.id FROM contacts c WHERE c.tenant_id = $1 AND {clause}", env.one, channel)
+            found = await con.fetch(f"SELECT c.id FROM contacts c WHERE c.tenant_id = $1 AND {clause}", env.tenant_id, channel)
             assert {r["id"] for r in found} == expected
-            kept = await con.fetch(f"SELECT c.id FROM contacts c WHERE c.tenant_id = $1 AND NOT {clause}", env.one, channel)
+            kept = await con.fetch(f"SELECT c.id FROM contacts c WHERE c.tenant_id = $1 AND NOT {clause}", env.tenant_id, channel)
             assert {r["id"] for r in kept} == {ann, bob, cat, dan, eve} - expected
         # Each EXISTS is an index probe (no scan of the tenant's suppressions per contact).
-        clause = suppressions.suppressed_sql("c", "c.email", f"'{env.one}'", "'email'")
+        clause = suppressions.suppressed_sql("c", "c.email", f"'{env.tenant_id}'", "'email'")
         plan = "\n".join(r[0] for r in await con.fetch(f"EXPLAIN SELECT c.id FROM contacts c WHERE NOT {clause}"))
         assert "suppressions_contact" in plan and "suppressions_address" in plan, plan
         assert "Seq Scan on suppressions" not in plan, plan
@@ -313,14 +273,14 @@ async def test_suppressed_among_and_suppressed_sql(env):
 async def test_suppress_is_idempotent_and_checks_its_arguments(env):
     con = await db.connect(env.database_url)
     try:
-        first, new = await suppressions.suppress(con, env.one, address=" Zed@Example.com", channel="email", reason="bounced")
-        again, new_again = await suppressions.suppress(con, env.one, address="zed@example.com", channel="email",
+        first, new = await suppressions.suppress(con, env.tenant_id, address=" Zed@Example.com", channel="email", reason="bounced")
+        again, new_again = await suppressions.suppress(con, env.tenant_id, address="zed@example.com", channel="email",
                                                        reason="complained")
         assert new and not new_again and again == first and first.address == "zed@example.com"
         for bad in ({"channel": "fax", "reason": "manual", "address": "x"}, {"channel": "email", "reason": "x", "address": "x"},
                     {"channel": "email", "reason": "manual"}):
             with pytest.raises(ValueError):
-                await suppressions.suppress(con, env.one, **bad)
+                await suppressions.suppress(con, env.tenant_id, **bad)
     finally:
         await con.close()
 
@@ -343,8 +303,6 @@ def test_a_code_round_trips_and_is_compact_and_url_safe():
     other = signer.unsubscribe_code(TENANT, BROADCAST, 43, "sms")  # the next recipient of the same job
     assert other != CODE and signing.read_unsubscribe(other, SECRET).contact_id == 43
     assert signer.unsubscribe_url(TENANT, BROADCAST, 42, "sms") == f"https://crier.example/u/{CODE}"
-    assert signing.unsubscribe_url("https://crier.example/", signer, TENANT, BROADCAST, 42, "sms") == \
-        f"https://crier.example/u/{CODE}"
     for channel in signing.CODE_CHANNELS:
         code = signer.unsubscribe_code(uuid.uuid4(), uuid.uuid4(), 2**63 - 1, channel)
         assert signing.read_unsubscribe(code, SECRET).channel == channel
@@ -406,10 +364,10 @@ async def test_keys_are_made_on_first_use_shared_rotated_and_retired(env):
         first = await signing.load_signer(con)
         assert first.kid == 1 and (await signing.load_signer(con)).kid == 1  # made once, then shared
         ring = signing.KeyRing(signer_max_age_s=0)
-        old = first.unsubscribe_code(env.one, BROADCAST, 5, "email")
+        old = first.unsubscribe_code(env.tenant_id, BROADCAST, 5, "email")
         assert (await ring.verify_unsubscribe(con, old)).contact_id == 5
         assert await signing.rotate_key(con) == 2
-        new = (await ring.signer(con)).unsubscribe_code(env.one, BROADCAST, 5, "email")
+        new = (await ring.signer(con)).unsubscribe_code(env.tenant_id, BROADCAST, 5, "email")
         assert signing.unsubscribe_kid(new) == 2
         assert await ring.verify_unsubscribe(con, old) is not None and await ring.verify_unsubscribe(con, new) is not None
         assert await signing.retire_key(con, 1) and not await signing.retire_key(con, 1)
@@ -475,9 +433,9 @@ def _html(r: httpx.Response, status: int = 200) -> str:
 
 
 async def test_the_page_confirms_and_one_click_unsubscribes_once(env):
-    ann = await env.contact(env.one, "Ann@Example.com")
+    ann = await env.contact(env.tenant_id, "Ann@Example.com")
     signer = await env.signer()
-    url = signer.unsubscribe_url(env.one, BROADCAST, ann, "email")
+    url = signer.unsubscribe_url(env.tenant_id, BROADCAST, ann, "email")
     assert url.startswith("http://crier.test/u/")
     path = url.removeprefix("http://crier.test")
 
@@ -494,35 +452,35 @@ async def test_the_page_confirms_and_one_click_unsubscribes_once(env):
     assert len(rows) == 1
     row = rows[0]
     assert (row["tenant_id"], row["contact_id"], row["address"], row["channel"], row["reason"], row["broadcast_id"]) == (
-        env.one, ann, "ann@example.com", "email", "unsubscribed", BROADCAST)
+        env.tenant_id, ann, "ann@example.com", "email", "unsubscribed", BROADCAST)
     # The page's own form, an empty body, anything: the body is not read.
     _html(await env.http.post(path))
     _html(await env.http.post(path, content=b"\xff\x00garbage", headers={"content-type": "text/plain"}))
     assert len(await env.rows()) == 1
     con = await db.connect(env.database_url)
     try:
-        assert await suppressions.suppressed_among(con, env.one, "email", [(ann, "ann@example.com")]) == {ann}
-        assert await suppressions.suppressed_among(con, env.one, "sms", [(ann, "+14155550100")]) == set()
+        assert await suppressions.suppressed_among(con, env.tenant_id, "email", [(ann, "ann@example.com")]) == {ann}
+        assert await suppressions.suppressed_among(con, env.tenant_id, "sms", [(ann, "+14155550100")]) == set()
     finally:
         await con.close()
 
 
 async def test_a_contact_deleted_since_still_gets_200_and_nothing_is_written(env):
-    gone = await env.contact(env.one, "gone@example.com")
+    gone = await env.contact(env.tenant_id, "gone@example.com")
     await env.sql("execute", "DELETE FROM contacts WHERE id = $1", gone)
-    path = "/u/" + (await env.signer()).unsubscribe_code(env.one, BROADCAST, gone, "email")
+    path = "/u/" + (await env.signer()).unsubscribe_code(env.tenant_id, BROADCAST, gone, "email")
     _html(await env.http.get(path))
     _html(await env.http.post(path, content="List-Unsubscribe=One-Click"))
     assert await env.rows() == []
 
 
 async def test_a_changed_cut_or_unknown_key_code_is_a_404_that_changes_nothing(env):
-    ann = await env.contact(env.one, "ann@example.com")
-    code = (await env.signer()).unsubscribe_code(env.one, BROADCAST, ann, "email")
+    ann = await env.contact(env.tenant_id, "ann@example.com")
+    code = (await env.signer()).unsubscribe_code(env.tenant_id, BROADCAST, ann, "email")
     flip = {c: ALPHABET[(ALPHABET.index(c) + 1) % 64] for c in ALPHABET}
     bad = [code[:i] + flip[code[i]] + code[i + 1:] for i in (0, 1, 2, 3, 10, 40, 63, 64, 79)]
     bad += [code[:-1], code[:40], code + "A", "", "x", "A" * 80, "%00", "..", "%2F" * 30, "é" * 80,
-            signing.Signer(99, SECRET).unsubscribe_code(env.one, BROADCAST, ann, "email")]  # a kid never made
+            signing.Signer(99, SECRET).unsubscribe_code(env.tenant_id, BROADCAST, ann, "email")]  # a kid never made
     for b in bad:
         for method in ("GET", "POST"):
             r = await env.http.request(method, f"/u/{b}", content="List-Unsubscribe=One-Click")
@@ -532,16 +490,16 @@ async def test_a_changed_cut_or_unknown_key_code_is_a_404_that_changes_nothing(e
 
 
 async def test_after_a_rotation_old_links_work_until_their_key_is_retired(env):
-    ann = await env.contact(env.one, "ann@example.com")
-    bob = await env.contact(env.one, "bob@example.com")
-    old = "/u/" + (await env.signer()).unsubscribe_code(env.one, BROADCAST, ann, "email")
+    ann = await env.contact(env.tenant_id, "ann@example.com")
+    bob = await env.contact(env.tenant_id, "bob@example.com")
+    old = "/u/" + (await env.signer()).unsubscribe_code(env.tenant_id, BROADCAST, ann, "email")
     _html(await env.http.get(old))  # the API has loaded key 1
     con = await db.connect(env.database_url)
     try:
         assert await signing.rotate_key(con) == 2
         new_signer = await signing.load_signer(con)
         assert new_signer.kid == 2
-        new = "/u/" + new_signer.unsubscribe_code(env.one, BROADCAST, bob, "email")
+        new = "/u/" + new_signer.unsubscribe_code(env.tenant_id, BROADCAST, bob, "email")
         await asyncio.sleep(signing.KeyRing().reload_every_s)  # the API reloads at most once a second
         _html(await env.http.get(new))  # a kid the API did not know: it reloads
         _html(await env.http.post(old))  # the old key still works
@@ -557,8 +515,8 @@ async def test_after_a_rotation_old_links_work_until_their_key_is_retired(env):
 
 async def test_too_many_bad_codes_from_one_address_are_429s(settings):
     async for env in _env(msgspec.structs.replace(settings, auth_failures_per_minute=3)):
-        ann = await env.contact(env.one, "ann@example.com")
-        good = "/u/" + (await env.signer()).unsubscribe_code(env.one, BROADCAST, ann, "email")
+        ann = await env.contact(env.tenant_id, "ann@example.com")
+        good = "/u/" + (await env.signer()).unsubscribe_code(env.tenant_id, BROADCAST, ann, "email")
         for _ in range(3):
             _html(await env.http.post("/u/" + "A" * 80), 404)
         r = await env.http.post("/u/" + "A" * 80)
@@ -567,8 +525,8 @@ async def test_too_many_bad_codes_from_one_address_are_429s(settings):
         assert (await env.http.get(good)).status_code == 429  # blocked is blocked
         # Failures only count: good codes never use up the budget.
     async for env in _env(msgspec.structs.replace(settings, auth_failures_per_minute=3)):
-        ann = await env.contact(env.one, "ann@example.com")
-        good = "/u/" + (await env.signer()).unsubscribe_code(env.one, BROADCAST, ann, "email")
+        ann = await env.contact(env.tenant_id, "ann@example.com")
+        good = "/u/" + (await env.signer()).unsubscribe_code(env.tenant_id, BROADCAST, ann, "email")
         for _ in range(10):
             _html(await env.http.post(good))
 
@@ -618,8 +576,8 @@ async def test_schemathesis_on_the_pages_and_the_suppressions_finds_no_5xx_and_n
 
     settings = msgspec.structs.replace(settings, run_background=False)
     async for env in _env(settings):
-        ann = await env.contact(env.one, "ann@example.com")
-        code = (await env.signer()).unsubscribe_code(env.one, BROADCAST, ann, "email")
+        ann = await env.contact(env.tenant_id, "ann@example.com")
+        code = (await env.signer()).unsubscribe_code(env.tenant_id, BROADCAST, ann, "email")
         token = env.writer.headers["Authorization"].removeprefix("Bearer ")
     async with served(create_app(settings)) as base_url, httpx.AsyncClient(base_url=base_url) as http:
         document = (await http.get("/schema/openapi.json")).json()
