@@ -13,7 +13,7 @@ from shared.tenants import store as tenants
 from shared.tenants.store import Principal
 
 # /u/: unsubscribe links, whose signed code is the credential (api_service/routes/unsubscribe.py)
-PUBLIC_PATHS = ["/healthz", "/readyz", "/schema", "/u/"]
+PUBLIC_PATHS = ["/healthz", "/readyz", "/schema", "/u/", "/m/"]  # /u/: unsubscribe pages; /m/: media the providers fetch
 
 
 class BearerTokenMiddleware(AbstractAuthenticationMiddleware):

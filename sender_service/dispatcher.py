@@ -46,7 +46,8 @@ RUNS_PER_ROUND = 1000  # runs looked at per wake-up (the oldest first); the rest
 # many of their published batches are unfinished. `settled_below` keeps the count a short range
 # scan: batches below it all have an outcome.
 _CANDIDATES = f"""
-    SELECT r.broadcast_id, r.run, r.tenant_id, r.channel, r.provider_id, r.published, r.batches, r.next_due_at,
+    SELECT r.broadcast_id, r.run, r.tenant_id, r.channel, r.provider_id, r.multichannel, r.published, r.batches,
+           r.next_due_at,
            r.settled_below AS was_settled_below, coalesce(f.lowest, r.published) AS settled_below, f.in_flight,
            coalesce(b.run = r.run AND NOT b.deleted AND b.status IN {sql_list(RUNNING)}, false) AS goes_on,
            coalesce(b.run = r.run AND NOT b.deleted AND b.status = '{Status.PAUSED.value}', false) AS paused
@@ -138,16 +139,28 @@ class Dispatcher:
             now, await self.gauge.budget(), self.run_window, self.tenant_window,
         )
         # Interleaved, so that within this top-up no run's jobs queue behind another's.
-        per_run = [[self._job(live[key], seq) for seq in range(live[key]["published"], live[key]["published"] + n)]
-                   for key, n in shares.batches.items()]
+        per_run = [await self._jobs(live[key], n) for key, n in shares.batches.items()]
         await publish_jobs(self.js, self.names, [j for j in chain(*zip_longest(*per_run)) if j is not None])
         await self._record(live, shares.batches, delay_of, now)
         return shares.next_due_at
 
-    @staticmethod
-    def _job(run: asyncpg.Record, seq: int) -> Job:
-        return Job(tenant_id=run["tenant_id"], broadcast_id=run["broadcast_id"], run=run["run"], seq=seq,
-                   channel=run["channel"], provider_id=run["provider_id"])
+    async def _jobs(self, run: asyncpg.Record, n: int) -> list[Job]:
+        """The run's next `n` jobs. A multi-channel run's batches each say their channel and provider."""
+        first = run["published"]
+        routes: dict[int, asyncpg.Record] = {}
+        if run["multichannel"]:
+            async with self.pool.acquire() as con:
+                routes = {r["seq"]: r for r in await con.fetch(
+                    """SELECT seq, channel, provider_id FROM batches
+                       WHERE broadcast_id = $1 AND run = $2 AND seq >= $3 AND seq < $4""",
+                    run["broadcast_id"], run["run"], first, first + n)}
+        jobs = []
+        for seq in range(first, first + n):
+            route = routes.get(seq)
+            jobs.append(Job(tenant_id=run["tenant_id"], broadcast_id=run["broadcast_id"], run=run["run"], seq=seq,
+                            channel=route["channel"] if route else run["channel"],
+                            provider_id=route["provider_id"] if route else run["provider_id"]))
+        return jobs
 
     async def _record(
         self, live: dict[window.RunKey, asyncpg.Record], granted: dict[window.RunKey, int],

@@ -55,10 +55,15 @@ class Plan:
     def run(self) -> int:
         return self.started.run
 
-    def job(self, seq: int, resumes: int = 0) -> Job:
+    def job(self, seq: int, resumes: int = 0, channel: str | None = None, provider_id: uuid.UUID | None = None) -> Job:
+        """Batch `seq`'s job (`channel` and `provider_id`: a multi-channel run's batch's own)."""
         s = self.started
-        return Job(tenant_id=self.tenant_id, broadcast_id=self.broadcast_id, run=self.run, seq=seq, channel=s.channel,
-                   provider_id=s.provider_id, resumes=resumes)
+        return Job(tenant_id=self.tenant_id, broadcast_id=self.broadcast_id, run=self.run, seq=seq,
+                   channel=channel or s.channel, provider_id=provider_id or s.provider_id, resumes=resumes)
+
+    @property
+    def multichannel(self) -> bool:
+        return len(self.started.channels) > 1
 
     @property
     def reached_runs(self) -> list[int]:
@@ -124,8 +129,9 @@ def _chunk_sql(channel: str, members: str, keep: str, p: dict[str, str], cut_by_
                    sum(bytes) AS bytes
             FROM numbered GROUP BY k
         ), written AS (
-            INSERT INTO batches (broadcast_id, run, seq, contact_ids, addresses)
-            SELECT {p["broadcast"]}, {p["run"]}, {p["seq"]} + k, ids, addresses FROM batched
+            INSERT INTO batches (broadcast_id, run, seq, contact_ids, addresses{", channel, provider_id" if "channel" in p else ""})
+            SELECT {p["broadcast"]}, {p["run"]}, {p["seq"]} + k, ids, addresses{
+                f", {p['channel']}, {p['provider']}" if "channel" in p else ""} FROM batched
         )
         SELECT (SELECT max(contact_id) FROM members) AS last_member, b.k, b.n, b.bytes
         FROM (SELECT) one LEFT JOIN batched b ON true ORDER BY b.k"""
@@ -133,6 +139,21 @@ def _chunk_sql(channel: str, members: str, keep: str, p: dict[str, str], cut_by_
 
 class _TooBig(Exception):
     """A batch's recipients came out over JOB_BYTES."""
+
+
+async def _write_batches(
+    con: asyncpg.Connection, channel: str, members: str, keep: str, p: dict[str, str], args: SqlArgs
+) -> list[asyncpg.Record]:
+    """_chunk_sql's rows: cut by count, or by size too when a batch came out over JOB_BYTES."""
+    try:
+        async with con.transaction():  # a savepoint, rolled back when a batch comes out too big
+            rows = await con.fetch(_chunk_sql(channel, members, keep, p, cut_by_size=False), *args.values)
+            if any(r["bytes"] is not None and r["bytes"] > JOB_BYTES for r in rows):
+                raise _TooBig()
+    except _TooBig:  # rare (large attributes): cut the batches by size too
+        p["size_limit"] = args.add(JOB_BYTES, "bigint")
+        rows = await con.fetch(_chunk_sql(channel, members, keep, p, cut_by_size=True), *args.values)
+    return rows
 
 
 async def _snapshot_chunk(
@@ -160,15 +181,7 @@ async def _snapshot_chunk(
             ORDER BY x.contact_id LIMIT {limit_p}"""
     else:
         members = resolved.candidates(after_p, limit_p)
-    values = list(args.values)
-    try:
-        async with con.transaction():  # a savepoint, rolled back when a batch comes out too big
-            rows = await con.fetch(_chunk_sql(channel, members, resolved.recipient, p, cut_by_size=False), *values)
-            if any(r["bytes"] is not None and r["bytes"] > JOB_BYTES for r in rows):
-                raise _TooBig()
-    except _TooBig:  # rare (large attributes): cut the batches by size too
-        p["size_limit"] = args.add(JOB_BYTES, "bigint")
-        rows = await con.fetch(_chunk_sql(channel, members, resolved.recipient, p, cut_by_size=True), *args.values)
+    rows = await _write_batches(con, channel, members, resolved.recipient, p, args)
     last_member = rows[0]["last_member"]
     if last_member is None:
         await con.execute("UPDATE runs SET planned = true WHERE broadcast_id = $1 AND run = $2", plan.broadcast_id, plan.run)
@@ -178,6 +191,108 @@ async def _snapshot_chunk(
         """UPDATE runs SET planned_through = $3, batches = batches + $4, recipients = recipients + $5
            WHERE broadcast_id = $1 AND run = $2""",
         plan.broadcast_id, plan.run, last_member, len(batches), sum(r["n"] for r in batches),
+    )
+    if batches:
+        await snapshot.notify_dispatcher(con)
+    return True
+
+
+def _skipped_sql(channels: tuple[str, ...], policy: str, members: str, member: str, p: dict[str, str]) -> str:
+    """SQL: record in the ledger, as `skipped` (`no_address`), each member's channels the policy
+    would have used and it has no address on: under `all` every such channel; under
+    `first_available` those before its first channel with an address (all of them if none).
+    Returns how many rows it wrote."""
+    checks = []
+    for i, channel in enumerate(channels):
+        missing = f"{address_sql(channel)} IS NULL"
+        if policy == "first_available":  # tried only while no earlier channel had an address
+            missing = " AND ".join([missing] + [f"{address_sql(c)} IS NULL" for c in channels[:i]])
+        checks.append(f"('{channel}', {missing})")
+    return f"""
+        WITH written AS (
+            INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts, error)
+            SELECT {p["broadcast"]}, {p["run"]}, c.id, ch.channel, -1, '', 'skipped', 0, 'no_address'
+            FROM ({members}) m
+            CROSS JOIN LATERAL (SELECT * FROM contacts c WHERE c.id = m.contact_id AND {member} OFFSET 0) c
+            CROSS JOIN LATERAL (VALUES {", ".join(checks)}) ch(channel, missing)
+            WHERE ch.missing
+            ON CONFLICT DO NOTHING RETURNING 1)
+        SELECT count(*) FROM written"""
+
+
+async def _planned(con: asyncpg.Connection, plan: Plan) -> bool:
+    """The snapshot is complete: no candidate was left."""
+    await con.execute("UPDATE runs SET planned = true WHERE broadcast_id = $1 AND run = $2", plan.broadcast_id, plan.run)
+    return False
+
+
+async def _snapshot_chunk_channels(
+    con: asyncpg.Connection, plan: Plan, after: int, batch_size: int, seq: int
+) -> bool:
+    """_snapshot_chunk for a run on several channels: the chunk's candidates are read once to fix
+    where it ends, then each channel's recipients among them (by the policy) are written as that
+    channel's batches, and the channels skipped for want of an address as ledger rows."""
+    await con.execute(_ORDERED_LOOKUPS)
+    started = plan.started
+    channels, policy = started.channels, started.routing.channel_policy if started.routing else "all"
+    reached = audience.Reached(plan.broadcast_id, plan.reached_runs) if plan.reached_runs else None
+    target = Audience() if plan.retry else started.target
+
+    def retried(args: SqlArgs, channel: str | None, bound: str | None) -> str:
+        """The run retried's recipients with the statuses asked for (on `channel`), after `after`."""
+        on = f" AND x.channel = {args.add(channel, 'text')}" if channel else ""
+        upto = f" AND x.contact_id <= {bound}" if bound else ""
+        return f"""SELECT DISTINCT x.contact_id FROM messages x
+            WHERE x.broadcast_id = {args.add(plan.broadcast_id, "uuid")} AND x.run = {args.add(started.retry_of, "int")}
+              AND x.contact_id > {args.add(after, "bigint")}{upto}{on}
+              AND x.status = ANY({args.add(list(started.retry_statuses), "text[]")})
+            ORDER BY x.contact_id{"" if bound else " LIMIT " + args.add(READ_CHUNK, "int")}"""
+
+    # Where the chunk ends: its last candidate, whichever channel it goes on (a retry: read from the
+    # ledger; else the end of the first channel's candidates, which are every channel's).
+    last_member = None
+    if plan.retry:
+        args = SqlArgs([])
+        last_member = await con.fetchval(f"SELECT max(contact_id) FROM ({retried(args, None, None)}) m", *args.values)
+        if last_member is None:
+            return await _planned(con, plan)
+    batches = recipients = 0
+    for i, channel in enumerate(channels):
+        args = SqlArgs([])
+        resolved = await audience.resolve(con, plan.tenant_id, target, channel, started.at, args, reached)
+        keep = resolved.recipient
+        if plan.retry:  # the channel each failed on, again
+            members = retried(args, channel, args.add(last_member, "bigint"))
+        else:
+            members = resolved.candidates(args.add(after, "bigint"), args.add(READ_CHUNK, "int"))
+            if i > 0:
+                members = f"SELECT contact_id FROM ({members}) m WHERE contact_id <= {args.add(last_member, 'bigint')}"
+            if policy == "first_available" and i > 0:  # only who has no address on an earlier channel
+                keep += "".join(f" AND {address_sql(c)} IS NULL" for c in channels[:i])
+        p = {"broadcast": args.add(plan.broadcast_id, "uuid"), "run": args.add(plan.run, "int"),
+             "batch_size": args.add(batch_size, "int"), "seq": args.add(seq + batches, "int"),
+             "channel": args.add(channel, "text"), "provider": args.add(started.provider_of(channel), "uuid")}
+        rows = await _write_batches(con, channel, members, keep, p, args)
+        if i == 0 and not plan.retry:
+            last_member = rows[0]["last_member"]
+            if last_member is None:
+                return await _planned(con, plan)
+        written = [r for r in rows if r["k"] is not None]
+        batches += len(written)
+        recipients += sum(r["n"] for r in written)
+    skipped = 0
+    if not plan.retry:
+        args = SqlArgs([])
+        resolved = await audience.resolve(con, plan.tenant_id, target, channels[0], started.at, args, reached)
+        chunk = resolved.candidates(args.add(after, "bigint"), args.add(READ_CHUNK, "int"))
+        members = f"SELECT contact_id FROM ({chunk}) m WHERE contact_id <= {args.add(last_member, 'bigint')}"
+        p = {"broadcast": args.add(plan.broadcast_id, "uuid"), "run": args.add(plan.run, "int")}
+        skipped = await con.fetchval(_skipped_sql(channels, policy, members, resolved.member, p), *args.values)
+    await con.execute(
+        """UPDATE runs SET planned_through = $3, batches = batches + $4, recipients = recipients + $5,
+                           skipped = skipped + $6
+           WHERE broadcast_id = $1 AND run = $2""",
+        plan.broadcast_id, plan.run, last_member, batches, recipients, skipped,
     )
     if batches:
         await snapshot.notify_dispatcher(con)
@@ -198,10 +313,16 @@ class Planner:
             if pacing is None:
                 await self._fail(plan, "the broadcast's provider no longer exists")
                 return
+            for channel in plan.started.channels[1:]:
+                if await accounts.pacing(con, plan.tenant_id, plan.started.provider_of(channel)) is None:
+                    await self._fail(plan, f"the broadcast's provider for {channel} no longer exists")
+                    return
             await con.execute(
-                """INSERT INTO runs (broadcast_id, run, tenant_id, channel, provider_id) VALUES ($1, $2, $3, $4, $5)
+                """INSERT INTO runs (broadcast_id, run, tenant_id, channel, provider_id, multichannel)
+                   VALUES ($1, $2, $3, $4, $5, $6)
                    ON CONFLICT DO NOTHING""",
                 plan.broadcast_id, plan.run, plan.tenant_id, plan.started.channel, plan.started.provider_id,
+                plan.multichannel,
             )
         batch_size = pacing[0]
         try:
@@ -225,7 +346,8 @@ class Planner:
                     "SELECT planned_through, batches, planned FROM runs WHERE broadcast_id = $1 AND run = $2",
                     plan.broadcast_id, plan.run,
                 )
-                more = not progress["planned"] and await _snapshot_chunk(
+                chunk = _snapshot_chunk_channels if plan.multichannel else _snapshot_chunk
+                more = not progress["planned"] and await chunk(
                     con, plan, progress["planned_through"], batch_size, progress["batches"]
                 )
             await between_chunks()
@@ -242,13 +364,16 @@ class Planner:
         async with self.pool.acquire() as con:
             if not await _may_go_on(con, plan):
                 return
-            held = [r["seq"] for r in await con.fetch(
-                "SELECT seq FROM batches WHERE broadcast_id = $1 AND run = $2 AND status = 'held' ORDER BY seq",
+            held = await con.fetch(
+                """SELECT seq, channel, provider_id FROM batches WHERE broadcast_id = $1 AND run = $2
+                     AND status = 'held' ORDER BY seq""",
                 plan.broadcast_id, plan.run,
-            )]
+            )
         for start in range(0, len(held), 50):
-            group = held[start : start + 50]
-            await publish_jobs(self.js, self.names, [plan.job(seq, resumes) for seq in group])
+            rows = held[start : start + 50]
+            group = [r["seq"] for r in rows]
+            await publish_jobs(self.js, self.names,
+                               [plan.job(r["seq"], resumes, r["channel"], r["provider_id"]) for r in rows])
             # Published first, then counted in flight again: a crash in between publishes them again
             # under the same ids (dropped as copies); a worker sends a held batch of a running run.
             async with self.pool.acquire() as con:
@@ -263,7 +388,8 @@ class Planner:
     async def _record_snapshot(self, plan: Plan) -> None:
         async with self.pool.acquire() as con:
             totals = await con.fetchrow(
-                "SELECT batches, recipients FROM runs WHERE broadcast_id = $1 AND run = $2", plan.broadcast_id, plan.run
+                "SELECT batches, recipients, skipped FROM runs WHERE broadcast_id = $1 AND run = $2",
+                plan.broadcast_id, plan.run,
             )
             # A retry's recipients by their status in the run retried, for the counters (which take
             # them out of that run's figures). Counted once planning is done: that run has ended,
@@ -272,7 +398,7 @@ class Planner:
                 plan.retry) else {}
         command = b.RecordSnapshot(
             run=plan.run, recipients=totals["recipients"], batches=totals["batches"], at=datetime.now(timezone.utc),
-            retried_failed=split.get("failed", 0), retried_unknown=split.get("unknown", 0),
+            retried_failed=split.get("failed", 0), retried_unknown=split.get("unknown", 0), skipped=totals["skipped"],
         )
         await commands.handle(self.pool, DECIDER, b.stream_name(plan.broadcast_id), command, _metadata(plan), INLINE)
         log.info("audience snapshotted", broadcast_id=str(plan.broadcast_id), run=plan.run, recipients=totals["recipients"])

@@ -37,6 +37,9 @@ class Api:
     async def get(self, path: str, **kw: Any) -> Any:
         return await self.call("GET", path, **kw)
 
+    async def patch(self, path: str, body: Any = None, **kw: Any) -> Any:
+        return await self.call("PATCH", path, json=body, **kw)
+
     async def wait_for_status(self, broadcast_id: str, statuses: set[str], timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
         while True:

@@ -14,6 +14,9 @@ SHIPPED = [
     "018_suppressions.sql",
     "019_contacts_more.sql",
     "020_audiences.sql",
+    "021_channels.sql",
+    "022_media.sql",
+    "023_templates.sql",
 ]
 
 

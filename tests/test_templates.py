@@ -400,3 +400,77 @@ def test_subject_html_and_text_rendered_together_are_what_liquid_renders(case: t
         assume(False)
     expected = tuple(t._liquid.render(variables) for t in (content.subject, content.html, content.text))
     assert content.render(variables) == expected
+
+
+# --- Telegram MarkdownV2: values escaped, the author's markup not ---------------------------------
+
+
+def markdown(source: str) -> object:
+    return compile_template(source, html=False, markdown=True)
+
+
+@pytest.mark.parametrize(
+    ("source", "fast"),
+    [("*Hi* {{ v }}, _{{ attributes.v }}_!", True), ("*Hi* {{ v }}, _{{ attributes.v }}_!{% if true %}{% endif %}", False)],
+    ids=["fast-path", "liquid-path"],
+)
+def test_markdown_values_are_escaped_and_the_template_text_is_not(source: str, fast: bool) -> None:
+    # Given a MarkdownV2 template (a tag forces the Liquid path) and a value with reserved characters
+    template = markdown(source)
+    assert template.fast is fast
+    # When it renders, then the value arrives escaped and the author's markup as written
+    assert template.render({"v": "*_[", "attributes": {"v": "a.b"}}) == r"*Hi* \*\_\[, _a\.b_!"
+
+
+@pytest.mark.parametrize(
+    ("source", "variables", "expected"),
+    [
+        pytest.param("{{ n }} {{ f }} {{ t }} {{ missing }}|", {"n": -1.5, "f": 2, "t": True}, r"\-1\.5 2 true |",
+                     id="not-strings"),
+        pytest.param("{{ l }}", {"l": ["a.", "-", 1]}, r"a\.\-1", id="list"),
+        pytest.param("{{ v | append: '!' }}", {"v": "a.b"}, r"a\.b\!", id="filter-output"),
+        pytest.param("{% echo v %} {% liquid echo v %}", {"v": "(x)"}, r"\(x\) \(x\)", id="echo"),
+        pytest.param("{% cycle v, 'b.' %}{% cycle v, 'b.' %}", {"v": "a-"}, r"a\-b\.", id="cycle"),
+        pytest.param("{% decrement k %}", {}, r"\-1", id="decrement"),
+        # A capture is the author's markup around escaped values: written as it is, once.
+        pytest.param("{% capture c %}*{{ v }}*{% endcapture %}{{ c }}", {"v": "a_b"}, r"*a\_b*", id="capture"),
+        pytest.param("{% raw %}{{ v }}.{% endraw %}", {"v": "x"}, "{{ v }}.", id="raw-is-template-text"),
+    ],
+)
+def test_markdown_escapes_everything_liquid_writes_as_a_value(source: str, variables: dict, expected: str) -> None:
+    assert markdown(source).render(variables) == expected
+
+
+def test_markdown_templates_render_together_like_alone() -> None:
+    # Given a plain, an HTML and a MarkdownV2 template using the same variable
+    parts = (compile_template("{{ v }}", html=False), compile_template("<b>{{ v }}</b>", html=True), markdown("*{{ v }}*"))
+    content = CompiledContent(*parts)
+    assert content._together is not None
+    # When they render together, then each escapes the value its own way
+    variables = {"v": "<a_b>"}
+    assert content.render(variables) == ("<a_b>", "<b>&lt;a_b&gt;</b>", r"*<a\_b\>*")
+    assert content.render(variables) == tuple(t.render(variables) for t in parts)
+
+
+def test_a_template_is_html_or_markdown_not_both() -> None:
+    with pytest.raises(ValueError):
+        compile_template("x", html=True, markdown=True)
+
+
+def test_tablerow_is_refused_in_markdown() -> None:
+    # It writes HTML table markup, whose `=` Telegram would refuse.
+    with pytest.raises(TemplateError, match="unexpected tag 'tablerow'"):
+        markdown("{% tablerow i in (1..2) %}{{ i }}{% endtablerow %}")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(case=cases())
+@example(case=("{{ a }}{{ a.b }}", {"a": {"b": -1.5}}, False))
+@example(case=("*{{ a.b }}*", {"a": {"b": "_*[]()~`>#+-=|{}.!\\"}}, False))
+def test_markdown_fast_path_renders_exactly_what_liquid_renders(case: tuple[str, dict, bool]) -> None:
+    source, variables, _ = case
+    try:
+        template = markdown(source)
+    except TemplateError:
+        assume(False)
+    assert template.render(variables) == template._liquid.render(variables)

@@ -21,6 +21,7 @@ from sender_service.worker import UNKNOWN_OUTCOME, BatchBusy, JobProcessor, Stop
 from shared.broadcasts import decider as b
 from shared.broadcasts import handlers
 from shared.channels import accounts
+from shared.kernel.content import SmsPart
 from shared.platform import bus, db
 from shared.sending.jobs import Job, Recipient
 from tests.smtp_peer import SmtpPeer, smtp_peer  # noqa: F401  (the fixture)
@@ -221,7 +222,7 @@ async def test_a_broadcast_on_another_channel_goes_to_each_contacts_address_on_i
             actor = handlers.Actor(tenant_id, "test")
             created = await handlers.create(pool, actor, b.CreateBroadcast(
                 broadcast_id=uuid.uuid4(), tenant_id=tenant_id, name="sms", channel="sms",
-                list_id=uuid.UUID(lst["id"]), provider_id=provider.id, content=b.Content(subject="Hi"),
+                list_id=uuid.UUID(lst["id"]), provider_id=provider.id, content=b.Content(sms=SmsPart(body="Hi")),
                 at=await con.fetchval("SELECT now()")))
             _, queued = await handlers.send(pool, actor, created.id, await con.fetchval("SELECT now()"))
             # When it is planned and its jobs processed

@@ -57,10 +57,11 @@ Limit = Annotated[int, Parameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="items to skip")]  # a bigint in SQL
 WRONG_STATUS = problem_response("the broadcast's status does not allow it (`current_status` says which it is)")
 StatusFilter = Annotated[b.Status | None, Parameter(description="only broadcasts in this status")]
-MessageStatus = Literal["queued", "sending", "sent", "failed", "unknown", "suppressed", "dropped"]
+MessageStatus = Literal["queued", "sending", "sent", "failed", "unknown", "suppressed", "dropped", "skipped"]
 MessageStatusFilter = Annotated[MessageStatus | None, Parameter(
     description="only records in this status: queued, sending, sent, failed, unknown (handed to the provider, "
-                "no answer), suppressed (after the snapshot, before its batch was sent) or dropped")]
+                "no answer), suppressed (after the snapshot, before its batch was sent), dropped, or skipped "
+                "(a multi-channel broadcast's channel the recipient has no address on: error `no_address`)")]
 
 
 @dataclass
@@ -93,6 +94,8 @@ def to_response(
         "missed_policy": schedule["missed_policy"], "max_lateness_s": schedule["max_lateness_s"],
     }
     data["audience_total"], data["remaining"] = audience if audience else (None, None)
+    data["channels"], data["channel_policy"] = list(row.channels), row.channel_policy
+    data["providers"] = {c: p for c in row.channels if (p := row.provider_of(c)) is not None}
     return msgspec.convert(data, Broadcast, strict=False)
 
 
@@ -159,6 +162,23 @@ def audience_command(data: AudienceIn) -> tuple[Audience, list[tuple[Kind, int |
     return audience, refs
 
 
+def routing_command(
+    channels: tuple[str, ...], policy: str, providers: dict[str, uuid.UUID], provider_id: uuid.UUID | None
+) -> tuple[uuid.UUID | None, b.Routing | None]:
+    """The first channel's provider and the routing of the others (None for one channel)."""
+    if len(set(channels)) != len(channels):
+        raise Invalid("channels", "each channel at most once")
+    others = dict(providers)
+    first = others.pop(channels[0], None)
+    if first is not None and provider_id is not None and first != provider_id:
+        raise Invalid(f"providers.{channels[0]}", "differs from provider_id: give one of them")
+    for channel in others:
+        if channel not in channels:
+            raise Invalid(f"providers.{channel}", f"{channel} is not one of the broadcast's channels")
+    routing = b.Routing(channels=channels, channel_policy=policy, providers=others) if len(channels) > 1 else None
+    return provider_id or first, routing
+
+
 def wants_schedule(data: ScheduleFields) -> bool:
     return data.scheduled_at is not None or data.recurring or data.cron is not None
 
@@ -173,15 +193,22 @@ class BroadcastController(Controller):
         if data.audience is not None and data.list_id is not None:
             raise Invalid("list_id", "give either list_id or audience, not both")
         audience, refs = audience_command(data.audience) if data.audience is not None else (None, [])
+        if (data.template_id is None) == (data.content is None):
+            raise Invalid("content", "give either content or template_id")
+        channels = tuple(data.channels or ("email",))
+        provider_id, routing = routing_command(channels, data.channel_policy, data.providers, data.provider_id)
         command = b.CreateBroadcast(
             broadcast_id=uuid.uuid4(),
             tenant_id=request.user.tenant_id,
             name=data.name,
+            channel=channels[0],
             list_id=data.list_id,
             audience=audience,
-            provider_id=data.provider_id,
-            content=msgspec.convert(msgspec.to_builtins(data.content), b.Content),
+            provider_id=provider_id,
+            content=msgspec.convert(msgspec.to_builtins(data.content), b.Content) if data.content else b.Content(),
             at=services.clock(),
+            routing=routing,
+            template_id=data.template_id,
         )
         # With a schedule it is created straight into `scheduled`, in the same transaction.
         min_interval_s = services.settings.min_cron_interval_s
@@ -211,15 +238,19 @@ class BroadcastController(Controller):
            responses={409: WRONG_STATUS})
     async def edit(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID], data: JSONBody[BroadcastPatch]) -> Broadcast:
         changes = msgspec.structs.asdict(data)
+        routing = {f: changes.pop(f) for f in ("channels", "channel_policy", "providers")}
         if changes.get("content") is not msgspec.UNSET:
             changes["content"] = msgspec.convert(msgspec.to_builtins(data.content), b.ContentChanges)
+            if data.template_id is msgspec.UNSET:  # inline content given: the template no longer applies
+                changes["template_id"] = None
         if data.audience is not msgspec.UNSET and data.list_id is not msgspec.UNSET:
             raise Invalid("list_id", "give either list_id or audience, not both")
         refs: list[tuple[Kind, int | str]] = []
         if isinstance(data.audience, AudienceIn):
             changes["audience"], refs = audience_command(data.audience)
         command = b.EditBroadcast(**changes, at=state.services.clock())
-        row = await handlers.edit(state.services.pool, actor_of(request), broadcast_id, command, refs)
+        row = await handlers.edit(state.services.pool, actor_of(request), broadcast_id, command, refs,
+                                  {k: v for k, v in routing.items() if v is not msgspec.UNSET})
         return (await with_counters(state.services.pool, [row]))[0]
 
     @delete("/{broadcast_id:uuid}", guards=[require_write], summary="Delete a broadcast", responses={409: WRONG_STATUS})
@@ -340,7 +371,7 @@ class BroadcastController(Controller):
         services = state.services
         items = await previews.preview(services.pool, request.user.tenant_id, broadcast_id, limit, services.clock(),
                                        services.settings.public_base_url)
-        return Preview(items=[PreviewMessage(**msgspec.structs.asdict(i)) for i in items])
+        return Preview(items=[msgspec.convert(msgspec.to_builtins(i), PreviewMessage) for i in items])
 
     @get("/{broadcast_id:uuid}/audience",
          summary="Preflight: how many the next send would reach, and why the others would not get it")

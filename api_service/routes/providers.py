@@ -48,7 +48,7 @@ class ProviderController(Controller):
     path = "/v1/providers"
     tags = ["providers"]
 
-    @post("/", guards=[require_write], summary="Create a provider (kind smtp or null)")
+    @post("/", guards=[require_write], summary="Create a provider (kind smtp, twilio or null)")
     async def create(
         self, request: Request, state: State, data: JSONBody[ProviderCreate], idempotency_key: IdempotencyKey = None
     ) -> Provider:

@@ -9,40 +9,17 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from api_service.schemas.common import Input, Name, text
+from api_service.schemas.content import ContentIn, ContentOut, ContentPatch
 from shared.kernel import limits as lim
 from shared.kernel.audience import MAX_AUDIENCE_RECIPIENTS, MAX_AUDIENCE_SETS
+from shared.kernel.content import CHANNELS
 
-# Limits and why: shared/kernel/limits.py. Together subject, html and text are also capped at
-# MAX_CONTENT_BYTES of JSON (checked by the decider, which sees an edit merged into the content).
-_CONTENT_NOTE = f"subject, html and text together: at most {lim.MAX_CONTENT_BYTES:,} bytes as JSON"
-# No string may hold U+0000 (Postgres cannot store it); the subject and addresses become header
-# lines, so they may not hold a CR or LF either (schemas/common.py).
-Subject = text(lim.MAX_SUBJECT_CHARS, one_line=True, min_length=1)  # RFC 5322 line limit
-Html = text(lim.MAX_HTML_CHARS, description=f"Liquid HTML template ({_CONTENT_NOTE})")
-Text = text(lim.MAX_TEXT_CHARS, description=f"Liquid plain-text template ({_CONTENT_NOTE})")
-ContentAddress = text(lim.MAX_ADDRESS_CHARS, one_line=True, description="an address, or `Name <address>`")
 Timezone = text(lim.MAX_TIMEZONE_CHARS, min_length=1, description="an IANA time zone")
 Cron = text(lim.MAX_CRON_CHARS, min_length=1, description=(
     "5 fields, in `timezone`; it must fire within the next 10 years, and at most once per the server's "
     "minimum interval (CRIER_MIN_CRON_INTERVAL_S, 1 hour by default)"
 ))
 TestAddress = text(254)
-
-
-class ContentIn(Input, kw_only=True):
-    subject: Subject
-    html: Html = ""
-    text: Text = ""
-    from_email: ContentAddress | None = None
-    reply_to: ContentAddress | None = None
-
-
-class ContentPatch(Input, kw_only=True):
-    subject: Subject | UnsetType = UNSET
-    html: Html | UnsetType = UNSET
-    text: Text | UnsetType = UNSET
-    from_email: ContentAddress | None | UnsetType = UNSET
-    reply_to: ContentAddress | None | UnsetType = UNSET
 
 
 class ScheduleFields(Input, kw_only=True):
@@ -119,12 +96,28 @@ class AudienceCount(msgspec.Struct, kw_only=True):
     reach: int
 
 
+Channel = Literal["email", "sms", "whatsapp", "telegram", "push", "webhook"]
+Channels = Annotated[list[Channel], Meta(min_length=1, max_length=len(CHANNELS), description=(
+    "the channels it sends on, in order of preference (`email` when left out); each once"))]
+ChannelPolicy = Annotated[Literal["all", "first_available"], Meta(description=(
+    "`all`: every listed channel the contact has an address on; `first_available`: only the first of "
+    "them. A recipient's channels without an address are recorded as `skipped` (`no_address`)"))]
+Providers = Annotated[dict[Channel, uuid.UUID], Meta(description=(
+    "the provider of each channel (the first channel's may be given as `provider_id` instead)"))]
+
+
 class BroadcastCreate(ScheduleFields, kw_only=True):
     name: Name
     list_id: Annotated[uuid.UUID | None, Meta(description="shorthand for `audience: {lists: [list_id]}`")] = None
     audience: AudienceIn | None = None
     provider_id: uuid.UUID | None = None
-    content: ContentIn
+    channels: Channels | None = None
+    channel_policy: ChannelPolicy = "all"
+    providers: Providers = {}
+    template_id: Annotated[uuid.UUID | None, Meta(description=(
+        "the content is this template's (a run renders the version current when it started); "
+        "give it or `content`"))] = None
+    content: ContentIn | None = None
 
 
 class TestSendIn(Input, kw_only=True):
@@ -144,13 +137,30 @@ class TestSent(msgspec.Struct, kw_only=True):
     results: list[TestResult]
 
 
+class PreviewChannelMessage(msgspec.Struct, kw_only=True):
+    channel: str
+    address: str
+    # as the provider would get it: email {subject, html, text, from_email, reply_to}, sms {body},
+    # telegram {text, media_url, media_type, button_label, button_url}, whatsapp {template_name,
+    # language, parameters}, push {title, body, image_url, url, data}, webhook {payload}
+    content: dict[str, Any]
+    error: str | None = None  # why it could not be rendered: the send would fail this message
+
+
 class PreviewMessage(msgspec.Struct, kw_only=True):
+    """One recipient: the channels it gets by the policy, the locale variant chosen, and each
+    channel's message. `channel`, `address`, `subject`, `html`, `text`: its first message's."""
+
     contact_id: int
     channel: str
     address: str
     subject: str
     html: str
     text: str
+    locale: str | None = None
+    channels: list[str] = []
+    skipped: list[str] = []  # channels the policy would have used, without an address on them
+    messages: list[PreviewChannelMessage] = []
 
 
 class Preview(msgspec.Struct, kw_only=True):
@@ -162,15 +172,12 @@ class BroadcastPatch(Input, kw_only=True):
     list_id: uuid.UUID | None | UnsetType = UNSET  # replaces the audience with this one list
     audience: AudienceIn | None | UnsetType = UNSET  # replaces the list (or the audience)
     provider_id: uuid.UUID | None | UnsetType = UNSET
+    channels: Channels | UnsetType = UNSET
+    channel_policy: ChannelPolicy | UnsetType = UNSET
+    providers: Providers | UnsetType = UNSET  # replaces them all
+    # setting one clears the inline content; inline content given clears the template
+    template_id: uuid.UUID | None | UnsetType = UNSET
     content: ContentPatch | UnsetType = UNSET
-
-
-class Content(msgspec.Struct, kw_only=True):
-    subject: str
-    html: str
-    text: str
-    from_email: str | None
-    reply_to: str | None
 
 
 class Counters(msgspec.Struct, kw_only=True):
@@ -188,6 +195,9 @@ class Counters(msgspec.Struct, kw_only=True):
     # sent: not sent (suppressed contacts are left out of a snapshot, so they are not in `total` then)
     suppressed: int = 0
     dropped: int = 0  # not sent because the run was cancelled or stopped
+    # a multi-channel broadcast: (recipient, channel) pairs left out for want of an address on the
+    # channel (ledger status `skipped`, error `no_address`); not part of `total`
+    skipped: int = 0
 
 
 class ScheduleOut(msgspec.Struct, kw_only=True):
@@ -208,7 +218,12 @@ class Broadcast(msgspec.Struct, kw_only=True):
     list_id: uuid.UUID | None  # when the audience is this one list
     audience: AudienceOut  # always set: {lists: [list_id]} for a broadcast created with list_id
     provider_id: uuid.UUID | None
-    content: Content
+    channels: list[str]  # `channel` first
+    channel_policy: str
+    providers: dict[str, uuid.UUID]  # every channel's, `channel`'s (provider_id) included
+    template_id: uuid.UUID | None
+    template_version: int  # of the template, the latest run renders (0: no template or no run yet)
+    content: ContentOut  # the inline content ({} with a template)
     counters: Counters
     run: int
     scheduled_at: datetime | None

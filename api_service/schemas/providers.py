@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime
 from email.utils import parseaddr
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from email_validator import EmailNotValidError, validate_email
@@ -23,6 +24,9 @@ from shared.channels.accounts import (
     DEFAULT_MAX_RETRIES,
     ProviderRow,
 )
+from shared.channels.twilio import DEFAULT_BASE_URL as TWILIO_BASE_URL
+from shared.channels.twilio import DEFAULT_CONCURRENCY as TWILIO_CONCURRENCY
+from shared.channels.twilio import MAX_CONCURRENCY as TWILIO_MAX_CONCURRENCY
 from shared.kernel.errors import Invalid
 from shared.platform import netguard
 
@@ -42,6 +46,26 @@ InsecureAuth = Annotated[bool, Meta(description=(
 ))]
 
 SMTP_PORT, SMTPS_PORT = 587, 465
+
+SmsChannel = Literal["sms"]
+_URL_HOST = re.compile(r"^[A-Za-z0-9._:-]+$")  # what urlsplit leaves of a name or an address (no brackets)
+
+
+def _sid(prefix: str, what: str) -> Any:
+    return Annotated[str, Meta(pattern=f"^{prefix}[0-9a-fA-F]{{32}}$", description=f"{what}: {prefix} and 32 hex digits")]
+
+
+AccountSid = _sid("AC", "the Twilio account")
+ApiKeySid = _sid("SK", "a Twilio API key, used instead of the auth token with api_key_secret")
+MessagingServiceSid = _sid("MG", "a Twilio Messaging Service (its sender pool; RCS senders live there)")
+PhoneNumber = Annotated[str, Meta(pattern=r"^\+[1-9][0-9]{1,14}$", description="a phone number in E.164: +14155550100")]
+HttpUrl = Annotated[str, Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s\x00]+$")]
+Concurrency = Annotated[int, Meta(ge=1, le=TWILIO_MAX_CONCURRENCY, description=(
+    "requests in flight at once for this account, per sender process"))]
+InsecureHttp = Annotated[bool, Meta(description=(
+    "send the account credentials over plain http: readable by anyone on the path. Required to save an http:// "
+    "base_url"
+))]
 
 
 class SmtpProviderCreate(Input, tag_field="kind", tag="smtp", kw_only=True):
@@ -64,20 +88,48 @@ class SmtpProviderCreate(Input, tag_field="kind", tag="smtp", kw_only=True):
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
 
 
-class NullProviderCreate(Input, tag_field="kind", tag="null", kw_only=True):
-    """Accepts every message and sends nothing: for load tests and dry runs."""
+class TwilioProviderCreate(Input, tag_field="kind", tag="twilio", kw_only=True):
+    """SMS (and RCS) through Twilio's Messages API: one HTTPS request per message, `concurrency` at once.
+    Log in with the auth token, or an API key (api_key_sid and api_key_secret); send from a number
+    (from_number) or a Messaging Service (messaging_service_sid), or both."""
 
     name: Name
-    channel: Channel = "email"
+    channel: SmsChannel = "sms"
+    account_sid: AccountSid
+    auth_token: Secret | None = None
+    api_key_sid: ApiKeySid | None = None
+    api_key_secret: Secret | None = None
+    from_number: PhoneNumber | None = None
+    messaging_service_sid: MessagingServiceSid | None = None
+    status_callback_url: Annotated[HttpUrl | None, Meta(description="where Twilio posts delivery receipts")] = None
+    base_url: Annotated[HttpUrl, Meta(description="Twilio's API, or a stand-in for it")] = TWILIO_BASE_URL
+    allow_insecure_auth: InsecureHttp = False
+    concurrency: Concurrency = TWILIO_CONCURRENCY
+    timeout_s: TimeoutS = 30.0
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE
+    batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
+    max_retries: MaxRetries = DEFAULT_MAX_RETRIES
+
+
+# The null provider stands in for any channel's (dry runs of a multi-channel broadcast, load tests).
+AnyChannel = Literal["email", "sms", "whatsapp", "telegram", "push", "webhook"]
+
+
+class NullProviderCreate(Input, tag_field="kind", tag="null", kw_only=True):
+    """Accepts every message and sends nothing: for load tests and dry runs, on any channel."""
+
+    name: Name
+    channel: AnyChannel = "email"
     from_email: Address | None = None
     batch_size: BatchSize = DEFAULT_BATCH_SIZE
     batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
 
 
-ProviderCreate = SmtpProviderCreate | NullProviderCreate
-_CREATE_OF_KIND: dict[str, type[SmtpProviderCreate] | type[NullProviderCreate]] = {
+ProviderCreate = SmtpProviderCreate | TwilioProviderCreate | NullProviderCreate
+_CREATE_OF_KIND: dict[str, type[SmtpProviderCreate] | type[TwilioProviderCreate] | type[NullProviderCreate]] = {
     "smtp": SmtpProviderCreate,
+    "twilio": TwilioProviderCreate,
     "null": NullProviderCreate,
 }
 _COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")
@@ -103,6 +155,15 @@ class ProviderPatch(Input, kw_only=True):
     timeout_s: TimeoutS | UnsetType = UNSET
     from_email: Address | None | UnsetType = UNSET
     allow_insecure_auth: InsecureAuth | UnsetType = UNSET
+    account_sid: AccountSid | UnsetType = UNSET
+    auth_token: Secret | None | UnsetType = UNSET
+    api_key_sid: ApiKeySid | None | UnsetType = UNSET
+    api_key_secret: Secret | None | UnsetType = UNSET
+    from_number: PhoneNumber | None | UnsetType = UNSET
+    messaging_service_sid: MessagingServiceSid | None | UnsetType = UNSET
+    status_callback_url: HttpUrl | None | UnsetType = UNSET
+    base_url: HttpUrl | UnsetType = UNSET
+    concurrency: Concurrency | UnsetType = UNSET
     batch_size: BatchSize | UnsetType = UNSET
     batch_delay_ms: BatchDelayMs | UnsetType = UNSET
     max_retries: MaxRetries | UnsetType = UNSET
@@ -129,6 +190,28 @@ class SmtpProvider(msgspec.Struct, tag_field="kind", tag="smtp", kw_only=True):
     updated_at: datetime
 
 
+class TwilioProvider(msgspec.Struct, tag_field="kind", tag="twilio", kw_only=True):
+    id: uuid.UUID
+    name: str
+    channel: str
+    account_sid: str
+    auth_token_set: bool  # the secrets themselves are never returned
+    api_key_sid: str | None
+    api_key_secret_set: bool
+    from_number: str | None
+    messaging_service_sid: str | None
+    status_callback_url: str | None
+    base_url: str
+    allow_insecure_auth: bool
+    concurrency: int
+    timeout_s: float
+    batch_size: int
+    batch_delay_ms: int
+    max_retries: int
+    created_at: datetime
+    updated_at: datetime
+
+
 class NullProvider(msgspec.Struct, tag_field="kind", tag="null", kw_only=True):
     id: uuid.UUID
     name: str
@@ -141,7 +224,7 @@ class NullProvider(msgspec.Struct, tag_field="kind", tag="null", kw_only=True):
     updated_at: datetime
 
 
-Provider = SmtpProvider | NullProvider
+Provider = SmtpProvider | TwilioProvider | NullProvider
 
 
 class ProviderCheck(msgspec.Struct, kw_only=True):
@@ -190,11 +273,49 @@ def _check_smtp(data: SmtpProviderCreate) -> None:
                                   "allow_insecure_auth to true to send the password in clear")
 
 
+def _check_url(field: str, value: str | None) -> None:
+    """An http(s) URL with a host, nothing in it that would be a credential or not part of an endpoint."""
+    if value is None:
+        return
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises for a port that is not a number or out of range
+    except ValueError as exc:
+        raise Invalid(field, f"not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not _URL_HOST.match(parts.hostname):
+        raise Invalid(field, "must be an http or https URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise Invalid(field, "must not carry a user or password")
+
+
+def _check_twilio(data: TwilioProviderCreate) -> None:
+    # An empty secret is as good as none: Twilio would refuse every request.
+    if (data.api_key_sid is None) != (not data.api_key_secret):
+        raise Invalid("api_key_secret" if not data.api_key_secret else "api_key_sid",
+                      "api_key_sid and api_key_secret go together")
+    if not data.auth_token and data.api_key_sid is None:
+        raise Invalid("auth_token", "required unless api_key_sid and api_key_secret are set")
+    if data.from_number is None and data.messaging_service_sid is None:
+        raise Invalid("from_number", "set from_number or messaging_service_sid (or both)")
+    _check_url("base_url", data.base_url)
+    base = urlsplit(data.base_url)
+    if base.query or base.fragment:
+        raise Invalid("base_url", "must not have a query or a fragment")
+    if base.scheme == "http" and not data.allow_insecure_auth:
+        raise Invalid("base_url", "the credentials are only sent over https: use an https URL, or set "
+                                  "allow_insecure_auth to true to send them in clear")
+    _check_url("status_callback_url", data.status_callback_url)
+
+
 def validated(data: ProviderCreate) -> NewProvider:
     """Checks what the struct types cannot (addresses, combinations) and splits columns from config."""
-    _check_address("from_email", data.from_email)
     if isinstance(data, SmtpProviderCreate):
+        _check_address("from_email", data.from_email)
         _check_smtp(data)
+    elif isinstance(data, TwilioProviderCreate):
+        _check_twilio(data)
+    else:
+        _check_address("from_email", data.from_email)
     kind = data.__struct_config__.tag
     assert isinstance(kind, str)
     return NewProvider(
@@ -211,10 +332,16 @@ def validated(data: ProviderCreate) -> NewProvider:
 async def check_endpoint(kind: str, config: dict[str, Any], *, allow_private_networks: bool) -> None:
     """At save, with private networks not allowed: a host that is (or now resolves to) a private,
     loopback, link-local ... address is refused. A convenience: the check at connect time is the wall."""
-    if allow_private_networks or kind != "smtp":
+    if allow_private_networks:
         return
-    if reason := await netguard.refusal_at_save(config["host"]):
-        raise Invalid("host", reason)
+    if kind == "smtp":
+        field, host = "host", config["host"]
+    elif kind == "twilio":
+        field, host = "base_url", urlsplit(config["base_url"]).hostname or ""
+    else:
+        return
+    if reason := await netguard.refusal_at_save(host):
+        raise Invalid(field, reason)
 
 
 _AT = re.compile(r"\s*-\s*at `\$\.?([^`]*)`")
@@ -268,5 +395,20 @@ def to_response(row: ProviderRow) -> Provider:
             timeout_s=float(c.get("timeout_s", 30.0)),
             from_email=c["from_email"],
             allow_insecure_auth=bool(c.get("allow_insecure_auth", False)),
+        )
+    if row.kind == "twilio":
+        return TwilioProvider(
+            **common,
+            account_sid=c["account_sid"],
+            auth_token_set=bool(c.get("auth_token")),
+            api_key_sid=c.get("api_key_sid"),
+            api_key_secret_set=bool(c.get("api_key_secret")),
+            from_number=c.get("from_number"),
+            messaging_service_sid=c.get("messaging_service_sid"),
+            status_callback_url=c.get("status_callback_url"),
+            base_url=c.get("base_url") or TWILIO_BASE_URL,
+            allow_insecure_auth=bool(c.get("allow_insecure_auth", False)),
+            concurrency=int(c.get("concurrency") or TWILIO_CONCURRENCY),
+            timeout_s=float(c.get("timeout_s", 30.0)),
         )
     return NullProvider(**common, from_email=c.get("from_email"))

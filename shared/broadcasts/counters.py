@@ -33,6 +33,7 @@ class Counters(msgspec.Struct, frozen=True):
     failed: int = 0
     unknown: int = 0  # handed to the provider, no answer: may have arrived; not resent unless retried
     suppressed: int = 0  # suppressed after the snapshot, before their batch: not sent
+    skipped: int = 0  # a multi-channel run's (recipient, channel) pairs without an address: not in total
 
 
 class CountersView:
@@ -67,12 +68,12 @@ class CountersView:
                 # left out), so total = retried_failed + retried_unknown still; other runs have 0s.
                 await con.execute(
                     """INSERT INTO broadcast_counters (broadcast_id, run, total, batches, snapshotted,
-                                                      retried_failed, retried_unknown)
-                       VALUES ($1, $2, $3, $4, true, $5, $6)
+                                                      retried_failed, retried_unknown, skipped)
+                       VALUES ($1, $2, $3, $4, true, $5, $6, $7)
                        ON CONFLICT (broadcast_id, run) DO UPDATE SET total = $3, batches = $4, snapshotted = true,
-                           retried_failed = $5, retried_unknown = $6""",
+                           retried_failed = $5, retried_unknown = $6, skipped = $7""",
                     b.id_from_stream(event.stream_name), snapshotted.run, snapshotted.recipients, snapshotted.batches,
-                    snapshotted.retried_failed, snapshotted.retried_unknown,
+                    snapshotted.retried_failed, snapshotted.retried_unknown, snapshotted.skipped,
                 )
             case _:
                 pass
@@ -87,11 +88,13 @@ async def counters_of(con: asyncpg.Connection, broadcast_ids: list[uuid.UUID]) -
     rows = await con.fetch(
         """SELECT broadcast_id, sum(total - retried_failed - retried_unknown)::bigint AS total,
                   sum(sent)::bigint AS sent, sum(failed - retried_failed)::bigint AS failed,
-                  sum(unknown - retried_unknown)::bigint AS unknown, sum(suppressed)::bigint AS suppressed
+                  sum(unknown - retried_unknown)::bigint AS unknown, sum(suppressed)::bigint AS suppressed,
+                  sum(skipped)::bigint AS skipped
            FROM broadcast_counters WHERE broadcast_id = ANY($1::uuid[]) GROUP BY broadcast_id""",
         broadcast_ids,
     )
-    return {r["broadcast_id"]: Counters(r["total"], r["sent"], r["failed"], r["unknown"], r["suppressed"]) for r in rows}
+    return {r["broadcast_id"]: Counters(r["total"], r["sent"], r["failed"], r["unknown"], r["suppressed"], r["skipped"])
+            for r in rows}
 
 
 def shown(counters: Counters | None, status: str) -> dict[str, int]:
@@ -101,4 +104,5 @@ def shown(counters: Counters | None, status: str) -> dict[str, int]:
     unsent = max(c.total - c.sent - c.failed - c.unknown - c.suppressed, 0)
     active = status in ACTIVE
     return {"total": c.total, "queued": unsent if active else 0, "sent": c.sent, "failed": c.failed,
-            "unknown": c.unknown, "suppressed": c.suppressed, "dropped": 0 if active else unsent}
+            "unknown": c.unknown, "suppressed": c.suppressed, "dropped": 0 if active else unsent,
+            "skipped": c.skipped}

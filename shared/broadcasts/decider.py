@@ -27,6 +27,7 @@ from shared.broadcasts.status import (
 )
 from shared.kernel import streams
 from shared.kernel.audience import Audience
+from shared.kernel.content import CHANNEL_POLICIES, CHANNELS, Content, missing_channels
 from shared.kernel.errors import AlreadyExists, Conflict, Invalid, NotFound, WrongStatus
 from shared.kernel.limits import MAX_CONTENT_BYTES, MAX_SCHEDULE_AHEAD_DAYS
 
@@ -67,12 +68,13 @@ class Schedule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_lateness_s: int = 3600
 
 
-class Content(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    subject: str
-    html: str = ""
-    text: str = ""
-    from_email: str | None = None
-    reply_to: str | None = None
+class Routing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The channels a broadcast sends on beyond its first (`channel`), how a recipient's are
+    picked, and the provider of each (the first channel's is `provider_id`)."""
+
+    channels: tuple[str, ...] = ()  # all of them, `channel` first; () means just `channel`
+    channel_policy: str = "all"  # or "first_available" (shared/kernel/content.py)
+    providers: dict[str, uuid.UUID] = {}  # channel -> provider, for the channels after the first
 
 
 # ---- events (class names are the stored types: never rename) ----
@@ -89,6 +91,8 @@ class BroadcastCreated(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     at: datetime
     # Who it goes to, when more than one list (`list_id` is then None); the two are never both set.
     audience: Audience | None = None
+    routing: Routing | None = None  # more than one channel
+    template_id: uuid.UUID | None = None  # the content is this template's (then `content` is empty)
 
 
 class BroadcastEdited(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_defaults=True):
@@ -98,6 +102,9 @@ class BroadcastEdited(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_
     provider_id: uuid.UUID | None | UnsetType = UNSET
     content: Content | UnsetType = UNSET
     at: datetime
+    channel: str | UnsetType = UNSET
+    routing: Routing | None | UnsetType = UNSET
+    template_id: uuid.UUID | None | UnsetType = UNSET
 
 
 class BroadcastDeleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -128,6 +135,18 @@ class BroadcastStarted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     retried_failed: int = 0
     retried_unknown: int = 0
     audience: Audience | None = None
+    routing: Routing | None = None
+    template_id: uuid.UUID | None = None
+    template_version: int = 0  # the template's version the run renders (a later edit does not reach it)
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self.routing.channels if self.routing is not None and self.routing.channels else (self.channel,)
+
+    def provider_of(self, channel: str) -> uuid.UUID:
+        if channel == self.channel or self.routing is None:
+            return self.provider_id
+        return self.routing.providers[channel]
 
     @property
     def target(self) -> Audience:
@@ -146,6 +165,9 @@ class AudienceSnapshotted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     # leaves out contacts deleted or without an address since the retry was accepted).
     retried_failed: int = 0
     retried_unknown: int = 0
+    # A multi-channel run: (recipient, channel) pairs left out for want of an address, recorded in the
+    # ledger as `skipped` (not part of `recipients`).
+    skipped: int = 0
 
 
 class BroadcastCompleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -274,14 +296,16 @@ class CreateBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     provider_id: uuid.UUID | None = None
     content: Content
     at: datetime
+    routing: Routing | None = None
+    template_id: uuid.UUID | None = None
 
 
-class ContentChanges(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    subject: str | UnsetType = UNSET
-    html: str | UnsetType = UNSET
-    text: str | UnsetType = UNSET
-    from_email: str | None | UnsetType = UNSET
-    reply_to: str | None | UnsetType = UNSET
+# An edit of the content: the fields given replace the stored ones (a section replaces a section).
+ContentChanges = msgspec.defstruct(
+    "ContentChanges",
+    [(f.name, f.type | UnsetType, UNSET) for f in msgspec.structs.fields(Content)],
+    frozen=True, kw_only=True, forbid_unknown_fields=True, module=__name__,
+)
 
 
 class EditBroadcast(msgspec.Struct, frozen=True, kw_only=True):
@@ -289,8 +313,11 @@ class EditBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     list_id: uuid.UUID | None | UnsetType = UNSET  # replaces the audience with this one list
     audience: Audience | None | UnsetType = UNSET  # replaces the list (or the audience)
     provider_id: uuid.UUID | None | UnsetType = UNSET
-    content: ContentChanges | UnsetType = UNSET
+    content: ContentChanges | UnsetType = UNSET  # type: ignore[valid-type]
     at: datetime
+    channel: str | UnsetType = UNSET
+    routing: Routing | None | UnsetType = UNSET
+    template_id: uuid.UUID | None | UnsetType = UNSET
 
 
 class DeleteBroadcast(msgspec.Struct, frozen=True, kw_only=True):
@@ -300,6 +327,7 @@ class DeleteBroadcast(msgspec.Struct, frozen=True, kw_only=True):
 class SendBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     audience_size: int
     at: datetime
+    template_version: int = 0  # the template's current version, read by the handler (0: no template)
 
 
 class RetryBroadcast(msgspec.Struct, frozen=True, kw_only=True):
@@ -312,6 +340,7 @@ class RetryBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     failed: int
     unknown: int
     at: datetime
+    template_version: int = 0
 
 
 class RecordSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -321,6 +350,7 @@ class RecordSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime
     retried_failed: int = 0  # a retry run: of `recipients`, how many had failed in the run retried
     retried_unknown: int = 0  # ... and how many had an unknown outcome there
+    skipped: int = 0  # a multi-channel run: pairs skipped for want of an address
 
 
 class FinishRun(msgspec.Struct, frozen=True, kw_only=True):
@@ -357,6 +387,7 @@ class FireOccurrence(msgspec.Struct, frozen=True, kw_only=True):
     occurrence_at: datetime
     audience_size: int
     at: datetime
+    template_version: int = 0
 
 
 class PauseBroadcast(msgspec.Struct, frozen=True, kw_only=True):
@@ -420,6 +451,8 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     audience: Audience | None = None  # set instead of list_id for anything but one list
     provider_id: uuid.UUID | None = None
     content: Content | None = None
+    routing: Routing | None = None
+    template_id: uuid.UUID | None = None
     run: int = 0  # the latest run started (0: never sent)
     snapshotted: bool = False  # the latest run's audience has been split into batches
     resumes: int = 0  # times the latest run was resumed
@@ -439,6 +472,11 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def recurring(self) -> bool:
         return self.schedule is not None and self.schedule.recurrence is not None
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Every channel it sends on, `channel` first."""
+        return self.routing.channels if self.routing is not None and self.routing.channels else (self.channel,)
 
     @property
     def live(self) -> bool:
@@ -463,11 +501,13 @@ def evolve(state: State, event: Event) -> State:
                 audience=event.audience,
                 provider_id=event.provider_id,
                 content=event.content,
+                routing=event.routing,
+                template_id=event.template_id,
             )
         case BroadcastEdited():
             changes = {
                 f: getattr(event, f)
-                for f in ("name", "list_id", "audience", "provider_id", "content")
+                for f in _EDITABLE_FIELDS
                 if getattr(event, f) is not UNSET
             }
             return msgspec.structs.replace(state, **changes)
@@ -522,7 +562,11 @@ def fold(events: list[Event], state: State = INITIAL) -> State:
     return state
 
 
-def merge_content(current: Content, changes: ContentChanges) -> Content:
+# What an edit may change, in BroadcastEdited as in the state.
+_EDITABLE_FIELDS = ("name", "list_id", "audience", "provider_id", "content", "channel", "routing", "template_id")
+
+
+def merge_content(current: Content, changes: ContentChanges) -> Content:  # type: ignore[valid-type]
     given = {f: v for f in ContentChanges.__struct_fields__ if (v := getattr(changes, f)) is not UNSET}
     return msgspec.structs.replace(current, **given)
 
@@ -553,6 +597,7 @@ def decide(command: Command, state: State) -> list[Event]:
                     return []  # a retried create
                 raise AlreadyExists(f"broadcast {command.broadcast_id} already exists")
             _check_content_size(command.content)
+            _check_routing(command.channel, command.routing)
             return [
                 BroadcastCreated(
                     broadcast_id=command.broadcast_id,
@@ -564,6 +609,8 @@ def decide(command: Command, state: State) -> list[Event]:
                     content=command.content,
                     at=command.at,
                     audience=command.audience,
+                    routing=command.routing,
+                    template_id=command.template_id,
                 )
             ]
         case EditBroadcast():
@@ -572,7 +619,7 @@ def decide(command: Command, state: State) -> list[Event]:
                 raise WrongStatus("edit", state.status.value)
             assert state.content is not None
             changed: dict[str, object] = {}
-            for f in ("name", "list_id", "audience", "provider_id"):
+            for f in ("name", "list_id", "audience", "provider_id", "channel", "routing", "template_id"):
                 value = getattr(command, f)
                 if value is not UNSET and value != getattr(state, f):
                     changed[f] = value
@@ -581,6 +628,8 @@ def decide(command: Command, state: State) -> list[Event]:
                 changed["audience"] = None
             if changed.get("audience") is not None and state.list_id is not None:
                 changed["list_id"] = None
+            if "channel" in changed or "routing" in changed:
+                _check_routing(changed.get("channel", state.channel), changed.get("routing", state.routing))  # type: ignore[arg-type]
             if command.content is not UNSET:
                 content = merge_content(state.content, command.content)
                 if content != state.content:
@@ -670,7 +719,7 @@ def _send(command: SendBroadcast, state: State) -> list[Event]:
     _require_sendable(state)
     if command.audience_size == 0:
         return []  # everybody in the audience was reached already: nothing to top up
-    return [_started(state, command.audience_size, command.at, top_up=True)]
+    return [_started(state, command.audience_size, command.at, top_up=True, template_version=command.template_version)]
 
 
 def _require_sendable(state: State) -> None:
@@ -680,11 +729,38 @@ def _require_sendable(state: State) -> None:
         raise Invalid("audience", "a broadcast needs lists, segments or recipients to be sent to")
     if state.provider_id is None:
         raise Invalid("provider_id", "a broadcast needs a provider to be sent")
+    for channel in state.channels[1:]:
+        if state.routing is None or channel not in state.routing.providers:
+            raise Invalid(f"providers.{channel}", f"a broadcast on {channel} needs a provider for it")
+    if state.template_id is None and state.content is not None:
+        if missing := missing_channels(state.content, state.channels):
+            raise Invalid(f"content.{missing[0]}" if missing[0] != "email" else "content.subject",
+                          f"the content has nothing to send on {missing[0]}")
+
+
+def _check_routing(channel: str, routing: Routing | None) -> None:
+    """The channels are known and each listed once, the first is `channel`, the policy is known,
+    and providers are named only for listed channels."""
+    if routing is None:
+        return
+    for i, one in enumerate(routing.channels):
+        if one not in CHANNELS:
+            raise Invalid(f"channels[{i}]", f"unknown channel {one!r}; known: {', '.join(CHANNELS)}")
+        if one in routing.channels[:i]:
+            raise Invalid(f"channels[{i}]", f"{one} is listed twice")
+    if routing.channels and routing.channels[0] != channel:
+        raise Invalid("channels", f"the first channel must be the broadcast's channel {channel!r}")
+    if routing.channel_policy not in CHANNEL_POLICIES:
+        raise Invalid("channel_policy", f"one of {', '.join(CHANNEL_POLICIES)}")
+    for one in routing.providers:
+        if one not in routing.channels[1:]:
+            raise Invalid(f"providers.{one}", f"{one} is not one of the broadcast's other channels")
 
 
 def _started(
     state: State, audience_size: int, at: datetime, *, top_up: bool, occurrence_at: datetime | None = None,
     retry_of: int = 0, retry_statuses: tuple[str, ...] = (), retried_failed: int = 0, retried_unknown: int = 0,
+    template_version: int = 0,
 ) -> BroadcastStarted:
     assert state.tenant_id is not None and state.target is not None and state.provider_id is not None
     return BroadcastStarted(
@@ -703,6 +779,9 @@ def _started(
         retry_statuses=retry_statuses,
         retried_failed=retried_failed,
         retried_unknown=retried_unknown,
+        routing=state.routing,
+        template_id=state.template_id,
+        template_version=template_version if state.template_id is not None else 0,
     )
 
 
@@ -739,7 +818,7 @@ def _retry(command: RetryBroadcast, state: State) -> list[Event]:
             run=state.run, statuses=list(statuses),
         )
     return [_started(state, failed + unknown, command.at, top_up=False, retry_of=state.run, retry_statuses=statuses,
-                     retried_failed=failed, retried_unknown=unknown)]
+                     retried_failed=failed, retried_unknown=unknown, template_version=command.template_version)]
 
 
 def _schedule(command: ScheduleBroadcast, state: State) -> list[Event]:
@@ -816,7 +895,7 @@ def _fire(command: FireOccurrence, state: State) -> list[Event]:
     # the whole current audience.
     return [
         _started(state, command.audience_size, command.at, top_up=not state.recurring,
-                 occurrence_at=command.occurrence_at)
+                 occurrence_at=command.occurrence_at, template_version=command.template_version)
     ]
 
 
@@ -839,7 +918,8 @@ def _record_snapshot(command: RecordSnapshot, state: State) -> list[Event]:
         return []  # already recorded, or the run was stopped meanwhile
     events: list[Event] = [
         AudienceSnapshotted(run=command.run, recipients=command.recipients, batches=command.batches, at=command.at,
-                            retried_failed=command.retried_failed, retried_unknown=command.retried_unknown)
+                            retried_failed=command.retried_failed, retried_unknown=command.retried_unknown,
+                            skipped=command.skipped)
     ]
     if command.recipients == 0:  # nobody to send to: the run is complete at once
         events.append(BroadcastCompleted(run=command.run, total=0, sent=0, failed=0, at=command.at))

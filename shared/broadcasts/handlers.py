@@ -6,12 +6,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from email.utils import parseaddr
 from typing import Any
 
 import asyncpg
 import msgspec
-from email_validator import EmailNotValidError, validate_email
 
 from shared.audience.recipients import Kind, resolve_recipients
 from shared.broadcasts import decider as b
@@ -19,8 +17,11 @@ from shared.broadcasts import view
 from shared.broadcasts.status import EDITABLE, RETRYABLE, SENDABLE
 from shared.broadcasts.view import BroadcastsView
 from shared.channels import accounts
-from shared.content.templates import CompiledContent, TemplateError
+from shared.content import template_store
+from shared.content.checks import check_content
+from shared.content.template_store import TemplateRow
 from shared.kernel.audience import Audience
+from shared.kernel.content import Content, missing_channels
 from shared.kernel.errors import Invalid, NotFound
 from shared.platform import commands
 from shared.sending import audience, snapshot
@@ -80,10 +81,18 @@ def _just(*decided: b.Command) -> Prepare:
 
 async def check_references(
     con: asyncpg.Connection, tenant_id: uuid.UUID, channel: str, list_id: uuid.UUID | None, provider_id: uuid.UUID | None,
-    audience: Audience | None = None,
+    audience: Audience | None = None, routing: b.Routing | None = None, template_id: uuid.UUID | None = None,
 ) -> None:
-    """The lists, segments, contacts and provider a broadcast names must be the tenant's own (and
-    the provider of its channel)."""
+    """The lists, segments, contacts, providers and template a broadcast names must be the tenant's
+    own (and each provider one of its channel's)."""
+    if template_id is not None and await _template(con, tenant_id, template_id) is None:
+        raise Invalid("template_id", f"no template {template_id}")
+    for other, other_provider in (routing.providers.items() if routing is not None else ()):
+        found = await accounts.channel_of(con, tenant_id, other_provider)
+        if found is None:
+            raise Invalid(f"providers.{other}", f"no provider {other_provider}")
+        if found != other:
+            raise Invalid(f"providers.{other}", f"provider is for {found}, not {other}")
     if list_id is not None and not await con.fetchval(
         "SELECT true FROM lists WHERE id = $1 AND tenant_id = $2", list_id, tenant_id
     ):
@@ -96,6 +105,25 @@ async def check_references(
             raise Invalid("provider_id", f"no provider {provider_id}")
         if provider_channel != channel:
             raise Invalid("provider_id", f"provider is for {provider_channel}, the broadcast is {channel}")
+
+
+async def _template(con: asyncpg.Connection, tenant_id: uuid.UUID, template_id: uuid.UUID) -> TemplateRow | None:
+    """The tenant's template, held until the command's transaction ends: a delete of it waits, and
+    then sees the broadcast using it (template_store.in_use)."""
+    return await template_store.get(con, tenant_id, template_id, for_share=True)
+
+
+async def template_version(con: asyncpg.Connection, tenant_id: uuid.UUID, state: b.State) -> int:
+    """The version of the broadcast's template a run starting now renders (0: it has none), checked
+    to have content for each of the broadcast's channels."""
+    if state.template_id is None:
+        return 0
+    found = await _template(con, tenant_id, state.template_id)
+    if found is None:
+        raise Invalid("template_id", f"no template {state.template_id}")
+    if missing := missing_channels(found.content, state.channels):
+        raise Invalid("template_id", f"the template has nothing to send on {missing[0]}")
+    return found.version
 
 
 async def _check_audience(con: asyncpg.Connection, tenant_id: uuid.UUID, audience: Audience) -> None:
@@ -112,28 +140,21 @@ async def _check_audience(con: asyncpg.Connection, tenant_id: uuid.UUID, audienc
                 raise Invalid(f"audience.{field}[{i}]", f"no {table[:-1]} {one}")
 
 
-def check_content(content: b.Content) -> None:
-    """Templates must parse, so a broadcast never fails at send time for a typo, and must render
-    within the per-message limits for a recipient with no data (else they fail for every one)."""
-    try:
-        CompiledContent.compile(content.subject, content.html, content.text).check()
-    except TemplateError as exc:
-        raise Invalid(exc.field, exc.reason) from exc
-    for field in ("from_email", "reply_to"):
-        if (value := getattr(content, field)) is not None and (problem := _address_problem(value)):
-            raise Invalid(f"content.{field}", problem)
+def covers(content: Content, channels: tuple[str, ...]) -> None:
+    """An inline content must have something for each of the broadcast's channels."""
+    if missing := missing_channels(content, channels):
+        if missing[0] == "email":
+            raise Invalid("content.subject", "required: the broadcast sends on email")
+        raise Invalid(f"content.{missing[0]}", f"required: the broadcast sends on {missing[0]}")
 
 
-def _address_problem(value: str) -> str | None:
-    """Why `value` is not an address ("news@example.com" or "News <news@example.com>"), or None."""
-    _, address = parseaddr(value)
-    if not address or "@" not in address:
-        return "not an email address"
-    try:
-        validate_email(address, check_deliverability=False)
-    except EmailNotValidError as exc:
-        return str(exc)
-    return None
+def _checked_changes(current: b.Content, changes: b.ContentChanges) -> b.ContentChanges:  # type: ignore[valid-type]
+    """An edit's content checked as it will be once merged (shared/content/checks.py), its HTML
+    repaired."""
+    checked = check_content(b.merge_content(current, changes), stored=current)
+    given = {f: getattr(checked, f) for f in b.ContentChanges.__struct_fields__
+             if getattr(changes, f) is not msgspec.UNSET}
+    return msgspec.structs.replace(changes, **given)
 
 
 async def _with_recipients(
@@ -152,7 +173,9 @@ async def create(
 ) -> view.BroadcastRow:
     """Create a draft, and with `then` schedule it in the same trip (both or neither). `recipients`
     are the audience's ad-hoc recipients, made into contact ids here."""
-    check_content(command.content)
+    if command.template_id is None:
+        command = msgspec.structs.replace(command, content=check_content(command.content))
+        covers(command.content, command.routing.channels if command.routing else (command.channel,))
 
     async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
         created = command
@@ -160,31 +183,68 @@ async def create(
             audience = await _with_recipients(con, actor.tenant_id, command.audience, recipients)
             created = msgspec.structs.replace(command, audience=audience)
         await check_references(con, actor.tenant_id, command.channel, command.list_id, command.provider_id,
-                               created.audience)
+                               created.audience, command.routing, command.template_id)
         return [created] if then is None else [created, then]
 
     return await _row(pool, actor, command.broadcast_id, prepare)
 
 
+def edited_routing(state: b.State, changes: dict[str, Any]) -> dict[str, Any]:
+    """EditBroadcast's `channel`, `routing` and `provider_id` from an edit of `channels`,
+    `channel_policy` and `providers` (each replacing the stored one) merged into the state's."""
+    if not changes:
+        return {}
+    channels = tuple(changes.get("channels", state.channels))
+    policy = changes.get("channel_policy", state.routing.channel_policy if state.routing else "all")
+    current = {**(state.routing.providers if state.routing else {})}
+    if state.provider_id is not None:
+        current[state.channel] = state.provider_id
+    providers = dict(changes["providers"]) if "providers" in changes else {
+        c: p for c, p in current.items() if c in channels}
+    if len(set(channels)) != len(channels):
+        raise Invalid("channels", "each channel at most once")
+    first = providers.pop(channels[0], None)
+    for channel in providers:
+        if channel not in channels:
+            raise Invalid(f"providers.{channel}", f"{channel} is not one of the broadcast's channels")
+    routing = b.Routing(channels=channels, channel_policy=policy, providers=providers) if len(channels) > 1 else None
+    return {"channel": channels[0], "routing": routing, "provider_id": first}
+
+
 async def edit(
     pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.EditBroadcast,
-    recipients: Sequence[tuple[Kind, int | str]] = (),
+    recipients: Sequence[tuple[Kind, int | str]] = (), routing: dict[str, Any] | None = None,
 ) -> view.BroadcastRow:
+    """`routing`: changes of `channels`, `channel_policy`, `providers` (see edited_routing)."""
     async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
         edited = command
+        if state.live and routing and state.status in EDITABLE:
+            changed = edited_routing(state, routing)
+            if command.provider_id is not msgspec.UNSET:  # given as such, it wins
+                changed["provider_id"] = command.provider_id
+            edited = msgspec.structs.replace(edited, **changed)
         if state.live:  # otherwise the decider says it is not found
-            audience = command.audience if isinstance(command.audience, Audience) else None
+            audience = edited.audience if isinstance(edited.audience, Audience) else None
             if audience is not None and recipients and state.status in EDITABLE:
                 audience = await _with_recipients(con, actor.tenant_id, audience, recipients)
-                edited = msgspec.structs.replace(command, audience=audience)
+                edited = msgspec.structs.replace(edited, audience=audience)
             await check_references(
-                con, actor.tenant_id, state.channel,
-                command.list_id if isinstance(command.list_id, uuid.UUID) else None,
-                command.provider_id if isinstance(command.provider_id, uuid.UUID) else None,
+                con, actor.tenant_id, edited.channel if isinstance(edited.channel, str) else state.channel,
+                edited.list_id if isinstance(edited.list_id, uuid.UUID) else None,
+                edited.provider_id if isinstance(edited.provider_id, uuid.UUID) else None,
                 audience,
+                edited.routing if isinstance(edited.routing, b.Routing) else None,
+                edited.template_id if isinstance(edited.template_id, uuid.UUID) else None,
             )
-            if isinstance(command.content, b.ContentChanges) and state.content is not None:
-                check_content(b.merge_content(state.content, command.content))
+            if isinstance(edited.content, b.ContentChanges) and state.content is not None:
+                edited = msgspec.structs.replace(edited, content=_checked_changes(state.content, edited.content))
+            template = edited.template_id if edited.template_id is not msgspec.UNSET else state.template_id
+            if template is None and state.status in EDITABLE:
+                content = b.merge_content(state.content, edited.content) if isinstance(
+                    edited.content, b.ContentChanges) else state.content
+                after = edited.routing if edited.routing is not msgspec.UNSET else state.routing
+                channel = edited.channel if isinstance(edited.channel, str) else state.channel
+                covers(content, after.channels if after else (channel,))
         return [edited]
 
     return await _row(pool, actor, broadcast_id, prepare)
@@ -203,8 +263,10 @@ async def send(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: da
         if state.live and state.status in SENDABLE:  # the audience is counted only when a run may start
             # Checked again at send: a list, segment or provider may have been deleted since the broadcast was saved.
             await check_references(con, actor.tenant_id, state.channel, state.list_id, state.provider_id,
-                                   state.audience)
+                                   state.audience, state.routing)
+            version = await template_version(con, actor.tenant_id, state)
             size = await _top_up_size(con, actor.tenant_id, broadcast_id, state, at)
+            return [b.SendBroadcast(audience_size=size, at=at, template_version=version)]
         return [b.SendBroadcast(audience_size=size, at=at)]
 
     outcome, row = await _execute(pool, actor, broadcast_id, prepare)
@@ -223,10 +285,12 @@ async def retry(
         if state.live and state.status in RETRYABLE:  # the ledger is counted only when a retry may start
             # The provider is checked again, as at send (it may have been deleted since); the list
             # is not: a retry goes to the run's recipients, not to the list's members.
-            await check_references(con, actor.tenant_id, state.channel, None, state.provider_id)
-            counts = await snapshot.retry_counts(con, broadcast_id, state.run, state.channel, list(statuses))
-        return [b.RetryBroadcast(statuses=tuple(statuses), failed=counts.get("failed", 0),
-                                 unknown=counts.get("unknown", 0), at=at)]
+            await check_references(con, actor.tenant_id, state.channel, None, state.provider_id, None, state.routing)
+            version = await template_version(con, actor.tenant_id, state)
+            counts = await snapshot.retry_counts(con, broadcast_id, state.run, state.channels, list(statuses))
+            return [b.RetryBroadcast(statuses=tuple(statuses), failed=counts.get("failed", 0),
+                                     unknown=counts.get("unknown", 0), at=at, template_version=version)]
+        return [b.RetryBroadcast(statuses=tuple(statuses), failed=0, unknown=0, at=at)]
 
     outcome, row = await _execute(pool, actor, broadcast_id, prepare)
     assert row is not None
@@ -316,9 +380,10 @@ async def fire(pool: asyncpg.Pool, broadcast_id: uuid.UUID, occurrence_at: datet
         assert state.tenant_id is not None
         try:
             size = await _top_up_size(con, state.tenant_id, broadcast_id, state, at, top_up=not state.recurring)
-        except Invalid:  # a segment gone: the run fails in the planner, with the reason
-            size = 0
-        command = b.FireOccurrence(occurrence_at=occurrence_at, audience_size=size, at=at)
+            template = await template_version(con, state.tenant_id, state)
+        except Invalid:  # a segment or the template gone: nobody to send to, the occurrence is skipped
+            size, template = 0, 0
+        command = b.FireOccurrence(occurrence_at=occurrence_at, audience_size=size, at=at, template_version=template)
         metadata: dict[str, Any] = {"tenant_id": str(state.tenant_id), "actor": "scheduler"}
         outcome = await commands.decide_and_append(con, DECIDER, stream, state, version, [command], metadata, INLINE)
         return bool(outcome.events)

@@ -28,7 +28,7 @@ _RECORDS = f"""
     SELECT run, contact_id, channel, address, status, attempts::int, error, provider_message_id, sent_at
     FROM messages WHERE broadcast_id = $1
     UNION ALL
-    SELECT bt.run, q.contact_id, b.channel, q.address,
+    SELECT bt.run, q.contact_id, coalesce(bt.channel, b.channel), q.address,
            CASE WHEN bt.status <> 'dropped' AND b.run = bt.run AND b.status IN {sql_list(ACTIVE)}
                 THEN 'queued' ELSE 'dropped' END,
            0, NULL, NULL, NULL
@@ -37,7 +37,7 @@ _RECORDS = f"""
     CROSS JOIN LATERAL unnest(bt.contact_ids, bt.addresses) AS q(contact_id, address)
     WHERE bt.broadcast_id = $1 AND bt.status <> 'done'
       AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.broadcast_id = $1 AND m.run = bt.run
-                      AND m.contact_id = q.contact_id)
+                      AND m.contact_id = q.contact_id AND m.channel = coalesce(bt.channel, b.channel))
 """
 
 
@@ -47,7 +47,7 @@ async def page(
     where = "WHERE ($2::text IS NULL OR status = $2)"
     total = await con.fetchval(f"SELECT count(*) FROM ({_RECORDS}) r {where}", broadcast_id, status)
     rows = await con.fetch(
-        f"SELECT * FROM ({_RECORDS}) r {where} ORDER BY run, contact_id LIMIT $3 OFFSET $4",
+        f"SELECT * FROM ({_RECORDS}) r {where} ORDER BY run, contact_id, channel LIMIT $3 OFFSET $4",
         broadcast_id, status, limit, offset,
     )
     return [MessageRecord(**dict(r)) for r in rows], total

@@ -29,8 +29,9 @@ class BroadcastsView:
             case b.BroadcastCreated():
                 await con.execute(
                     """INSERT INTO broadcasts (id, tenant_id, name, channel, status, list_id, provider_id,
-                                               content, version, created_at, updated_at, audience)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11)
+                                               content, version, created_at, updated_at, audience, routing,
+                                               template_id)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, $13)
                        ON CONFLICT (id) DO NOTHING""",
                     decoded.broadcast_id,
                     decoded.tenant_id,
@@ -43,14 +44,17 @@ class BroadcastsView:
                     event.position,
                     decoded.at,
                     msgspec.to_builtins(decoded.audience),
+                    msgspec.to_builtins(decoded.routing),
+                    decoded.template_id,
                 )
             case b.BroadcastEdited():
                 changes = {
                     f: getattr(decoded, f)
-                    for f in ("name", "list_id", "audience", "provider_id", "content")
+                    for f in ("name", "list_id", "audience", "provider_id", "content", "channel", "routing",
+                              "template_id")
                     if getattr(decoded, f) is not msgspec.UNSET
                 }
-                for f in ("content", "audience"):
+                for f in ("content", "audience", "routing"):
                     if f in changes:
                         changes[f] = msgspec.to_builtins(changes[f])
                 sets = ", ".join(f"{col} = ${i + 4}" for i, col in enumerate(changes))
@@ -65,11 +69,11 @@ class BroadcastsView:
                 await self._set_status(con, broadcast_id, event, b.Status.QUEUED, decoded.at, run=decoded.run)
                 # A one-off schedule is used up; a recurring one stays (its next time is set at the run's end).
                 await con.execute(
-                    """UPDATE broadcasts SET scheduled_at = NULL, resumes = 0,
+                    """UPDATE broadcasts SET scheduled_at = NULL, resumes = 0, template_version = $2,
                            schedule = CASE WHEN schedule ? 'recurrence' AND schedule->'recurrence' <> 'null'
                                            THEN schedule END
                        WHERE id = $1""",
-                    broadcast_id,
+                    broadcast_id, decoded.template_version,
                 )
             case b.BroadcastScheduled():
                 await self._set_status(con, broadcast_id, event, b.Status.SCHEDULED, decoded.at)
@@ -157,6 +161,24 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: datetime
     status_reason: str | None = None  # why the latest run failed or partially failed
     audience: dict | None = None  # set instead of list_id for anything but one list
+    routing: dict | None = None  # {channels, channel_policy, providers}: more than one channel
+    template_id: uuid.UUID | None = None
+    template_version: int = 0  # of the latest run
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Every channel it sends on, `channel` first."""
+        return tuple(self.routing.get("channels") or (self.channel,)) if self.routing else (self.channel,)
+
+    @property
+    def channel_policy(self) -> str:
+        return self.routing.get("channel_policy", "all") if self.routing else "all"
+
+    def provider_of(self, channel: str) -> uuid.UUID | None:
+        if channel == self.channel or not self.routing:
+            return self.provider_id
+        found = self.routing.get("providers", {}).get(channel)
+        return uuid.UUID(found) if found else None
 
     @property
     def target(self) -> Audience | None:
@@ -168,7 +190,7 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
 
 _ROW = (
     "id, tenant_id, name, channel, status, list_id, provider_id, content, run, reset_run, resumes, scheduled_at, "
-    "schedule, version, created_at, updated_at, status_reason, audience"
+    "schedule, version, created_at, updated_at, status_reason, audience, routing, template_id, template_version"
 )
 
 
@@ -196,9 +218,12 @@ async def page(
 
 
 async def active_with_provider(con: asyncpg.Connection, tenant_id: uuid.UUID, provider_id: uuid.UUID) -> list[uuid.UUID]:
-    """Broadcasts whose current run still sends through this provider."""
+    """Broadcasts whose current run still sends through this provider (on any of its channels)."""
     rows = await con.fetch(
-        f"""SELECT id FROM broadcasts WHERE tenant_id = $1 AND provider_id = $2 AND status IN {sql_list(ACTIVE)}
+        f"""SELECT id FROM broadcasts WHERE tenant_id = $1
+              AND (provider_id = $2
+                   OR EXISTS (SELECT FROM jsonb_each_text(routing->'providers') p WHERE p.value = $2::text))
+              AND status IN {sql_list(ACTIVE)}
             AND NOT deleted ORDER BY created_at""",
         tenant_id, provider_id,
     )

@@ -18,8 +18,45 @@ class EmailContent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     headers: dict[str, str] = {}
 
 
-# What a message says, rendered for its channel: one struct per channel as channels come.
-Content = EmailContent
+class SmsContent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A rendered SMS (or RCS) text."""
+
+    body: str
+
+
+class TelegramContent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A rendered Telegram message: MarkdownV2 text (a caption with media), an optional photo or
+    video by URL, an optional inline keyboard button."""
+
+    text: str
+    media_url: str | None = None
+    media_type: str | None = None  # photo | video
+    button_label: str | None = None
+    button_url: str | None = None
+
+
+class WhatsappContent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A WhatsApp template message: the approved template, its language, its parameters' values."""
+
+    template_name: str
+    language: str
+    parameters: dict[str, str] = {}
+
+
+class PushContent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    title: str
+    body: str
+    image_url: str | None = None
+    url: str | None = None
+    data: dict[str, str] = {}
+
+
+class WebhookContent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    payload: object  # the rendered JSON document
+
+
+# What a message says, rendered for its channel.
+Content = EmailContent | SmsContent | TelegramContent | WhatsappContent | PushContent | WebhookContent
 
 
 class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True, gc=False):

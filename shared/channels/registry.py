@@ -7,15 +7,21 @@ from typing import Any
 from shared.channels.null import NullProvider
 from shared.channels.provider import Provider
 from shared.channels.smtp import SmtpProvider
+from shared.channels.twilio import TwilioProvider
 
 # SQL over a contact row `c`: its address on the channel, NULL when it has none (it is then not
 # part of that channel's audience). The one place that decides a recipient's address.
 ADDRESS_SQL: dict[str, str] = {
     "email": "c.email",
     "sms": "c.phone",  # E.164
+    "whatsapp": "coalesce(c.whatsapp, c.phone)",  # E.164: a WhatsApp number of its own, else the phone
+    "telegram": "c.telegram_chat_id",
+    "push": "c.push_tokens[1]",  # the most recent device token
+    # A webhook goes to the tenant's own URL (the provider's), once per contact: every contact has it.
+    "webhook": "c.id::text",
 }
 
-KINDS: dict[str, Any] = {"smtp": SmtpProvider, "null": NullProvider}
+KINDS: dict[str, Any] = {"smtp": SmtpProvider, "twilio": TwilioProvider, "null": NullProvider}
 
 
 def address_sql(channel: str) -> str:

@@ -1,4 +1,7 @@
-"""Per-recipient rendering of broadcast content: Liquid, with a fast path for plain substitutions."""
+"""Per-recipient rendering of broadcast content: Liquid, with a fast path for plain substitutions.
+
+Each value an output writes is escaped for where it lands: HTML (markupsafe, Liquid's autoescape),
+Telegram MarkdownV2 (escape_markdown_v2), or not at all (subjects, plain text)."""
 from __future__ import annotations
 
 import re
@@ -11,8 +14,13 @@ from liquid.ast import BlockNode, ConditionalBlockNode
 from liquid.builtin.content import ContentNode
 from liquid.builtin.expressions import FilteredExpression
 from liquid.builtin.expressions.path import Path
-from liquid.builtin.output import OutputNode
+from liquid.builtin.output import Output, OutputNode
+from liquid.builtin.tags.capture_tag import CaptureNode, CaptureTag
+from liquid.builtin.tags.cycle_tag import CycleNode, CycleTag
+from liquid.builtin.tags.decrement_tag import DecrementNode, DecrementTag
+from liquid.builtin.tags.echo_tag import EchoNode, EchoTag
 from liquid.builtin.tags.for_tag import ForNode, ForTag
+from liquid.builtin.tags.increment_tag import IncrementNode, IncrementTag
 from liquid.builtin.tags.tablerow_tag import TablerowNode, TablerowTag
 from liquid.exceptions import (
     ContextDepthError,
@@ -26,6 +34,8 @@ from liquid.output import LimitedStringIO
 from liquid.stringify import to_liquid_string
 from liquid.token import Token
 from markupsafe import escape
+
+from shared.content.markdown import MARKDOWN_V2_SPECIAL, escape_markdown_v2
 
 __all__ = ["Budget", "CompiledContent", "Template", "TemplateError", "compile_template", "preview_budget"]
 
@@ -304,7 +314,104 @@ class _Environment(Environment):
     output_stream_limit = OUTPUT_LIMIT
 
 
-def _environment(*, autoescape: bool) -> Environment:
+# --- Telegram MarkdownV2: values escaped, the author's markup not ---------------------------------
+# Liquid's autoescape is HTML only (markupsafe, in to_liquid_string). For MarkdownV2 the markdown
+# environment (autoescape off) uses its own nodes for everything that writes a value: outputs,
+# echo, cycle, increment and decrement (a negative number's `-` is reserved too). Each renders as
+# the library's node does, into a stream that escapes what is written; literal text (content
+# nodes, raw blocks) is written as is, since the author writes MarkdownV2 themselves.
+
+
+class _MarkdownText(str):
+    """Text already MarkdownV2 (a capture's: the author's markup around escaped values), like
+    markupsafe's Markup: written as it is, not escaped again. A filter applied to it returns a
+    plain str, which is escaped again when written."""
+
+    __slots__ = ()
+
+
+class _EscapingWriter:
+    """The output stream of a node that writes values: each write escaped for MarkdownV2."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self, buffer: TextIO) -> None:
+        self._buffer = buffer
+
+    def write(self, text: str) -> int:
+        return self._buffer.write(text if type(text) is _MarkdownText else escape_markdown_v2(text))
+
+
+class _WritesMarkdownValues:
+    """Mixed into a node class: what the node writes is escaped."""
+
+    __slots__ = ()
+
+    def render_to_output(self, context: RenderContext, buffer: TextIO) -> int:
+        return super().render_to_output(context, _EscapingWriter(buffer))  # type: ignore[misc, arg-type]
+
+    async def render_to_output_async(self, context: RenderContext, buffer: TextIO) -> int:
+        return await super().render_to_output_async(context, _EscapingWriter(buffer))  # type: ignore[misc, arg-type]
+
+
+class _MarkdownOutputNode(_WritesMarkdownValues, OutputNode):
+    __slots__ = ()
+
+
+class _MarkdownEchoNode(_WritesMarkdownValues, EchoNode):
+    __slots__ = ()
+
+
+class _MarkdownCycleNode(_WritesMarkdownValues, CycleNode):
+    __slots__ = ()
+
+
+class _MarkdownIncrementNode(_WritesMarkdownValues, IncrementNode):
+    __slots__ = ()
+
+
+class _MarkdownDecrementNode(_WritesMarkdownValues, DecrementNode):
+    __slots__ = ()
+
+
+class _MarkdownCaptureNode(CaptureNode):
+    __slots__ = ()
+
+    def _assign(self, context: RenderContext, buf: StringIO) -> None:
+        context.assign(self.name, _MarkdownText(buf.getvalue()))
+
+
+class _MarkdownOutput(Output):
+    node_class = _MarkdownOutputNode
+
+
+class _MarkdownEchoTag(EchoTag):
+    node_class = _MarkdownEchoNode
+
+
+class _MarkdownCycleTag(CycleTag):
+    node_class = _MarkdownCycleNode
+
+
+class _MarkdownIncrementTag(IncrementTag):
+    node_class = _MarkdownIncrementNode
+
+
+class _MarkdownDecrementTag(DecrementTag):
+    node_class = _MarkdownDecrementNode
+
+
+class _MarkdownCaptureTag(CaptureTag):
+    node_class = _MarkdownCaptureNode
+
+
+_MARKDOWN_TAGS = (
+    _MarkdownOutput, _MarkdownEchoTag, _MarkdownCycleTag, _MarkdownIncrementTag, _MarkdownDecrementTag,
+    _MarkdownCaptureTag,
+)
+
+
+def _environment(*, autoescape: bool, markdown: bool = False) -> Environment:
     env = _Environment(autoescape=autoescape)
     # Loops that know the size of their body, for the step limit.
     env.add_tag(_ForTag)
@@ -312,10 +419,17 @@ def _environment(*, autoescape: bool) -> Environment:
     # Crier has no partial templates, so these could only fail at send time; reject them on save.
     for name in ("include", "render"):
         env.tags.pop(name, None)
+    if markdown:
+        for tag in _MARKDOWN_TAGS:
+            env.add_tag(tag)
+        # tablerow writes HTML table markup, whose `=` MarkdownV2 reserves: Telegram would refuse
+        # the message, so it is refused on save instead.
+        env.tags.pop("tablerow", None)
     return env
 
 
 _ENVS = {True: _environment(autoescape=True), False: _environment(autoescape=False)}
+_MARKDOWN_ENV = _environment(autoescape=False, markdown=True)
 
 # Skipped whole so that nothing inside them is touched: raw blocks, outputs and tags (Liquid's
 # lexer also ends these at the first closing delimiter). Then the seeds' `{identifier}`.
@@ -362,11 +476,11 @@ def _reason(exc: LiquidError) -> str:
 class Template:
     """A compiled template; `render` is safe to call from many tasks at once."""
 
-    __slots__ = ("field", "html", "_liquid")
+    __slots__ = ("field", "html", "markdown", "_liquid")
     fast = False
 
-    def __init__(self, field: str, html: bool, liquid: _BoundTemplate) -> None:
-        self.field, self.html, self._liquid = field, html, liquid
+    def __init__(self, field: str, html: bool, liquid: _BoundTemplate, markdown: bool = False) -> None:
+        self.field, self.html, self.markdown, self._liquid = field, html, markdown, liquid
 
     def render(self, variables: Mapping[str, Any], budget: Budget | None = None) -> str:
         """Raises TemplateError, also when the render goes past what is left of `budget` (by
@@ -384,8 +498,9 @@ _MISSING: Any = object()
 _NOT_SUBSCRIPTABLE_BY_NAME = frozenset({str, list, tuple, int, float, bool, type(None)})
 # Liquid resolves these segments specially (`.size` is a length, `.first` an item).
 _SPECIAL_SEGMENTS = frozenset({"size", "first", "last"})
-# Exactly the characters markupsafe.escape replaces.
+# Exactly the characters markupsafe.escape replaces, and those escape_markdown_v2 does.
 _needs_escape = re.compile(r"[&<>'\"]").search
+_needs_markdown_escape = re.compile(f"[{re.escape(MARKDOWN_V2_SPECIAL)}]").search
 
 
 class _Unusual(Exception):
@@ -402,13 +517,13 @@ class _FastTemplate(Template):
     fast = True
 
     def __init__(self, field: str, html: bool, liquid: _BoundTemplate, parts: list[str],
-                 slots: list[tuple[int, str, tuple[str, ...] | None]]) -> None:
-        super().__init__(field, html, liquid)
+                 slots: list[tuple[int, str, tuple[str, ...] | None]], markdown: bool = False) -> None:
+        super().__init__(field, html, liquid, markdown)
         self._parts, self._slots = parts, slots
 
     def render(self, variables: Mapping[str, Any], budget: Budget | None = None) -> str:
         parts = self._parts.copy()
-        get, html = variables.get, self.html
+        get, html, markdown = variables.get, self.html, self.markdown
         try:
             for index, root, rest in self._slots:
                 value = get(root, _MISSING)
@@ -418,8 +533,10 @@ class _FastTemplate(Template):
                     # escape() builds a Markup (~0.35 us); most values have nothing to escape.
                     if html and _needs_escape(value) is not None:
                         value = escape(value)
+                    elif markdown and _needs_markdown_escape(value) is not None:
+                        value = escape_markdown_v2(value)
                 else:
-                    value = _text(value, html)
+                    value = _markdown_text(value) if markdown else _text(value, html)
                 parts[index] = value
         except _Unusual:
             return super().render(variables, budget)
@@ -463,9 +580,15 @@ def _text(value: Any, html: bool) -> str:
     return to_liquid_string(value, html)
 
 
+def _markdown_text(value: Any) -> str:
+    """What the markdown output node writes for a value that is not a str (`-1.5` is `\\-1\\.5`)."""
+    return escape_markdown_v2(_text(value, False))
+
+
 def _compile_together(templates: tuple[_FastTemplate, ...]) -> Callable[[Mapping[str, Any]], tuple[str, ...]]:
     """One Python function rendering fast templates together: each variable they use is looked up
-    and turned into text once, escaped once if an HTML one uses it, and each template is one join.
+    and turned into text once, escaped once for the HTML (or MarkdownV2) ones that use it, and each
+    template is one join.
     Same output as their render() (tests/test_templates.py checks), about twice as fast: rendering
     was the largest cost of a worker.
 
@@ -478,32 +601,42 @@ def _compile_together(templates: tuple[_FastTemplate, ...]) -> Callable[[Mapping
             _charge_output(budget, template.field, text)
 
     namespace: dict[str, Any] = {"MISSING": _MISSING, "follow": _follow, "text": _text, "needs_escape": _needs_escape,
-                                 "escape": escape, "str": str, "type": type, "len": len, "too_long": too_long}
+                                 "escape": escape, "str": str, "type": type, "len": len, "too_long": too_long,
+                                 "needs_markdown_escape": _needs_markdown_escape, "escape_markdown": escape_markdown_v2,
+                                 "markdown_text": _markdown_text}
     slots: dict[tuple[str, tuple[str, ...] | None], int] = {}
     for t in templates:
         for _, root, rest in t._slots:
             slots.setdefault((root, rest), len(slots))
-    plain_used = {slots[(root, rest)] for t in templates if not t.html for _, root, rest in t._slots}
-    html_used = {slots[(root, rest)] for t in templates if t.html for _, root, rest in t._slots}
+
+    def kind(t: _FastTemplate) -> str:
+        """The variable prefix of a template's values: p (plain), e (HTML-escaped), m (MarkdownV2)."""
+        return "e" if t.html else "m" if t.markdown else "p"
+
+    used = {k: {slots[(root, rest)] for t in templates if kind(t) == k for _, root, rest in t._slots} for k in "pem"}
     lines = ["def render(variables):", "    get = variables.get"]
     for (root, rest), i in slots.items():
         namespace[f"K{i}"], namespace[f"R{i}"] = root, rest
         lookup = f"get(K{i}, MISSING)" if rest is None else f"follow(get(K{i}, MISSING), R{i})"
         lines += [f"    v{i} = {lookup}", f"    if type(v{i}) is str:"]
-        if i in plain_used:
+        if i in used["p"]:
             lines.append(f"        p{i} = v{i}")
-        if i in html_used:
+        if i in used["e"]:
             lines.append(f"        e{i} = v{i} if needs_escape(v{i}) is None else str(escape(v{i}))")
+        if i in used["m"]:
+            lines.append(f"        m{i} = v{i} if needs_markdown_escape(v{i}) is None else escape_markdown(v{i})")
         lines.append("    else:")
-        if i in plain_used:
+        if i in used["p"]:
             lines.append(f"        p{i} = text(v{i}, False)")
-        if i in html_used:
+        if i in used["e"]:
             lines.append(f"        e{i} = text(v{i}, True)")
+        if i in used["m"]:
+            lines.append(f"        m{i} = markdown_text(v{i})")
     outputs = []
     for n, t in enumerate(templates):
-        # Each template's pieces in order: its text as constants L<n>_<j>, its values as p<i> (plain)
-        # or e<i> (escaped).
-        values = {index: f"{'e' if t.html else 'p'}{slots[(root, rest)]}" for index, root, rest in t._slots}
+        # Each template's pieces in order: its text as constants L<n>_<j>, its values as p<i> (plain),
+        # e<i> (HTML-escaped) or m<i> (MarkdownV2-escaped).
+        values = {index: f"{kind(t)}{slots[(root, rest)]}" for index, root, rest in t._slots}
         names = []
         for j, piece in enumerate(t._parts):
             if j in values:
@@ -544,7 +677,7 @@ def _fast_plan(env: Environment, source: str, nodes: list[Any]) -> tuple[list[st
         if type(node) is ContentNode:
             parts.append(node.text)
             continue
-        if type(node) is not OutputNode:
+        if type(node) is not OutputNode and type(node) is not _MarkdownOutputNode:
             return None
         expression = node.expression
         if type(expression) is not FilteredExpression or expression.filters:
@@ -568,9 +701,13 @@ def _check_filters(env: Environment, field: str, source: str, liquid: Any) -> No
             raise TemplateError(field, f"unknown filter '{name}' on line {line}")
 
 
-def compile_template(source: str, *, html: bool, field: str = "template") -> Template:
-    """Parse once (raises TemplateError); the result renders per recipient. `html` turns on autoescape."""
-    env = _ENVS[html]
+def compile_template(source: str, *, html: bool, markdown: bool = False, field: str = "template") -> Template:
+    """Parse once (raises TemplateError); the result renders per recipient. `html` turns on
+    autoescape; `markdown` escapes every value an output writes for Telegram's MarkdownV2 (the
+    template's own text is the author's MarkdownV2, left as it is)."""
+    if html and markdown:
+        raise ValueError("a template is HTML or MarkdownV2, not both")
+    env = _MARKDOWN_ENV if markdown else _ENVS[html]
     converted = _convert_single_braces(source)
     try:
         liquid = env.from_string(converted)
@@ -579,8 +716,8 @@ def compile_template(source: str, *, html: bool, field: str = "template") -> Tem
     _check_filters(env, field, converted, liquid)
     plan = _fast_plan(env, converted, liquid.nodes)
     if plan is None:
-        return Template(field, html, liquid)
-    return _FastTemplate(field, html, liquid, *plan)
+        return Template(field, html, liquid, markdown)
+    return _FastTemplate(field, html, liquid, *plan, markdown=markdown)
 
 
 class CompiledContent:

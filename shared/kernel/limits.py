@@ -73,3 +73,32 @@ MAX_STORED_ATTRIBUTES_BYTES = 128 * KiB
 MAX_ATTRIBUTE_KEYS = 100  # keys of the attributes object, and of each object nested in it
 MAX_ATTRIBUTE_KEY_CHARS = 128
 MAX_ATTRIBUTE_DEPTH = 4  # the attributes object and up to three levels of objects/arrays inside it
+
+# -- templates: the other channels' content and per-locale variants (shared/content/checks.py) ----
+# Each is a provider's own limit, or a round number above what a real message holds; the content as a
+# whole is still bounded by MAX_CONTENT_BYTES, which keeps every event under NATS's 1 MiB.
+MAX_I18N_VARIANTS = 20  # locales per `*_i18n` field: more is a data-entry accident, not a translation plan
+MAX_LOCALE_CHARS = 35  # RFC 5646 asks implementations to take tags of at least 35 characters
+# BCP 47-ish: a 2-3 letter language, then subtags of 2-8 letters or digits (`de`, `pt-BR`, `zh-Hant-TW`).
+LOCALE_PATTERN = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
+MAX_PREHEADER_CHARS = 1000  # inboxes show ~100 characters of it; the rest is hidden filler
+MAX_LABEL_CHARS = 200  # a button's label (email, Telegram)
+MAX_FROM_NAME_CHARS = 200  # the display name of From: a header value
+MAX_URL_CHARS = 2048  # what browsers and providers reliably take
+MAX_SMS_CHARS = 1600  # Twilio's cap: 10 concatenated segments of UCS-2, ~10 of GSM-7
+MAX_TELEGRAM_CHARS = 4096  # sendMessage's text limit
+MAX_PUSH_TITLE_CHARS = 200
+MAX_PUSH_BODY_CHARS = 4096  # APNs' and FCM's whole payload is 4 KiB: nobody needs more
+MAX_PUSH_DATA_KEYS = 50
+MAX_PUSH_DATA_KEY_CHARS = 128
+MAX_WHATSAPP_PARAMETERS = 20
+MAX_WHATSAPP_PARAMETER_CHARS = 1024  # Meta's limit for a body parameter
+# A name `{{1}}` or `{{first_name}}` in the approved template.
+WHATSAPP_PARAMETER_PATTERN = r"^[A-Za-z0-9_]{1,64}$"
+# Meta's rule for a template's name.
+WHATSAPP_TEMPLATE_PATTERN = r"^[a-z0-9_]{1,512}$"
+# Meta's language codes (`en`, `en_US`, `pt_BR`, `zh_HK`); a hyphen is taken too.
+WHATSAPP_LANGUAGE_PATTERN = r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})*$"
+MAX_WHATSAPP_LANGUAGE_CHARS = 16
+MAX_WEBHOOK_PAYLOAD_BYTES = 64 * KiB  # as compact JSON; receivers' body limits start around here
+MAX_WEBHOOK_DEPTH = 10  # objects and arrays nested in the payload, the payload itself counting one

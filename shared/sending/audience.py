@@ -112,6 +112,12 @@ class ResolvedAudience:
         return f"SELECT DISTINCT contact_id FROM ({' UNION ALL '.join(branches)}) u{tail}"
 
     @property
+    def member(self) -> str:
+        """SQL over `c`: a candidate of the tenant, not excluded and not reached, whatever its
+        addresses (a multi-channel run records the channels it has none on)."""
+        return f"({self.tenant}) IS TRUE AND NOT {self.excluded} AND NOT {self.reached}"
+
+    @property
     def recipient(self) -> str:
         """SQL over `c`: a candidate the run sends to. The tenant is checked as a filter (`IS TRUE`
         is no index condition), so each candidate is looked up by the contacts' primary key, hot
@@ -146,7 +152,9 @@ async def resolve(
     # so a suppression added meanwhile applies from the next chunk on, and the worker checks again).
     suppressions = await con.fetchval(
         "SELECT EXISTS (SELECT FROM suppression_tenants WHERE tenant_id = $1)", tenant_id)
-    suppressed = (f"({suppressed_sql('c', address_sql(channel), tenant, args.add(channel, 'text'))})"
+    # The channel as a literal (a registry name, checked by address_sql), so that a statement using
+    # only the other conditions has no parameter it leaves untyped.
+    suppressed = (f"({suppressed_sql('c', address_sql(channel), tenant, repr(channel))})"
                   if suppressions else "false")
     return ResolvedAudience(
         args=args,
@@ -202,14 +210,17 @@ async def preflight(
 
 async def first_recipients(
     con: asyncpg.Connection, tenant_id: uuid.UUID, audience: Audience, channel: str, now: datetime, limit: int,
-    recipient_json: str, reached: Reached | None = None,
+    recipient_json: str, reached: Reached | None = None, any_of: tuple[str, ...] = (),
 ) -> list[str]:
     """The first `limit` recipients of the next run, in the planner's order, as `recipient_json`
-    (SQL over `c`) text."""
+    (SQL over `c`) text. With several channels (`any_of`), those with an address on any of them."""
     a = await resolve(con, tenant_id, audience, channel, now, SqlArgs([]), reached)
+    condition = a.recipient
+    if len(any_of) > 1:
+        condition = f"{a.member} AND NOT {a.suppressed} AND ({' OR '.join(reachable(c) for c in any_of)})"
     rows = await con.fetch(
         f"""SELECT ({recipient_json})::text FROM ({a.candidates()}) m JOIN contacts c ON c.id = m.contact_id
-            WHERE {a.recipient} ORDER BY c.id LIMIT {a.args.add(limit, 'int')}""",
+            WHERE {condition} ORDER BY c.id LIMIT {a.args.add(limit, 'int')}""",
         *a.args.values,
     )
     return [r[0] for r in rows]

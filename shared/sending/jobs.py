@@ -39,10 +39,11 @@ class Recipient(msgspec.Struct, frozen=True, array_like=True, gc=False):
         return variables
 
 
-def recipient_json(channel: str) -> str:
+def recipient_json(channel: str, *, may_lack_address: bool = False) -> str:
     """SQL: contact `c` as a Recipient of `channel` in JSON (its fields in order, the address the
-    channel's, from the registry)."""
-    return f"json_build_array(c.id, {address_sql(channel)}, c.external_id, c.email, c.phone, c.locale, c.attributes)"
+    channel's, from the registry; '' for a contact without one if it `may_lack_address`)."""
+    address = f"coalesce({address_sql(channel)}, '')" if may_lack_address else address_sql(channel)
+    return f"json_build_array(c.id, {address}, c.external_id, c.email, c.phone, c.locale, c.attributes)"
 
 
 def recipients_json(channel: str) -> str:

@@ -72,14 +72,19 @@ async def kept_remaining(
 
 
 async def retry_counts(
-    con: asyncpg.Connection, broadcast_id: uuid.UUID, run: int, channel: str, statuses: list[str]
+    con: asyncpg.Connection, broadcast_id: uuid.UUID, run: int, channels: tuple[str, ...], statuses: list[str]
 ) -> dict[str, int]:
-    """{status: count} of run `run`'s recipients whose ledger status is one of `statuses` and who
-    still have an address on `channel`: who a retry of that run would go to now. A contact deleted
-    since, or without an address now, is not counted (the planner leaves it out too)."""
+    """{status: count} of run `run`'s messages whose ledger status is one of `statuses` and whose
+    recipient still has an address on the message's channel (one of `channels`, names from the
+    registry, never input): who a retry of that run would go to now. A contact deleted since, or
+    without an address now, is not counted (the planner leaves it out too)."""
+    if len(channels) == 1:
+        still = reachable(channels[0])
+    else:
+        still = "(" + " OR ".join(f"(x.channel = '{c}' AND {reachable(c)})" for c in channels) + ")"
     rows = await con.fetch(
         f"""SELECT x.status, count(*) AS n FROM messages x JOIN contacts c ON c.id = x.contact_id
-            WHERE x.broadcast_id = $1 AND x.run = $2 AND x.status = ANY($3::text[]) AND {reachable(channel)}
+            WHERE x.broadcast_id = $1 AND x.run = $2 AND x.status = ANY($3::text[]) AND {still}
             GROUP BY x.status""",
         broadcast_id, run, statuses,
     )
@@ -93,6 +98,7 @@ async def retried_split(con: asyncpg.Connection, broadcast_id: uuid.UUID, run: i
         """SELECT x.status, count(*) AS n
            FROM batches bt CROSS JOIN LATERAL unnest(bt.contact_ids) AS q(contact_id)
            JOIN messages x ON x.broadcast_id = bt.broadcast_id AND x.run = $3 AND x.contact_id = q.contact_id
+                          AND x.channel = coalesce(bt.channel, x.channel)
            WHERE bt.broadcast_id = $1 AND bt.run = $2
            GROUP BY x.status""",
         broadcast_id, run, retry_of,

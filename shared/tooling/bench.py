@@ -71,12 +71,15 @@ def _contacts(start: int, count: int) -> list[dict]:
             "external_id": f"u{i}",
             "email": f"user{i:08d}@example.com",
             "attributes": {"first_name": f"First{i % 97}", "last_name": f"Last{i % 89}", "plan": "pro"},
+            "locale": _LOCALES[i % len(_LOCALES)],
         }
         for i in range(start, start + count)
     ]
 
 
-async def _one_run(admin_url: str, nats_url: str, n: int, senders: int, audience: str = "list") -> dict:
+async def _one_run(
+    admin_url: str, nats_url: str, n: int, senders: int, audience: str = "list", content: str = "inline",
+) -> dict:
     dbname = f"crier_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(admin_url)
     await admin.execute(f'CREATE DATABASE "{dbname}"')
@@ -135,12 +138,13 @@ async def _one_run(admin_url: str, nats_url: str, n: int, senders: int, audience
                 target: dict = {"audience": {"segments": [segment["id"]]}}
             else:
                 target = {"list_id": lst["id"]}
+            if content == "i18n":  # a template with three locales and a preheader
+                template = (await api.post("/v1/templates", json={"name": "i18n", "content": _I18N})).json()
+                body: dict = {"template_id": template["id"]}
+            else:
+                body = {"content": {"subject": "Hello {{ first_name }}", "html": _HTML, "text": _TEXT}}
             broadcast = (
-                await api.post(
-                    "/v1/broadcasts",
-                    json={"name": "bench", **target, "provider_id": provider["id"],
-                          "content": {"subject": "Hello {{ first_name }}", "html": _HTML, "text": _TEXT}},
-                )
+                await api.post("/v1/broadcasts", json={"name": "bench", **target, "provider_id": provider["id"], **body})
             ).json()
             await con.execute("CHECKPOINT")
             cpu_before = _cpu_by_part(procs)
@@ -175,6 +179,7 @@ async def _one_run(admin_url: str, nats_url: str, n: int, senders: int, audience
         await admin.close()
     return {
         "audience": audience,
+        "content": content,
         "recipients": n,
         "import_s": round(import_s, 2),
         "contacts_per_s": round(n / import_s),
@@ -209,11 +214,23 @@ _HTML = (
 )
 _TEXT = "Hello {{ first_name }} {{ last_name }}, your plan is {{ plan }}. Sent to {{ email }}."
 _PRO = {"field": "attributes.plan", "op": "eq", "value": "pro"}
+# The contacts' locales: a quarter each gets the default, de (by fallback from de-DE), fr, pt-BR.
+_LOCALES = ("en", "de-DE", "fr", "pt-BR")
+_I18N = {
+    "subject": "Hello {{ first_name }}", "preheader": "What is new for {{ plan }}", "html": _HTML, "text": _TEXT,
+    **{f"{field}_i18n": {locale: f"[{locale}] {source}" for locale in ("de", "fr", "pt-BR")}
+       for field, source in (("subject", "Hello {{ first_name }}"), ("preheader", "What is new for {{ plan }}"),
+                             ("html", _HTML), ("text", _TEXT))},
+}
 
 
-def run_bench(n: int, runs: int, senders: int, audiences: tuple[str, ...] = ("list",), import_rows: int = 0) -> None:
-    """`runs` times: for each audience kind (a list, a segment of the same people) a send, each
-    followed by the bare pipeline on the same servers."""
+def run_bench(
+    n: int, runs: int, senders: int, audiences: tuple[str, ...] = ("list",), import_rows: int = 0,
+    contents: tuple[str, ...] = ("inline",),
+) -> None:
+    """`runs` times: for each audience kind (a list, a segment of the same people) and content (inline,
+    or a template in three locales with a preheader) a send, each followed by the bare pipeline on the
+    same servers."""
     root = Path(tempfile.mkdtemp(prefix="crier-bench-"))
     stops = []
     admin_url, nats_url = os.environ.get("CRIER_DATABASE_URL", ""), os.environ.get("CRIER_NATS_URL", "")
@@ -230,14 +247,14 @@ def run_bench(n: int, runs: int, senders: int, audiences: tuple[str, ...] = ("li
         for i in range(runs):
             if import_rows:  # a CSV streamed to POST /v1/contacts/imports (shared/tooling/import_bench.py)
                 print(json.dumps({"run": i + 1, **import_bench.run(admin_url, nats_url, import_rows)}), flush=True)
-            for audience in audiences if n else ():
-                result = asyncio.run(_one_run(admin_url, nats_url, n, senders, audience))
+            for audience, content in [(a, c) for a in audiences for c in contents] if n else ():
+                result = asyncio.run(_one_run(admin_url, nats_url, n, senders, audience, content))
                 # The pair interleaved: the bare pipeline right after the send, on the same servers.
                 result["bare_pipeline_s"] = round(asyncio.run(rawpipe.run_once(admin_url, nats_url, n)), 2)
                 result["send_over_bare"] = round(result["send_to_completed_s"] / result["bare_pipeline_s"], 2)
                 results.append(result)
                 print(json.dumps({"run": i + 1, **result}), flush=True)
-        if runs > 1 and len(audiences) == 1 and results:
+        if runs > 1 and len(audiences) == len(contents) == 1 and results:
             med = {k: round(statistics.median(r[k] for r in results), 2)
                    for k in ("import_s", "contacts_per_s", "send_to_completed_s", "recipients_per_s",
                              "bare_pipeline_s", "send_over_bare")}

@@ -178,7 +178,8 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> None:
     from shared.tooling.bench import run_bench
 
     audiences = ("list", "segment") if args.audience == "both" else (args.audience,)
-    run_bench(args.recipients, args.runs, args.senders, audiences, import_rows=args.import_rows)
+    contents = ("inline", "i18n") if args.content == "both" else (args.content,)
+    run_bench(args.recipients, args.runs, args.senders, audiences, import_rows=args.import_rows, contents=contents)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "memory); with --recipients 0, only that")
     bench.add_argument("--audience", choices=("list", "segment", "both"), default="list",
                        help="send to a list, to a segment of the same people, or both in turn (each beside the bare pipeline)")
+    bench.add_argument("--content", choices=("inline", "i18n", "both"), default="inline",
+                       help="the broadcast's own content, a template in three locales with a preheader, or both in turn")
     bench.set_defaults(fn=cmd_bench)
     return parser
 
