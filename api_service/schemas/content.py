@@ -42,7 +42,7 @@ Subject = text(lim.MAX_SUBJECT_CHARS, one_line=True, description="Liquid; email 
 Html = text(lim.MAX_HTML_CHARS, description=f"Liquid HTML, repaired on save ({_CONTENT_NOTE})")
 Text = text(lim.MAX_TEXT_CHARS, description=f"Liquid plain text; derived from the HTML when empty ({_CONTENT_NOTE})")
 ContentAddress = text(lim.MAX_ADDRESS_CHARS, one_line=True, description="an address, or `Name <address>`")
-FromName = text(lim.MAX_FROM_NAME_CHARS, one_line=True, description="Liquid")
+FromName = text(lim.MAX_FROM_NAME_CHARS, one_line=True, description="the sender's display name (as written: no Liquid)")
 Preheader = text(lim.MAX_PREHEADER_CHARS, description="Liquid: the preview text an inbox shows after the subject")
 Label = text(lim.MAX_LABEL_CHARS, description="Liquid: a button's label (shown when the URL is set too)")
 Url = text(lim.MAX_URL_CHARS, one_line=True, description="an http(s) URL (Liquid inside), or Liquid starting with `{{`")

@@ -5,6 +5,7 @@ Both resolve each recipient as a send would: its channels by the broadcast's pol
 variant of the content, and the content rendered per channel within a message's limits."""
 from __future__ import annotations
 
+import itertools
 import uuid
 from datetime import datetime
 from typing import Any
@@ -237,7 +238,7 @@ async def test_send(
     # (recipient, its addresses) of each contact, then each address as a recipient on email.
     targets = [(decode_recipient(r["recipient"]), _decode_addresses(r["addresses"])) for r in contacts]
     targets += [(Recipient(0, e, None, e, None, None), {"email": e}) for e in emails]
-    test_id = uuid.uuid4()
+    test_id, numbers = uuid.uuid4(), itertools.count()
     by_channel: dict[str, list[OutgoingMessage]] = {}
     failed_to_render: list[tuple[str, bool, str | None]] = []
     for n, (recipient, addresses) in enumerate(targets):
@@ -249,8 +250,9 @@ async def test_send(
             if isinstance(content, EmailContent):
                 content = msgspec.structs.replace(content, subject=f"[Test] {content.subject}",
                                                   headers={"X-Crier-Test": "true"})
+            # contact_id numbers the test's messages: it pairs each with its result
             by_channel.setdefault(message.channel, []).append(OutgoingMessage(
-                contact_id=len(failed_to_render) + sum(map(len, by_channel.values())), to=message.address,
+                contact_id=next(numbers), to=message.address,
                 idempotency_key=f"test:{test_id}:{n}:{message.channel}", content=content))
     results = failed_to_render + [
         result for channel, messages in by_channel.items()
