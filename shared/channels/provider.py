@@ -89,6 +89,10 @@ OUTCOME_UNKNOWN = "outcome_unknown"  # lost while the server had the message: no
 WITHDRAWN = "withdrawn"  # the sender's commit said no before the message was handed over: not sent
 SUPPRESSED = "suppressed"  # the address or contact was suppressed (unsubscribed ...) before its batch: not sent
 INVALID_MESSAGE = "invalid_message"  # the address or the message could not be sent as given
+# The address will never take a message from us (an invalid number, a STOP, a bot blocked by the
+# user, an unregistered device token): failed for good, not retried, and the address suppressed
+# (a push token removed from its contact) so no later broadcast tries it again.
+ADDRESS_DEAD = "address_dead"
 REFUSED_PRIVATE_ADDRESS = "refused_private_address"  # the host is not on the public internet
 
 

@@ -23,6 +23,7 @@ import msgspec
 
 from shared.channels import http_client
 from shared.channels.provider import (
+    ADDRESS_DEAD,
     AUTH_FAILED,
     CONNECTION_LOST,
     DEFERRED,
@@ -43,10 +44,6 @@ from shared.channels.provider import (
 )
 from shared.platform import netguard
 from shared.platform.logging import get_logger
-
-# A failure class of this provider: the number will never take a message from us (not a valid
-# number, or its owner replied STOP). Not retryable, and a candidate for suppression.
-ADDRESS_DEAD = "address_dead"
 
 DEFAULT_BASE_URL = "https://api.twilio.com"
 API_VERSION = "2010-04-01"
