@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -30,14 +31,29 @@ class JobContext:
 
     def __init__(
         self, job: Job, renderer: ChannelRenderer, provider: Provider, max_retries: int, signer: Signer,
+        on_unknown: str = "mark_unknown", make_provider: Callable[[], Provider] | None = None,
     ) -> None:
         self.renderer, self.provider, self.max_retries = renderer, provider, max_retries
+        self._make_provider = make_provider
+        # What becomes of a message a sender that died had handed over without hearing back:
+        # `mark_unknown` (never sent again by itself) or `resend` (the provider's account accepts
+        # that a recipient may get it twice).
+        self.on_unknown = on_unknown
         # "broadcast:run:contact:channel", with the job's part formatted once (str(UUID) is not free).
         self._key_prefix, self._key_suffix = f"{job.broadcast_id}:{job.run}:", f":{job.channel}"
         # Each recipient's signed unsubscribe link (about 1 µs), made where it is used: here for the
         # templates when they name it, and by a provider that puts it in the headers (SMTP).
         self._unsubscribe_link = signer.unsubscribe_links(job.tenant_id, job.broadcast_id, job.channel).url
         self._templates_link = renderer.uses_unsubscribe_url
+
+    async def reopen(self) -> None:
+        """A fresh provider session (after the account refused us: a session may remember a refusal
+        and fail the rest without asking again). Raises ProviderUnavailable as open() does."""
+        if self._make_provider is None:
+            return
+        await self.provider.close()
+        self.provider = self._make_provider()
+        await self.provider.open()
 
     def message(self, recipient: Recipient) -> OutgoingMessage:
         variables = recipient.variables()
@@ -97,10 +113,12 @@ class JobContextLoader:
                 self._renderers.clear()
             renderer = self._renderers[key] = ChannelRenderer(
                 content, job.channel, from_email=content.from_email or from_email)
+        def make_provider() -> Provider:
+            return build_provider(provider.kind, provider.config, allow_private_networks=self.allow_private_networks)
+
         return JobContext(
-            job, renderer,
-            build_provider(provider.kind, provider.config, allow_private_networks=self.allow_private_networks),
-            provider.max_retries, await self.keys.signer(con),
+            job, renderer, make_provider(), provider.max_retries, await self.keys.signer(con),
+            provider.config.get("on_unknown") or "mark_unknown", make_provider,
         )
 
     async def _provider(self, con: asyncpg.Connection, job: Job) -> accounts.ProviderRow | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections import Counter, deque
 from datetime import datetime, timezone
 
 import asyncpg
@@ -22,10 +23,16 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from sender_service.job_context import JobContext, JobContextLoader
+from shared.audience import suppressions
 from shared.audience.suppressions import suppressed_sql
+from shared.broadcasts import decider as b
+from shared.broadcasts.handlers import DECIDER, INLINE
 from shared.broadcasts.status import ACTIVE, RUNNING, Status, sql_list
+from shared.channels import breaker
 from shared.channels.provider import (
+    ADDRESS_DEAD,
     OUTCOME_UNKNOWN,
+    PROVIDER_FAILURES,
     SUPPRESSED,
     WITHDRAWN,
     Commit,
@@ -37,7 +44,8 @@ from shared.channels.provider import (
 )
 from shared.channels.registry import address_sql
 from shared.content.templates import TemplateError
-from shared.platform import codec, db, eventstore
+from shared.kernel.errors import WrongStatus
+from shared.platform import codec, commands, db, eventstore
 from shared.platform.bus import WORKERS_CONSUMER, KeepAlive, Names, pull_each
 from shared.platform.logging import get_logger
 from shared.sending import batch as batch_events
@@ -106,6 +114,23 @@ def _outcome(r: Recipient, result: SendResult, attempts: int, now: datetime) -> 
     if result.ok:
         return Outcome(r.contact_id, r.address, "sent", attempts, None, result.provider_message_id, now)
     return Outcome(r.contact_id, r.address, _status_of(result), attempts, result.error or "failed")
+
+
+def _columns(outcomes: list[Outcome]) -> tuple[list, ...]:
+    """The outcomes' contact_id, status, attempts, error, provider_message_id and sent_at, as arrays."""
+    return ([o.contact_id for o in outcomes], [o.status for o in outcomes], [o.attempts for o in outcomes],
+            [o.error for o in outcomes], [o.provider_message_id for o in outcomes], [o.sent_at for o in outcomes])
+
+
+# Recipients one claimed send hands the provider at once: as many as it has requests in flight
+# (`concurrency`; SMTP one), their outcomes written together once all are answered. No more: a
+# sender that dies leaves its claimed, unwritten messages `unknown`, and that must stay at most the
+# messages in flight.
+MAX_GROUP = 100
+
+
+def _group_size(provider: Provider) -> int:
+    return max(1, min(MAX_GROUP, int(getattr(provider, "concurrency", 1) or 1)))
 
 
 class Stopping(Exception):
@@ -196,6 +221,7 @@ class JobProcessor:
         self, pool: asyncpg.Pool, contexts: JobContextLoader, backoff_s: float = 0.5, keep_alive_s: float = 1.5
     ) -> None:
         self.pool, self.contexts, self.backoff_s = pool, contexts, backoff_s
+        self._troubled: set = set()  # providers this process saw errors of: a success closes their breaker
         self.keep_alive_s = keep_alive_s  # how often a job in progress tells JetStream so
 
     async def process(self, job: Job, stop: asyncio.Event | None = None) -> bool:
@@ -240,8 +266,17 @@ class JobProcessor:
         except ProviderUnavailable as exc:
             if exc.retryable:
                 raise  # the job is redelivered later
-            # Retrying cannot help without a change of settings (bad login, TLS): fail the batch now.
-            failure = SendResult(contact_id=0, ok=False, error=f"provider unavailable: {exc}")
+            # Retrying cannot help without a change of settings (bad login, TLS): fail the batch now,
+            # unless the provider's errors open its breaker (the run is paused and the batch held).
+            failure = SendResult(contact_id=0, ok=False, error=f"provider unavailable: {exc}", failure=exc.failure)
+            if exc.failure in PROVIDER_FAILURES and todo:
+                session = _Ledger(self.pool)
+                try:
+                    if (await self._provider_health(session, job, {r.contact_id: failure for r in todo}))[1]:
+                        await session.durably(lambda con: _hold(con, job), "hold")
+                        return False
+                finally:
+                    await session.release()
             return await self._finish(job, recipients, todo, {r.contact_id: failure for r in todo}, {}, bool(previous))
         try:
             if ctx.provider.dedupes:
@@ -252,7 +287,11 @@ class JobProcessor:
                 return await self._finish(job, recipients, todo, results, attempts, bool(previous))
             ledger = _Ledger(self.pool, job)
             try:
-                called_off = await self._send_claimed(ledger, job, ctx, recipients, stop, suppressed)
+                try:
+                    called_off = await self._send_claimed(ledger, job, ctx, recipients, stop, suppressed)
+                except _HeldByBreaker:
+                    await ledger.durably(lambda con: _hold(con, job), "hold")
+                    return False
                 # Called off half-way: the batch ends `dropped`, so its unsent recipients show as dropped.
                 return await self._finish(job, recipients, [], {}, {}, True, "dropped" if called_off else "done",
                                           ledger)
@@ -324,6 +363,17 @@ class JobProcessor:
             )
             previous = await self._ledger(con, job, recipients) if status == "sending" else {}
             in_flight = [cid for cid, s in previous.items() if s == "sending"]
+            if in_flight and ctx.on_unknown == "resend":
+                # The provider's policy: send them again (a recipient may get it twice).
+                await con.execute(
+                    """DELETE FROM messages
+                       WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[]) AND channel = $4
+                         AND status = 'sending'""",
+                    job.broadcast_id, job.run, in_flight, job.channel,
+                )
+                log.warning("recipients left in flight by an attempt that died are sent again (on_unknown: resend)",
+                            broadcast_id=str(job.broadcast_id), seq=job.seq, count=len(in_flight))
+                return {cid: s for cid, s in previous.items() if s != "sending"}
             if in_flight:
                 # Claimed by an attempt that is gone (this job was handed on only once it stopped
                 # keeping it alive) after the message was handed over: nobody knows if it arrived.
@@ -338,68 +388,150 @@ class JobProcessor:
             return previous
 
         previous = await ledger.once(begin)
-        for recipient in recipients:
-            if recipient.contact_id in previous:  # final, or in flight when its attempt died: now unknown
-                continue
+        pending = deque(r for r in recipients if r.contact_id not in previous)  # else final, or now unknown
+        size, tries = _group_size(ctx.provider), Counter[int]()
+        while pending:
             if stop.is_set():
                 raise Stopping()
-            if not await self._send_one_claimed(ledger, job, ctx, recipient, recipient.contact_id in suppressed):
+            group = [pending.popleft() for _ in range(min(size, len(pending)))]
+            go_on, again = await self._send_group_claimed(ledger, job, ctx, group, suppressed, stop, tries)
+            if not go_on:
                 return True
+            if again:  # refused by the provider account, its breaker not open (yet): later, on a new session
+                await asyncio.sleep(min(self.backoff_s * 2 ** (max(tries[r.contact_id] for r in again) - 1), 30.0))
+                await ctx.reopen()
+                pending.extend(again)
         return False
 
-    async def _send_one_claimed(
-        self, ledger: _Ledger, job: Job, ctx: JobContext, recipient: Recipient, suppressed: bool
-    ) -> bool:
-        """Send and record one recipient, claimed when the provider commits to hand it over; False
-        if the run was called off (nothing sent). A suppressed one is recorded, not sent."""
-        claimed = False
+    async def _send_group_claimed(
+        self, ledger: _Ledger, job: Job, ctx: JobContext, group: list[Recipient], suppressed: set[int],
+        stop: asyncio.Event, tries: Counter[int],
+    ) -> tuple[bool, list[Recipient]]:
+        """Send and record a group of recipients in one provider call (an HTTP provider sends them
+        `concurrency` at once), each claimed when the provider commits to hand it over. Returns
+        whether to go on (False: the run was called off, the rest is not sent), and the recipients
+        the provider's account refused (a 401, say) to try again later, up to max_retries (`tries`
+        counts them), unless those errors opened its breaker (then the run is paused and
+        _HeldByBreaker raised). Suppressed ones are recorded, not sent. Raises Stopping, its
+        outcomes written, when `stop` was set before the group was through: the messages not yet
+        handed over are withdrawn and left for the next attempt."""
+        claimed: set[int] = set()
+        by_id = {r.contact_id: r for r in group}
 
         async def claim(message: OutgoingMessage) -> bool:
+            if stop.is_set() and message.contact_id not in claimed:
+                return False
             # The claim also checks that the run still goes on: once it is cancelled, stopped or
             # reset, this batch sends nobody more (a pause lets it finish). Without that check a
             # top-up sent right after a cancel planned the rest of this batch too, and they got
             # both runs' message. Claimed once: a retry of this message commits again.
-            nonlocal claimed
-            if not claimed:
-                claimed = bool(await ledger.once(lambda con: con.fetchval(
+            cid = message.contact_id
+            if cid not in claimed:
+                recipient = by_id[cid]
+                if not await ledger.once(lambda con: con.fetchval(
                     f"""INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts)
                        SELECT $1, $2, $3, $4, $5, $6, 'sending', 1 WHERE {_RUN_GOES_ON}
                        ON CONFLICT DO NOTHING RETURNING true""",
-                    job.broadcast_id, job.run, recipient.contact_id, job.channel, job.seq, recipient.address,
-                )))
-            return claimed
+                    job.broadcast_id, job.run, cid, job.channel, job.seq, recipient.address,
+                )):
+                    return False
+                claimed.add(cid)
+            return True
 
-        messages, results = ([], {recipient.contact_id: _suppressed(recipient.contact_id)}) if suppressed else (
-            self._render(ctx, [recipient]))
+        messages, results = self._render(ctx, [r for r in group if r.contact_id not in suppressed])
+        results.update((cid, _suppressed(cid)) for cid in by_id if cid in suppressed)
         try:
             sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, claim)
-        except CommitFailed as exc:  # Postgres went away at the claim: nothing was handed over
+        except CommitFailed as exc:  # Postgres went away at a claim: nothing more was handed over
             raise exc.__cause__ or exc
         results.update(sent)
-        result = results[recipient.contact_id]
-        o = _outcome(recipient, result, attempts.get(recipient.contact_id, 0 if suppressed else 1),
-                     datetime.now(timezone.utc))
-        if claimed:
+        refused_by_account, opened = await self._provider_health(ledger, job, results)
+        # Not sent (the provider said so), and not final: no claim, no outcome. Either the resume
+        # sends them (the breaker opened), or this attempt tries them again (within max_retries).
+        later = refused_by_account if opened else {cid for cid in refused_by_account if tries[cid] < ctx.max_retries}
+        if later:
             await ledger.durably(lambda con: con.execute(
-                """UPDATE messages SET status = $5, attempts = $6, error = $7, provider_message_id = $8, sent_at = $9
-                   WHERE broadcast_id = $1 AND run = $2 AND contact_id = $3 AND channel = $4 AND status = 'sending'""",
-                job.broadcast_id, job.run, recipient.contact_id, job.channel, o.status, o.attempts, o.error,
-                o.provider_message_id, o.sent_at,
-            ), "outcome")
-            return True
-        if result.failure == WITHDRAWN:  # another attempt holds or finished this recipient, or the run was called off
-            return await ledger.once(lambda con: con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run))
-        # Refused before it was handed over (the template, the address, the server's RCPT answer) or
-        # suppressed: failed (or suppressed) for sure, recorded unless another attempt has this recipient or the run was called off.
-        written = await ledger.durably(lambda con: con.fetchval(
-            f"""INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts, error)
-               SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE {_RUN_GOES_ON}
-               ON CONFLICT DO NOTHING RETURNING true""",
-            job.broadcast_id, job.run, recipient.contact_id, job.channel, job.seq, recipient.address,
-            o.status, o.attempts, o.error,
-        ), "outcome")
-        return bool(written) or await ledger.once(
-            lambda con: con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run))
+                """DELETE FROM messages WHERE broadcast_id = $1 AND run = $2 AND channel = $3
+                     AND contact_id = ANY($4::bigint[]) AND status = 'sending'""",
+                job.broadcast_id, job.run, job.channel, list(later & claimed),
+            ), "unclaim")
+            claimed -= later
+            results = {cid: r for cid, r in results.items() if cid not in later}
+            tries.update(later)
+        now = datetime.now(timezone.utc)
+        outcomes = {cid: _outcome(by_id[cid], result, attempts.get(cid, 0 if cid in suppressed else 1), now)
+                    for cid, result in results.items()}
+        claimed_outcomes = [outcomes[cid] for cid in claimed]
+        # Refused before it was handed over (the template, the address, the provider's answer) or
+        # suppressed: failed (or suppressed) for sure, recorded unless another attempt has it or
+        # the run was called off. Withdrawn (another attempt holds it, or the run was called off):
+        # not recorded here.
+        refused = [o for cid, o in outcomes.items() if cid not in claimed and results[cid].failure != WITHDRAWN]
+        if claimed_outcomes:
+            await ledger.durably(lambda con: con.execute(
+                """UPDATE messages m SET status = o.status, attempts = o.attempts, error = o.error,
+                                         provider_message_id = o.provider_message_id, sent_at = o.sent_at
+                   FROM unnest($4::bigint[], $5::text[], $6::smallint[], $7::text[], $8::text[], $9::timestamptz[])
+                        AS o(contact_id, status, attempts, error, provider_message_id, sent_at)
+                   WHERE m.broadcast_id = $1 AND m.run = $2 AND m.channel = $3 AND m.contact_id = o.contact_id
+                     AND m.status = 'sending'""",
+                job.broadcast_id, job.run, job.channel, *_columns(claimed_outcomes),
+            ), "outcomes")
+        if refused:
+            await ledger.durably(lambda con: con.execute(
+                f"""INSERT INTO messages (broadcast_id, run, contact_id, channel, batch_seq, address, status, attempts, error)
+                   SELECT $1, $2, o.contact_id, $4, $3, o.address, o.status, o.attempts, o.error
+                   FROM unnest($5::bigint[], $6::text[], $7::smallint[], $8::text[], $9::text[])
+                        AS o(contact_id, status, attempts, error, address)
+                   WHERE {_RUN_GOES_ON}
+                   ON CONFLICT DO NOTHING""",
+                job.broadcast_id, job.run, job.seq, job.channel,
+                [o.contact_id for o in refused], [o.status for o in refused], [o.attempts for o in refused],
+                [o.error for o in refused], [o.address for o in refused],
+            ), "outcomes")
+        dead = [(cid, by_id[cid].address) for cid, r in results.items() if r.failure == ADDRESS_DEAD]
+        if dead:
+            await ledger.durably(lambda con: _bury(con, job, dead), "dead addresses")
+        if opened:
+            raise _HeldByBreaker()
+        again = [by_id[cid] for cid in later]
+        if len(claimed) + len(refused) + len(later) == len(group):
+            return True, again
+        if stop.is_set():
+            raise Stopping()
+        # Some were withdrawn: still going on means another attempt holds them, else it was called off.
+        goes_on = await ledger.once(lambda con: con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run))
+        return bool(goes_on), again
+
+    async def _provider_health(
+        self, ledger: _Ledger, job: Job, results: dict[int, SendResult]
+    ) -> tuple[set[int], bool]:
+        """The recipients the provider's account refused (PROVIDER_FAILURES), counted on its breaker
+        (a success closes it), and whether that opened it: the run is then paused with the
+        provider's answer. It stays running when it cannot be paused now (still being planned)."""
+        refused = {cid for cid, r in results.items() if r.failure in PROVIDER_FAILURES}
+        provider_id = job.provider_id
+        if not refused:
+            if provider_id in self._troubled and any(r.ok for r in results.values()):
+                await ledger.once(lambda con: breaker.record_success(con, provider_id))
+                self._troubled.discard(provider_id)
+            return set(), False
+        self._troubled.add(provider_id)
+        answer = next(results[cid].error for cid in refused)
+        errors = await ledger.once(lambda con: breaker.record_errors(con, provider_id, len(refused), answer))
+        return refused, errors >= breaker.THRESHOLD and await self._pause(job, answer)
+
+    async def _pause(self, job: Job, answer: str | None) -> bool:
+        """Pause the job's run because of its provider; False if it cannot be paused now."""
+        command = b.PauseBroadcast(at=datetime.now(timezone.utc), reason="provider_error", detail=answer, run=job.run)
+        try:
+            await commands.handle(self.pool, DECIDER, b.stream_name(job.broadcast_id), command,
+                                  {"tenant_id": str(job.tenant_id), "actor": "sender:breaker"}, INLINE)
+        except WrongStatus:
+            return False
+        log.warning("provider errors opened the breaker: broadcast paused", broadcast_id=str(job.broadcast_id),
+                    provider_id=str(job.provider_id), answer=answer)
+        return True
 
     async def _finish(
         self, job: Job, recipients: list[Recipient], todo: list[Recipient], results: dict[int, SendResult],
@@ -505,6 +637,36 @@ def _completed(job: Job, sent: int, failed: int, unknown: int, suppressed: int) 
 
 class _AlreadyDone(Exception):
     """Another attempt finished the batch first."""
+
+
+async def _hold(con: asyncpg.Connection, job: Job) -> None:
+    """Keep the batch for the resume (which publishes `held` batches again)."""
+    await con.execute(
+        """UPDATE batches SET status = 'held'
+           WHERE broadcast_id = $1 AND run = $2 AND seq = $3 AND status IN ('queued', 'sending')""",
+        job.broadcast_id, job.run, job.seq)
+
+
+class _HeldByBreaker(Exception):
+    """The provider's errors paused the run: the batch is held, its unsent recipients for the resume."""
+
+
+async def _bury(con: asyncpg.Connection, job: Job, dead: list[tuple[int, str]]) -> None:
+    """Addresses the provider says will never take a message: a push token is removed from its
+    contact; any other address is suppressed on the channel (as a bounce), so no later broadcast
+    of the tenant tries it again."""
+    if job.channel == "push":
+        await con.execute(
+            """UPDATE contacts c SET push_tokens = array_remove(c.push_tokens, d.token)
+               FROM unnest($2::bigint[], $3::text[]) AS d(contact_id, token)
+               WHERE c.id = d.contact_id AND c.tenant_id = $1""",
+            job.tenant_id, [cid for cid, _ in dead], [token for _, token in dead])
+        return
+    await suppressions.add_suppressions(con, job.tenant_id, [
+        suppressions.NewSuppression(channel=job.channel, reason="bounced", contact_id=None,
+                                    address=suppressions.normal_address(job.channel, address),
+                                    broadcast_id=job.broadcast_id)
+        for _, address in dead])
 
 
 class _ResumedMeanwhile(Exception):

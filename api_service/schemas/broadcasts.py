@@ -212,7 +212,8 @@ class Broadcast(msgspec.Struct, kw_only=True):
     name: str
     status: str
     # why the latest run ended `failed` or `partially_failed`: "2 of 20 recipients failed", "outcome
-    # unknown for 1 of 20 recipients", both, or why the run could not be carried out; else null
+    # unknown for 1 of 20 recipients", both, or why the run could not be carried out; why it is
+    # `paused` when a sender paused it ("provider_error: <the provider's answer>"); else null
     status_reason: str | None = None
     channel: str
     list_id: uuid.UUID | None  # when the audience is this one list

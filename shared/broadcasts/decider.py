@@ -222,9 +222,13 @@ class OccurrenceSkipped(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     at: datetime
 
 
-class BroadcastPaused(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class BroadcastPaused(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_defaults=True):
     run: int
     at: datetime
+    # Why, when not by hand: "provider_error" when a provider's errors opened the breaker (the
+    # provider's answer in `detail`); a resume tries again.
+    reason: str | None = None
+    detail: str | None = None
 
 
 class BroadcastResumed(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -392,6 +396,9 @@ class FireOccurrence(msgspec.Struct, frozen=True, kw_only=True):
 
 class PauseBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime
+    reason: str | None = None  # see BroadcastPaused
+    detail: str | None = None
+    run: int | None = None  # a sender's pause is for the run it sends: a later run is not paused by it
 
 
 class ResumeBroadcast(msgspec.Struct, frozen=True, kw_only=True):
@@ -665,11 +672,11 @@ def decide(command: Command, state: State) -> list[Event]:
             return _fire(command, state)
         case PauseBroadcast():
             _require_live(state)
-            if state.status is Status.PAUSED:
+            if state.status is Status.PAUSED or (command.run is not None and command.run != state.run):
                 return []
             if state.status is not Status.SENDING:
                 raise WrongStatus("pause", state.status.value)
-            return [BroadcastPaused(run=state.run, at=command.at)]
+            return [BroadcastPaused(run=state.run, at=command.at, reason=command.reason, detail=command.detail)]
         case ResumeBroadcast():
             _require_live(state)
             if state.status in RUNNING:

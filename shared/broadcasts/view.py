@@ -85,7 +85,8 @@ class BroadcastsView:
                 await self._set_status(con, broadcast_id, event, b.Status.DRAFT, decoded.at)
                 await self._unschedule(con, broadcast_id)
             case b.BroadcastPaused():
-                await self._set_status(con, broadcast_id, event, b.Status.PAUSED, decoded.at)
+                reason = f"{decoded.reason}: {decoded.detail}" if decoded.reason and decoded.detail else decoded.reason
+                await self._set_status(con, broadcast_id, event, b.Status.PAUSED, decoded.at, reason=reason)
             case b.BroadcastResumed():
                 await self._set_status(con, broadcast_id, event, b.Status.SENDING, decoded.at)
                 await con.execute("UPDATE broadcasts SET resumes = $2 WHERE id = $1", broadcast_id, decoded.resumes)

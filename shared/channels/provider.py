@@ -96,6 +96,11 @@ ADDRESS_DEAD = "address_dead"
 REFUSED_PRIVATE_ADDRESS = "refused_private_address"  # the host is not on the public internet
 
 
+# Failures of the provider account rather than of a message (a refused login, a revoked token, an
+# endpoint gone): counted by the breaker (shared/channels/breaker.py), which pauses the broadcast.
+PROVIDER_FAILURES = frozenset({AUTH_FAILED})
+
+
 class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     contact_id: int
     ok: bool

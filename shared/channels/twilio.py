@@ -189,6 +189,11 @@ class TwilioProvider:
         # bad login (Twilio may lock an account for that).
         self._auth_failure: str | None = None
 
+    @property
+    def concurrency(self) -> int:
+        """Requests in flight at once (the worker hands it twice as many messages per call)."""
+        return self.config.bounded_concurrency
+
     async def open(self) -> None:
         """Checks the API host (a private one is refused) and takes the account's shared client.
         Nothing is sent: the credentials are first tried by the first message."""
