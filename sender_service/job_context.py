@@ -17,6 +17,7 @@ import msgspec
 
 from shared.channels import accounts
 from shared.channels.provider import OutgoingMessage, Provider
+from shared.channels.ratelimit import Window, windows_of
 from shared.channels.registry import build_provider
 from shared.kernel.content import Content
 from shared.platform.signing import KeyRing, Signer
@@ -32,7 +33,10 @@ class JobContext:
     def __init__(
         self, job: Job, renderer: ChannelRenderer, provider: Provider, max_retries: int, signer: Signer,
         on_unknown: str = "mark_unknown", make_provider: Callable[[], Provider] | None = None,
+        rate_windows: list[Window] | None = None,
     ) -> None:
+        # The provider account's rate limits, held across every sender (shared/channels/ratelimit.py).
+        self.rate_windows = rate_windows or []
         self.renderer, self.provider, self.max_retries = renderer, provider, max_retries
         self._make_provider = make_provider
         # What becomes of a message a sender that died had handed over without hearing back:
@@ -119,6 +123,7 @@ class JobContextLoader:
         return JobContext(
             job, renderer, make_provider(), provider.max_retries, await self.keys.signer(con),
             provider.config.get("on_unknown") or "mark_unknown", make_provider,
+            windows_of(provider.kind, provider.config),
         )
 
     async def _provider(self, con: asyncpg.Connection, job: Job) -> accounts.ProviderRow | None:

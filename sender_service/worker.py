@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+import uuid
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 
 import asyncpg
@@ -28,7 +30,7 @@ from shared.audience.suppressions import suppressed_sql
 from shared.broadcasts import decider as b
 from shared.broadcasts.handlers import DECIDER, INLINE
 from shared.broadcasts.status import ACTIVE, RUNNING, Status, sql_list
-from shared.channels import breaker
+from shared.channels import breaker, http_client, ratelimit
 from shared.channels.provider import (
     ADDRESS_DEAD,
     OUTCOME_UNKNOWN,
@@ -42,12 +44,14 @@ from shared.channels.provider import (
     ProviderUnavailable,
     SendResult,
 )
+from shared.channels.ratelimit import max_batch
 from shared.channels.registry import address_sql
 from shared.content.templates import TemplateError
 from shared.kernel.errors import WrongStatus
 from shared.platform import codec, commands, db, eventstore
 from shared.platform.bus import WORKERS_CONSUMER, KeepAlive, Names, pull_each
 from shared.platform.logging import get_logger
+from shared.platform.secrets import SecretUnreadable
 from shared.sending import batch as batch_events
 from shared.sending.jobs import (
     Job,
@@ -222,6 +226,7 @@ class JobProcessor:
     ) -> None:
         self.pool, self.contexts, self.backoff_s = pool, contexts, backoff_s
         self._troubled: set = set()  # providers this process saw errors of: a success closes their breaker
+        self.limiter = ratelimit.AccountLimiter()
         self.keep_alive_s = keep_alive_s  # how often a job in progress tells JetStream so
 
     async def process(self, job: Job, stop: asyncio.Event | None = None) -> bool:
@@ -258,6 +263,25 @@ class JobProcessor:
             # which marks the batch `sending`; a deduping attempt writes its rows as it finishes.
             previous = await self._ledger(con, job, recipients) if batch["status"] == "sending" else {}
             ctx = await self.contexts.load(con, job, batch["version"])
+        # A 429 this job's provider meets slows every sender using the account (the limiter's hold-off).
+        listener = http_client.pause_listener.set(self._share_pause(job.provider_id))
+        try:
+            return await self._send(job, stop, recipients, previous, ctx, batch)
+        finally:
+            http_client.pause_listener.reset(listener)
+
+    def _share_pause(self, provider_id: uuid.UUID) -> Callable[[float], None]:
+        def share(seconds: float) -> None:
+            task = asyncio.get_running_loop().create_task(self.limiter.hold_off(self.pool, provider_id, seconds))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+        return share
+
+    async def _send(
+        self, job: Job, stop: asyncio.Event, recipients: list[Recipient], previous: dict[int, str], ctx: JobContext,
+        batch: asyncpg.Record,
+    ) -> bool:
         suppressed = set(batch["suppressed"])
         done = {cid for cid, status in previous.items() if status != "sending"}
         todo = [r for r in recipients if r.contact_id not in done]
@@ -281,7 +305,8 @@ class JobProcessor:
         try:
             if ctx.provider.dedupes:
                 messages, results = self._render(ctx, [r for r in todo if r.contact_id not in suppressed])
-                sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries)
+                sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries,
+                                                               limit=self._limit(job, ctx))
                 results.update(sent)
                 results.update((r.contact_id, _suppressed(r.contact_id)) for r in todo if r.contact_id in suppressed)
                 return await self._finish(job, recipients, todo, results, attempts, bool(previous))
@@ -325,9 +350,11 @@ class JobProcessor:
         return messages, failures
 
     async def _send_with_retries(
-        self, provider: Provider, messages: list[OutgoingMessage], max_retries: int, commit: Commit | None = None
+        self, provider: Provider, messages: list[OutgoingMessage], max_retries: int, commit: Commit | None = None,
+        limit: Callable[[int], Awaitable[None]] | None = None,
     ) -> tuple[dict[int, SendResult], dict[int, int]]:
-        """Send, then resend the transient failures up to max_retries times with exponential backoff."""
+        """Send, then resend the transient failures up to max_retries times with exponential backoff;
+        each send waits for `limit` (the account's rate limit) to allow that many messages."""
         results: dict[int, SendResult] = {}
         attempts: dict[int, int] = {}
         pending = messages
@@ -336,6 +363,8 @@ class JobProcessor:
                 break
             if retry:
                 await asyncio.sleep(min(self.backoff_s * 2 ** (retry - 1), 30.0))
+            if limit is not None:
+                await limit(len(pending))
             for message, result in zip(pending, await provider.send(pending, commit)):
                 results[message.contact_id] = result
                 attempts[message.contact_id] = retry + 1
@@ -441,7 +470,8 @@ class JobProcessor:
         messages, results = self._render(ctx, [r for r in group if r.contact_id not in suppressed])
         results.update((cid, _suppressed(cid)) for cid in by_id if cid in suppressed)
         try:
-            sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, claim)
+            sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, claim,
+                                                           self._limit(job, ctx))
         except CommitFailed as exc:  # Postgres went away at a claim: nothing more was handed over
             raise exc.__cause__ or exc
         results.update(sent)
@@ -502,6 +532,23 @@ class JobProcessor:
         # Some were withdrawn: still going on means another attempt holds them, else it was called off.
         goes_on = await ledger.once(lambda con: con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run))
         return bool(goes_on), again
+
+    def _limit(self, job: Job, ctx: JobContext) -> Callable[[int], Awaitable[None]] | None:
+        """Waits until the account's rate limits, shared by every sender, allow `n` more messages
+        (None: the account has none). Raises RateLimited when that is past the limiter's patience
+        (a day's budget spent): the job is handed back for later."""
+        windows = ctx.rate_windows
+        if not windows and not self.limiter.holding(job.provider_id):
+            return None
+        most = max_batch(windows) or MAX_GROUP
+
+        async def limit(n: int) -> None:
+            while n > 0:
+                step = min(n, most)
+                await self.limiter.acquire(self.pool, job.provider_id, windows, step)
+                n -= step
+
+        return limit
 
     async def _provider_health(
         self, ledger: _Ledger, job: Job, results: dict[int, SendResult]
@@ -647,6 +694,9 @@ async def _hold(con: asyncpg.Connection, job: Job) -> None:
         job.broadcast_id, job.run, job.seq)
 
 
+_background: set[asyncio.Task[None]] = set()  # hold-offs being written (held: not collected)
+
+
 class _HeldByBreaker(Exception):
     """The provider's errors paused the run: the batch is held, its unsent recipients for the resume."""
 
@@ -758,6 +808,16 @@ async def _handle(msg: Msg, processor: JobProcessor, stop: asyncio.Event) -> Non
         return
     except BatchBusy:  # its earlier attempt lives on: look again shortly (the lock goes with its process)
         await msg.nak(delay=1.0)
+        return
+    except SecretUnreadable as exc:  # no configured key opens the provider's secrets: the operator must act
+        log.error("job waits: the provider's secrets cannot be opened with CRIER_SECRET_KEY",
+                  broadcast_id=str(job.broadcast_id), seq=job.seq, error=str(exc))
+        await msg.nak(delay=60.0)
+        return
+    except ratelimit.RateLimited as exc:  # the account's budget is spent for longer than is worth waiting
+        log.info("job handed back: the provider's rate limit", broadcast_id=str(job.broadcast_id), seq=job.seq,
+                 retry_after_s=exc.retry_after_s)
+        await msg.nak(delay=min(exc.retry_after_s, 600.0))
         return
     except Exception as exc:  # Postgres down, provider unreachable ...: try again later
         log.warning("job failed, will be redelivered", broadcast_id=str(job.broadcast_id), seq=job.seq,

@@ -13,13 +13,21 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import nats
 import pytest
+from cryptography.fernet import Fernet
 
+from shared.platform import secrets
 from shared.platform.db import migrate
 from shared.platform.logging import configure_logging
 from shared.platform.settings import Settings
 from shared.tooling.embedded import start_nats, start_postgres
 
 configure_logging("console", os.environ.get("CRIER_TEST_LOG_LEVEL", "warning"))
+
+# One key seals provider secrets for the whole session. It is in the environment too: the senders
+# tests start as processes (tests/stack.py, tests/test_faults.py) inherit it and open what the
+# in-process API sealed.
+TEST_SECRET_KEY = Fernet.generate_key().decode()
+os.environ["CRIER_SECRET_KEY"] = TEST_SECRET_KEY
 
 
 def _with_database(url: str, name: str) -> str:
@@ -100,7 +108,7 @@ async def nats_prefix(infra):
 
 @pytest.fixture
 def settings(infra, db_url, nats_prefix) -> Settings:
-    return Settings(
+    settings = Settings(
         database_url=db_url,
         nats_url=infra.nats_url,
         nats_prefix=nats_prefix,
@@ -112,4 +120,8 @@ def settings(infra, db_url, nats_prefix) -> Settings:
         tenant_rate_limit_per_s=100_000.0, tenant_rate_limit_burst=100_000,
         auth_failures_per_minute=10_000,
         allow_private_networks=True,  # the SMTP peers listen on 127.0.0.1
+        secret_key=TEST_SECRET_KEY,
     )
+    # What `crier api` / `crier sender` do at start; create_app and run_sender in a test use this box.
+    secrets.install(secrets.SecretBox.from_settings(settings))
+    return settings

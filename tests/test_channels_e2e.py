@@ -2,10 +2,7 @@
 its provider fails, dead addresses, and the claimed send's bounded concurrency."""
 from __future__ import annotations
 
-import uuid
 from collections import Counter
-
-import asyncpg
 
 from tests.stack import Api, api_for, sender_in_process
 from tests.twilio_peer import TwilioPeer
@@ -18,6 +15,7 @@ async def sms_broadcast(api: Api, twilio: TwilioPeer, n: int, **provider: object
     await api.post(f"/v1/lists/{lst['id']}/members", {"contact_ids": ids})
     texts = await api.post("/v1/providers", {"name": "texts", "kind": "twilio", **twilio.provider_config(),
                                              "allow_insecure_auth": True, "batch_size": 10, "batch_delay_ms": 0,
+                                             "rate_limits": [],
                                              **provider})
     created = await api.post("/v1/broadcasts", {"name": "sms", "list_id": lst["id"], "channels": ["sms"],
                                                 "provider_id": texts["id"], "content": {"sms": {"body": "n{{ i }}"}}})

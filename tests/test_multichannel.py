@@ -41,7 +41,8 @@ async def setup(api: Api, smtp: SmtpPeer, twilio: TwilioPeer, policy: str, conte
         "name": "mail", "channel": "email", "kind": "smtp", "host": smtp.host, "port": smtp.port, "starttls": False,
         "from_email": "news@example.com", "batch_size": 2, "batch_delay_ms": 0})
     texts = await api.post("/v1/providers", {"name": "texts", "kind": "twilio", **twilio.provider_config(),
-                                             "allow_insecure_auth": True, "batch_size": 2, "batch_delay_ms": 0})
+                                             "allow_insecure_auth": True, "batch_size": 2, "batch_delay_ms": 0,
+                                             "rate_limits": []})
     created = await api.post("/v1/broadcasts", {
         "name": f"both ways {policy}", "list_id": lst["id"], "channels": ["email", "sms"], "channel_policy": policy,
         "providers": {"email": mail["id"], "sms": texts["id"]}, "content": content or CONTENT})

@@ -17,6 +17,8 @@ SHIPPED = [
     "021_channels.sql",
     "022_media.sql",
     "023_templates.sql",
+    "024_provider_rate_limits.sql",
+    "025_provider_breakers.sql",
 ]
 
 

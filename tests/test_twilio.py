@@ -15,7 +15,7 @@ import httpx
 import msgspec
 import pytest
 
-from shared.channels import http_client, registry
+from shared.channels import accounts, http_client, registry
 from shared.channels.provider import (
     AUTH_FAILED,
     DEFERRED,
@@ -33,7 +33,7 @@ from shared.channels.provider import (
 )
 from shared.channels.registry import build_provider
 from shared.channels.twilio import ADDRESS_DEAD, TwilioProvider, retry_after_s
-from shared.platform import netguard
+from shared.platform import db, netguard
 from tests.tenant_env import tenant_env
 from tests.twilio_peer import (  # noqa: F401  (twilio_peer: the fixture)
     ACCOUNT_SID,
@@ -348,11 +348,15 @@ async def test_a_twilio_provider_keeps_its_token_and_never_returns_it(env, twili
     listed = await env.reader.http.get("/v1/providers?kind=twilio", headers=env.reader.headers)
     assert listed.json()["total"] == 1 and "tw-secret" not in listed.text
     config = await env.sql("fetchval", "SELECT config FROM providers WHERE id = $1", uuid.UUID(pid))
-    assert config["auth_token"] == "tw-secret-0042" and config["concurrency"] == 20
-    # A stored config is what the sender builds the provider from
+    assert set(config["auth_token"]) == {"$sealed"} and config["concurrency"] == 20  # sealed at rest
+    # A stored config, opened as the sender loads it, is what the sender builds the provider from
     peer_config = twilio_peer.provider_config()
     pid = (await env.writer.call("POST", "/v1/providers", 201, json={**TWILIO_BODY, **peer_config}))["id"]
-    config = await env.sql("fetchval", "SELECT config FROM providers WHERE id = $1", uuid.UUID(pid))
+    con = await db.connect(env.database_url)
+    try:
+        config = (await accounts.get(con, env.tenant_id, uuid.UUID(pid))).config
+    finally:
+        await con.close()
     assert (await env.writer.call("POST", f"/v1/providers/{pid}/test", 200)) == {"ok": True, "failure": None}
     provider = build_provider("twilio", config, allow_private_networks=True)
     await provider.open()

@@ -17,7 +17,37 @@ import msgspec
 from email_validator import EmailNotValidError, validate_email
 from msgspec import UNSET, Meta, UnsetType
 
-from api_service.schemas.common import NO_NUL, ONE_LINE, Input, Name
+from api_service.schemas import (
+    provider_fcm,
+    provider_telegram,
+    provider_webhook,
+    provider_whatsapp,
+)
+from api_service.schemas.common import ONE_LINE, Input, Name
+from api_service.schemas.provider_fcm import FcmProvider, FcmProviderCreate
+from api_service.schemas.provider_fields import (
+    BatchDelayMs,
+    BatchSize,
+    Concurrency,
+    HttpUrl,
+    InsecureHttp,
+    MaxRetries,
+    OnUnknown,
+    RateLimits,
+    Secret,
+    TimeoutS,
+    check_rate_limits,
+    check_url,
+)
+from api_service.schemas.provider_telegram import (
+    TelegramProvider,
+    TelegramProviderCreate,
+)
+from api_service.schemas.provider_webhook import WebhookProvider, WebhookProviderCreate
+from api_service.schemas.provider_whatsapp import (
+    WhatsappProvider,
+    WhatsappProviderCreate,
+)
 from shared.channels.accounts import (
     DEFAULT_BATCH_DELAY_MS,
     DEFAULT_BATCH_SIZE,
@@ -26,20 +56,14 @@ from shared.channels.accounts import (
 )
 from shared.channels.twilio import DEFAULT_BASE_URL as TWILIO_BASE_URL
 from shared.channels.twilio import DEFAULT_CONCURRENCY as TWILIO_CONCURRENCY
-from shared.channels.twilio import MAX_CONCURRENCY as TWILIO_MAX_CONCURRENCY
 from shared.kernel.errors import Invalid
 from shared.platform import netguard
 
 Channel = Literal["email"]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Host = Annotated[str, Meta(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+$")]
-Secret = Annotated[str, Meta(max_length=1024, pattern=NO_NUL)]
 # The From header: one line (a CR or LF could never be sent, and would inject headers).
 Address = Annotated[str, Meta(min_length=3, max_length=320, pattern=ONE_LINE, description="an address, or `Name <address>`")]
-BatchSize = Annotated[int, Meta(ge=1, le=10000, description="recipients per batch job")]
-BatchDelayMs = Annotated[int, Meta(ge=0, le=86_400_000, description="delay between batches (0: none)")]
-MaxRetries = Annotated[int, Meta(ge=0, le=10, description="resends of a message after a transient failure")]
-TimeoutS = Annotated[float, Meta(gt=0, le=300, description="seconds to wait for the server on each command")]
 InsecureAuth = Annotated[bool, Meta(description=(
     "log in without TLS: the username and password are sent in clear, readable by anyone on the path. "
     "Required to save a login with starttls false and no implicit_tls"
@@ -48,7 +72,6 @@ InsecureAuth = Annotated[bool, Meta(description=(
 SMTP_PORT, SMTPS_PORT = 587, 465
 
 SmsChannel = Literal["sms"]
-_URL_HOST = re.compile(r"^[A-Za-z0-9._:-]+$")  # what urlsplit leaves of a name or an address (no brackets)
 
 
 def _sid(prefix: str, what: str) -> Any:
@@ -59,13 +82,6 @@ AccountSid = _sid("AC", "the Twilio account")
 ApiKeySid = _sid("SK", "a Twilio API key, used instead of the auth token with api_key_secret")
 MessagingServiceSid = _sid("MG", "a Twilio Messaging Service (its sender pool; RCS senders live there)")
 PhoneNumber = Annotated[str, Meta(pattern=r"^\+[1-9][0-9]{1,14}$", description="a phone number in E.164: +14155550100")]
-HttpUrl = Annotated[str, Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s\x00]+$")]
-Concurrency = Annotated[int, Meta(ge=1, le=TWILIO_MAX_CONCURRENCY, description=(
-    "requests in flight at once for this account, per sender process"))]
-InsecureHttp = Annotated[bool, Meta(description=(
-    "send the account credentials over plain http: readable by anyone on the path. Required to save an http:// "
-    "base_url"
-))]
 
 
 class SmtpProviderCreate(Input, tag_field="kind", tag="smtp", kw_only=True):
@@ -86,6 +102,8 @@ class SmtpProviderCreate(Input, tag_field="kind", tag="smtp", kw_only=True):
     batch_size: BatchSize = DEFAULT_BATCH_SIZE
     batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
+    rate_limits: RateLimits = None
+    on_unknown: OnUnknown = "mark_unknown"
 
 
 class TwilioProviderCreate(Input, tag_field="kind", tag="twilio", kw_only=True):
@@ -109,6 +127,8 @@ class TwilioProviderCreate(Input, tag_field="kind", tag="twilio", kw_only=True):
     batch_size: BatchSize = DEFAULT_BATCH_SIZE
     batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
+    rate_limits: RateLimits = None
+    on_unknown: OnUnknown = "mark_unknown"
 
 
 # The null provider stands in for any channel's (dry runs of a multi-channel broadcast, load tests).
@@ -124,12 +144,19 @@ class NullProviderCreate(Input, tag_field="kind", tag="null", kw_only=True):
     batch_size: BatchSize = DEFAULT_BATCH_SIZE
     batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
+    rate_limits: RateLimits = None
+    on_unknown: OnUnknown = "mark_unknown"
 
 
-ProviderCreate = SmtpProviderCreate | TwilioProviderCreate | NullProviderCreate
-_CREATE_OF_KIND: dict[str, type[SmtpProviderCreate] | type[TwilioProviderCreate] | type[NullProviderCreate]] = {
+ProviderCreate = (SmtpProviderCreate | TwilioProviderCreate | WhatsappProviderCreate | TelegramProviderCreate
+                  | FcmProviderCreate | WebhookProviderCreate | NullProviderCreate)
+_CREATE_OF_KIND: dict[str, Any] = {
     "smtp": SmtpProviderCreate,
     "twilio": TwilioProviderCreate,
+    "whatsapp_cloud": WhatsappProviderCreate,
+    "telegram_bot": TelegramProviderCreate,
+    "fcm": FcmProviderCreate,
+    "webhook": WebhookProviderCreate,
     "null": NullProviderCreate,
 }
 _COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")
@@ -167,6 +194,20 @@ class ProviderPatch(Input, kw_only=True):
     batch_size: BatchSize | UnsetType = UNSET
     batch_delay_ms: BatchDelayMs | UnsetType = UNSET
     max_retries: MaxRetries | UnsetType = UNSET
+    rate_limits: RateLimits | UnsetType = UNSET
+    on_unknown: OnUnknown | UnsetType = UNSET
+    # whatsapp_cloud, telegram_bot, fcm, webhook (their modules' PATCH_FIELDS)
+    phone_number_id: provider_whatsapp.PhoneNumberId | UnsetType = UNSET
+    access_token: provider_whatsapp.AccessToken | UnsetType = UNSET
+    api_version: provider_whatsapp.ApiVersion | UnsetType = UNSET
+    bot_token: provider_telegram.BotToken | UnsetType = UNSET
+    link_previews: provider_telegram.LinkPreviews | UnsetType = UNSET
+    service_account_key: provider_fcm.ServiceAccountKeyText | UnsetType = UNSET
+    project_id: provider_fcm.ProjectId | None | UnsetType = UNSET
+    url: provider_webhook.WebhookUrl | UnsetType = UNSET
+    secret: provider_webhook.WebhookSecret | UnsetType = UNSET
+    headers: provider_webhook.StaticHeaders | UnsetType = UNSET
+    allow_insecure: InsecureHttp | UnsetType = UNSET
 
 
 class SmtpProvider(msgspec.Struct, tag_field="kind", tag="smtp", kw_only=True):
@@ -188,6 +229,8 @@ class SmtpProvider(msgspec.Struct, tag_field="kind", tag="smtp", kw_only=True):
     max_retries: int
     created_at: datetime
     updated_at: datetime
+    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
+    on_unknown: str = "mark_unknown"
 
 
 class TwilioProvider(msgspec.Struct, tag_field="kind", tag="twilio", kw_only=True):
@@ -210,6 +253,8 @@ class TwilioProvider(msgspec.Struct, tag_field="kind", tag="twilio", kw_only=Tru
     max_retries: int
     created_at: datetime
     updated_at: datetime
+    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
+    on_unknown: str = "mark_unknown"
 
 
 class NullProvider(msgspec.Struct, tag_field="kind", tag="null", kw_only=True):
@@ -222,9 +267,12 @@ class NullProvider(msgspec.Struct, tag_field="kind", tag="null", kw_only=True):
     max_retries: int
     created_at: datetime
     updated_at: datetime
+    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
+    on_unknown: str = "mark_unknown"
 
 
-Provider = SmtpProvider | TwilioProvider | NullProvider
+Provider = (SmtpProvider | TwilioProvider | WhatsappProvider | TelegramProvider | FcmProvider | WebhookProvider
+            | NullProvider)
 
 
 class ProviderCheck(msgspec.Struct, kw_only=True):
@@ -273,19 +321,7 @@ def _check_smtp(data: SmtpProviderCreate) -> None:
                                   "allow_insecure_auth to true to send the password in clear")
 
 
-def _check_url(field: str, value: str | None) -> None:
-    """An http(s) URL with a host, nothing in it that would be a credential or not part of an endpoint."""
-    if value is None:
-        return
-    try:
-        parts = urlsplit(value)
-        _ = parts.port  # raises for a port that is not a number or out of range
-    except ValueError as exc:
-        raise Invalid(field, f"not a URL: {exc}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or not _URL_HOST.match(parts.hostname):
-        raise Invalid(field, "must be an http or https URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise Invalid(field, "must not carry a user or password")
+_check_url = check_url
 
 
 def _check_twilio(data: TwilioProviderCreate) -> None:
@@ -309,11 +345,20 @@ def _check_twilio(data: TwilioProviderCreate) -> None:
 
 def validated(data: ProviderCreate) -> NewProvider:
     """Checks what the struct types cannot (addresses, combinations) and splits columns from config."""
+    check_rate_limits(data.rate_limits)
     if isinstance(data, SmtpProviderCreate):
         _check_address("from_email", data.from_email)
         _check_smtp(data)
     elif isinstance(data, TwilioProviderCreate):
         _check_twilio(data)
+    elif isinstance(data, WhatsappProviderCreate):
+        provider_whatsapp.check_whatsapp(data)
+    elif isinstance(data, TelegramProviderCreate):
+        provider_telegram.check_telegram(data)
+    elif isinstance(data, FcmProviderCreate):
+        provider_fcm.check_fcm(data)
+    elif isinstance(data, WebhookProviderCreate):
+        provider_webhook.check_webhook(data)
     else:
         _check_address("from_email", data.from_email)
     kind = data.__struct_config__.tag
@@ -336,8 +381,17 @@ async def check_endpoint(kind: str, config: dict[str, Any], *, allow_private_net
         return
     if kind == "smtp":
         field, host = "host", config["host"]
-    elif kind == "twilio":
+    elif kind in ("twilio", "whatsapp_cloud"):
         field, host = "base_url", urlsplit(config["base_url"]).hostname or ""
+    elif kind == "telegram_bot":
+        field, host = provider_telegram.ENDPOINT_FIELD, provider_telegram.endpoint_host(config)
+    elif kind == "webhook":
+        field, host = provider_webhook.ENDPOINT_FIELD, provider_webhook.endpoint_host(config)
+    elif kind == "fcm":
+        for field, host in provider_fcm.endpoint_hosts(config):
+            if reason := await netguard.refusal_at_save(host):
+                raise Invalid(field, reason)
+        return
     else:
         return
     if reason := await netguard.refusal_at_save(host):
@@ -376,6 +430,13 @@ def patched(row: ProviderRow, patch: ProviderPatch) -> dict[str, Any]:
 
 
 def to_response(row: ProviderRow) -> Provider:
+    """The provider as the API shows it: its settings, never its secrets (`*_set` says whether one is)."""
+    return msgspec.structs.replace(
+        _kind_response(row), rate_limits=row.config.get("rate_limits"),
+        on_unknown=row.config.get("on_unknown") or "mark_unknown")
+
+
+def _kind_response(row: ProviderRow) -> Provider:
     c = row.config
     common: dict[str, Any] = dict(
         id=row.id, name=row.name, channel=row.channel, batch_size=row.batch_size, batch_delay_ms=row.batch_delay_ms,
@@ -411,4 +472,12 @@ def to_response(row: ProviderRow) -> Provider:
             concurrency=int(c.get("concurrency") or TWILIO_CONCURRENCY),
             timeout_s=float(c.get("timeout_s", 30.0)),
         )
+    if row.kind == "whatsapp_cloud":
+        return provider_whatsapp.whatsapp_response(common, c)
+    if row.kind == "telegram_bot":
+        return provider_telegram.telegram_response(common, c)
+    if row.kind == "fcm":
+        return provider_fcm.fcm_response(common, c)
+    if row.kind == "webhook":
+        return provider_webhook.webhook_response(common, c)
     return NullProvider(**common, from_email=c.get("from_email"))

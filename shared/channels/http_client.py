@@ -9,6 +9,7 @@ loop that opened them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import typing
 import weakref
@@ -103,12 +104,20 @@ class SharedClient:
 
     def pause(self, seconds: float) -> None:
         self.resume_at = max(self.resume_at, asyncio.get_running_loop().time() + seconds)
+        if (listener := pause_listener.get()) is not None:  # the other senders should slow down too
+            listener(seconds)
 
     async def wait_if_paused(self) -> None:
         loop = asyncio.get_running_loop()
         while (wait := self.resume_at - loop.time()) > 0:  # a later pause may extend it while asleep
             await asyncio.sleep(wait)
 
+
+# Told of every pause of an account (its provider answered 429) by the job whose send met it: the
+# worker sets it per job, to share the pause with every sender through the account's rate limiter
+# (shared/channels/ratelimit.py). A context variable, so providers need not know of it.
+pause_listener: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar(
+    "pause_listener", default=None)
 
 _closing: set[asyncio.Task[None]] = set()  # evicted clients closing in the background (held: not collected)
 _caches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, OrderedDict[Hashable, SharedClient]] = (

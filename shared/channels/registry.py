@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.channels.fcm import FcmProvider
 from shared.channels.null import NullProvider
 from shared.channels.provider import Provider
 from shared.channels.smtp import SmtpProvider
+from shared.channels.telegram_bot import TelegramBotProvider
 from shared.channels.twilio import TwilioProvider
+from shared.channels.webhook import WebhookProvider
+from shared.channels.whatsapp_cloud import WhatsappCloudProvider
 
 # SQL over a contact row `c`: its address on the channel, NULL when it has none (it is then not
 # part of that channel's audience). The one place that decides a recipient's address.
@@ -21,7 +25,10 @@ ADDRESS_SQL: dict[str, str] = {
     "webhook": "c.id::text",
 }
 
-KINDS: dict[str, Any] = {"smtp": SmtpProvider, "twilio": TwilioProvider, "null": NullProvider}
+KINDS: dict[str, Any] = {
+    "smtp": SmtpProvider, "twilio": TwilioProvider, "whatsapp_cloud": WhatsappCloudProvider,
+    "telegram_bot": TelegramBotProvider, "fcm": FcmProvider, "webhook": WebhookProvider, "null": NullProvider,
+}
 
 
 def address_sql(channel: str) -> str:

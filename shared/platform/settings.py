@@ -70,6 +70,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Where people reach this deployment's public pages (unsubscribe links in every message):
     # empty means http://{api_host}:{api_port}, which only suits a local setup.
     public_url: str = ""
+    # Fernet keys that seal provider secrets at rest (shared/platform/secrets.py), comma-separated:
+    # the first seals, all open. Never logged: __repr__ below hides it.
+    secret_key: str = ""
+    # Without a secret key, `crier api` / `crier sender` refuse to start unless this says that
+    # storing provider secrets in clear is meant.
+    allow_plaintext_secrets: bool = False
+
+    def __repr__(self) -> str:
+        return f"Settings({', '.join(f'{n}={v!r}' for n, v in self.__rich_repr__())})"
+
+    def __rich_repr__(self):  # type: ignore[no-untyped-def]  # what repr() and rich show: no secret
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            yield name, ("<hidden>" if name in _HIDDEN and value else value)
 
     @property
     def data_path(self) -> Path:
@@ -84,6 +98,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return f"http://{host}:{self.api_port}"
 
 
+_HIDDEN = frozenset({"secret_key"})
 _ENV_PREFIX = "CRIER_"
 
 

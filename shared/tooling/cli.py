@@ -18,12 +18,32 @@ def _require_urls(settings: Settings) -> None:
         sys.exit(f"crier: set {' and '.join(missing)} (or run `crier dev` for the embedded servers)")
 
 
+def _install_secret_box(settings: Settings) -> None:
+    """The services seal provider secrets with CRIER_SECRET_KEY. Without one they do not start:
+    a deployment must not go on storing credentials in clear because a variable was forgotten,
+    unless CRIER_ALLOW_PLAINTEXT_SECRETS says that is meant."""
+    from shared.platform import secrets
+    from shared.platform.logging import get_logger
+
+    try:
+        box = secrets.SecretBox.from_settings(settings)
+    except ValueError as exc:
+        sys.exit(f"crier: {exc}")
+    if not box.can_seal:
+        if not settings.allow_plaintext_secrets:
+            sys.exit("crier: set CRIER_SECRET_KEY (`crier secrets key` makes one) so that provider secrets are "
+                     "sealed at rest, or CRIER_ALLOW_PLAINTEXT_SECRETS=true to store them in clear")
+        get_logger(__name__).warning("CRIER_SECRET_KEY is not set: provider secrets are stored in clear")
+    secrets.install(box)
+
+
 def cmd_api(settings: Settings, args: argparse.Namespace) -> None:
     import uvicorn
 
     from api_service.app import create_app
 
     _require_urls(settings)
+    _install_secret_box(settings)
     _tune_gc()  # a contact import allocates millions of short-lived lists: 2 of its 6 CPU s on 1M CSV rows (measured)
     uvicorn.run(
         create_app(settings),
@@ -40,6 +60,7 @@ def cmd_sender(settings: Settings, args: argparse.Namespace) -> None:
     from sender_service.main import run_sender
 
     _require_urls(settings)
+    _install_secret_box(settings)
     _tune_gc()
     asyncio.run(run_sender(settings))
 
@@ -159,6 +180,33 @@ def cmd_keys_retire(settings: Settings, args: argparse.Namespace) -> None:
     print(f"retired {args.kid}: its links no longer work")
 
 
+def cmd_secrets_seal(settings: Settings, args: argparse.Namespace) -> None:
+    from shared.channels import accounts
+    from shared.platform import secrets
+
+    _require_db(settings)
+    try:
+        box = secrets.SecretBox.from_settings(settings)
+    except ValueError as exc:
+        sys.exit(f"crier: {exc}")
+    if not box.can_seal:
+        sys.exit("crier: set CRIER_SECRET_KEY: the first of its keys seals")
+    report = asyncio.run(_with_con(settings, lambda con: accounts.reseal_all(con, box)))
+    print(f"sealed {report.sealed} value(s) stored in clear, re-sealed {report.resealed} under the first key, "
+          f"{report.current} already under it")
+    for exc in report.unreadable:  # each names the provider and the field, never the value
+        print(f"crier: {exc}", file=sys.stderr)
+    if report.unreadable:
+        sys.exit(f"crier: {len(report.unreadable)} provider(s) left as they were: put the key that sealed them "
+                 "back in CRIER_SECRET_KEY and run this again")
+
+
+def cmd_secrets_key(settings: Settings, args: argparse.Namespace) -> None:
+    from cryptography.fernet import Fernet
+
+    print(Fernet.generate_key().decode())  # for CRIER_SECRET_KEY; shown once, kept nowhere
+
+
 def cmd_rebuild(settings: Settings, args: argparse.Namespace) -> None:
     from shared.tooling.rebuild import rebuild_named
 
@@ -175,7 +223,14 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> None:
+    from cryptography.fernet import Fernet
+
     from shared.tooling.bench import run_bench
+
+    # The bench's API and senders are child processes that refuse to start without a key; its
+    # databases are thrown away, and so is this key.
+    if not settings.secret_key:
+        os.environ["CRIER_SECRET_KEY"] = Fernet.generate_key().decode()
 
     audiences = ("list", "segment") if args.audience == "both" else (args.audience,)
     contents = ("inline", "i18n") if args.content == "both" else (args.content,)
@@ -227,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     kretire = keys.add_parser("retire", help="stop the links a key signed from working (once its mail is old enough)")
     kretire.add_argument("kid", type=int)
     kretire.set_defaults(fn=cmd_keys_retire)
+
+    secrets = sub.add_parser("secrets", help="provider secrets, sealed at rest with CRIER_SECRET_KEY").add_subparsers(
+        dest="action", required=True)
+    secrets.add_parser("seal", help="seal every provider secret under the first key: those stored in clear, and "
+                                    "those sealed with an older key (rotation)").set_defaults(fn=cmd_secrets_seal)
+    secrets.add_parser("key", help="print a new key for CRIER_SECRET_KEY").set_defaults(fn=cmd_secrets_key)
 
     imp = sub.add_parser("import", help="stream a CSV or NDJSON file of contacts to the API (with a progress bar)")
     imp.add_argument("file")

@@ -1,9 +1,10 @@
 """`crier dev`: the whole stack on one machine with nothing installed but Crier.
 
 Starts (or reuses, under .crier/) an embedded Postgres and nats-server unless CRIER_DATABASE_URL /
-CRIER_NATS_URL point elsewhere, migrates, makes a dev tenant and write token, and runs the API
-and one sender as child processes until Ctrl-C (or SIGTERM, what `docker stop`, systemd and
-`timeout` send, or SIGHUP, a closed terminal), then stops everything it started.
+CRIER_NATS_URL point elsewhere, migrates, makes a dev tenant and write token (and, unless
+CRIER_SECRET_KEY is set, a key that seals provider secrets), and runs the API and one sender as
+child processes until Ctrl-C (or SIGTERM, what `docker stop`, systemd and `timeout` send, or
+SIGHUP, a closed terminal), then stops everything it started.
 """
 from __future__ import annotations
 
@@ -51,6 +52,22 @@ async def _dev_token(database_url: str, token_file: Path) -> str:
     return issued.token
 
 
+def dev_secret_key(key_file: Path) -> str:
+    """The key that seals the dev stack's provider secrets: made on the first start, kept beside the
+    data it seals and reused on every later one (a new key would leave the stored secrets unreadable)."""
+    from cryptography.fernet import Fernet
+
+    try:
+        # Created with its mode (0600) in one step: there is no moment when others may read it.
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return key_file.read_text().strip()
+    with os.fdopen(fd, "w") as out:
+        key = Fernet.generate_key().decode()
+        out.write(key + "\n")
+    return key
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # the one way out: the `finally` of run_dev stops everything
 
@@ -83,6 +100,8 @@ def run_dev(settings: Settings) -> None:
         # A local stack talks to local servers (an SMTP sink on localhost): private hosts allowed,
         # unless CRIER_ALLOW_PRIVATE_NETWORKS says otherwise.
         env.setdefault("CRIER_ALLOW_PRIVATE_NETWORKS", "true")
+        if not settings.secret_key:  # the API and the sender refuse to start without one
+            env["CRIER_SECRET_KEY"] = dev_secret_key(data / "secret-key")
         token = asyncio.run(_dev_token(database_url, data / "dev-token"))
 
         crier = [sys.executable, "-m", "shared.tooling.cli"]
@@ -97,6 +116,8 @@ def run_dev(settings: Settings) -> None:
             f"  API docs:   {base}/schema  (Swagger UI: {base}/schema/swagger)\n"
             f"  Token:      {token}\n"
             f"              (also in {data / 'dev-token'})\n"
+            f"  Secrets:    provider secrets sealed with "
+            f"{'CRIER_SECRET_KEY' if settings.secret_key else data / 'secret-key'}\n"
             f"  Postgres:   {database_url}\n"
             f"  NATS:       {nats_url}\n"
             f"  Try:        curl -H 'Authorization: Bearer {token}' {base}/v1/broadcasts\n"

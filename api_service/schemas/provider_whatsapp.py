@@ -1,0 +1,126 @@
+"""The whatsapp_cloud provider kind in /v1/providers: its create body, its response (the access token
+never leaves), the checks the struct types cannot make, and what providers.py needs to store and
+patch it (CONFIG_FIELDS, SECRET_FIELDS, PATCH_FIELDS).
+
+The shared field types (batch size, timeouts, URLs ...) live in providers.py, which imports this
+module to add the kind to its union: a cycle. So providers.py is imported at the bottom, as a module,
+and its names are used only in annotations (strings until msgspec resolves them at first use) and in
+function bodies. Either module may then be imported first, wherever providers.py imports this one.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+from msgspec import Meta
+
+from api_service.schemas.common import Input, Name
+from shared.channels.accounts import (
+    DEFAULT_BATCH_DELAY_MS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_RETRIES,
+)
+from shared.channels.whatsapp_cloud import (
+    API_VERSION_RE,
+    DEFAULT_API_VERSION,
+    DEFAULT_BASE_URL,
+    DEFAULT_CONCURRENCY,
+    MAX_CONCURRENCY,
+    PHONE_NUMBER_ID_RE,
+)
+from shared.kernel.errors import Invalid
+
+KIND = "whatsapp_cloud"
+
+WhatsappChannel = Literal["whatsapp"]
+PhoneNumberId = Annotated[str, Meta(pattern=f"^{PHONE_NUMBER_ID_RE}$", description=(
+    "the WhatsApp Business phone number's ID in Meta's API (digits; not the phone number itself)"))]
+# Printable ASCII without spaces: it goes into the Authorization header as is.
+AccessToken = Annotated[str, Meta(min_length=1, max_length=2048, pattern=r"^[\x21-\x7e]+$", description=(
+    "a Meta access token with whatsapp_business_messaging permission (a System User token); never returned"))]
+ApiVersion = Annotated[str, Meta(pattern=f"^{API_VERSION_RE}$", description="the Graph API version, e.g. v21.0")]
+WhatsappConcurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY, description=(
+    "requests in flight at once for this phone number, per sender process"))]
+
+
+class WhatsappProviderCreate(Input, tag_field="kind", tag=KIND, kw_only=True):
+    """WhatsApp template messages through Meta's WhatsApp Business Cloud API: one HTTPS request per
+    message, `concurrency` at once, with the access token of the business phone number's account."""
+
+    name: Name
+    channel: WhatsappChannel = "whatsapp"
+    phone_number_id: PhoneNumberId
+    access_token: AccessToken
+    api_version: ApiVersion = DEFAULT_API_VERSION
+    base_url: Annotated[_providers.HttpUrl, Meta(description="Meta's Graph API, or a stand-in for it")] = DEFAULT_BASE_URL
+    allow_insecure_auth: _providers.InsecureHttp = False
+    concurrency: WhatsappConcurrency = DEFAULT_CONCURRENCY
+    timeout_s: _providers.TimeoutS = 30.0
+    batch_size: _providers.BatchSize = DEFAULT_BATCH_SIZE
+    batch_delay_ms: _providers.BatchDelayMs = DEFAULT_BATCH_DELAY_MS
+    max_retries: _providers.MaxRetries = DEFAULT_MAX_RETRIES
+    rate_limits: _providers.RateLimits = None
+    on_unknown: _providers.OnUnknown = "mark_unknown"
+
+
+class WhatsappProvider(msgspec.Struct, tag_field="kind", tag=KIND, kw_only=True):
+    id: uuid.UUID
+    name: str
+    channel: str
+    phone_number_id: str
+    access_token_set: bool  # the token itself is never returned
+    api_version: str
+    base_url: str
+    allow_insecure_auth: bool
+    concurrency: int
+    timeout_s: float
+    batch_size: int
+    batch_delay_ms: int
+    max_retries: int
+    created_at: datetime
+    updated_at: datetime
+    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
+    on_unknown: str = "mark_unknown"
+
+
+_COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")
+# What the row's `config` keeps: everything that is not a column.
+CONFIG_FIELDS: tuple[str, ...] = tuple(f for f in WhatsappProviderCreate.__struct_fields__ if f not in _COLUMNS)
+SECRET_FIELDS: tuple[str, ...] = ("access_token",)
+# The fields ProviderPatch does not have yet, with their types (it has base_url, allow_insecure_auth,
+# concurrency and timeout_s already, with the same bounds).
+PATCH_FIELDS: dict[str, Any] = {"phone_number_id": PhoneNumberId, "access_token": AccessToken,
+                                "api_version": ApiVersion}
+
+
+def check_whatsapp(data: WhatsappProviderCreate) -> None:
+    """The cross-field rules: a base URL that is only an endpoint, and the token only over https."""
+    _providers.check_url("base_url", data.base_url)
+    base = urlsplit(data.base_url)
+    if base.query or base.fragment:
+        raise Invalid("base_url", "must not have a query or a fragment")
+    if base.scheme == "http" and not data.allow_insecure_auth:
+        raise Invalid("base_url", "the access token is only sent over https: use an https URL, or set "
+                                  "allow_insecure_auth to true to send it in clear")
+
+
+def whatsapp_response(common: dict[str, Any], config: dict[str, Any]) -> WhatsappProvider:
+    """The response for a stored row: `common` the column fields (as providers.to_response builds them)."""
+    return WhatsappProvider(
+        **common,
+        phone_number_id=config["phone_number_id"],
+        access_token_set=bool(config.get("access_token")),
+        api_version=config.get("api_version") or DEFAULT_API_VERSION,
+        base_url=config.get("base_url") or DEFAULT_BASE_URL,
+        allow_insecure_auth=bool(config.get("allow_insecure_auth", False)),
+        concurrency=int(config.get("concurrency") or DEFAULT_CONCURRENCY),
+        timeout_s=float(config.get("timeout_s", 30.0)),
+    )
+
+
+# Last, and as a module, for the cycle with providers.py (see the module's docstring): when providers.py
+# is imported first, it is still half-run here, and its names are looked up only later.
+import api_service.schemas.provider_fields as _providers  # noqa: E402
