@@ -28,6 +28,7 @@ from shared.kernel.errors import (
 from shared.kernel.limits import PATTERN_REASONS
 from shared.platform.db import is_connection_error
 from shared.platform.logging import get_logger
+from shared.platform.secrets import SecretUnreadable
 
 log = get_logger(__name__)
 
@@ -191,6 +192,11 @@ def _unavailable(request: Request, exc: Exception, dependency: str) -> Response:
 def _unexpected(request: Request, exc: Exception) -> Response:
     if dependency := _dependency_down(exc):
         return _unavailable(request, exc, dependency)
+    if isinstance(exc, SecretUnreadable):  # CRIER_SECRET_KEY lacks the key a provider was sealed with
+        log.error("a provider's secrets cannot be opened", path=request.url.path, error=str(exc))
+        return problem(503, "a provider's secrets cannot be opened with this deployment's keys (CRIER_SECRET_KEY); "
+                            "the operator must add the key they were sealed with", "secrets_unreadable",
+                       ).to_response(request)
     log.error("unhandled error", path=request.url.path, exc_info=exc)
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "an unexpected error occurred").to_response(request)
 

@@ -320,3 +320,17 @@ def test_crier_dev_makes_its_key_once_private_and_reuses_it(tmp_path):
     inode = key_file.stat().st_ino
     assert dev_secret_key(key_file) == key and key_file.stat().st_ino == inode  # reused, not rewritten
     assert SecretBox.from_settings(load_settings({"CRIER_SECRET_KEY": key})).can_seal
+
+
+async def test_the_api_answers_503_for_a_provider_no_configured_key_opens(settings):
+    async with tenant_env(settings) as env:
+        # Given a provider sealed under a key this deployment does not have
+        con = await db.connect(settings.database_url)
+        try:
+            stranger = await accounts.create(con, tenant_id=env.tenant_id, name="old", kind="smtp",
+                                             config=smtp_config(), box=SecretBox([KEY_A]))
+        finally:
+            await con.close()
+        # Then reading it is a 503 that says why, not a 500, and shows no secret
+        problem = await env.writer.problem("GET", f"/v1/providers/{stranger.id}", 503, "secrets_unreadable")
+    assert "CRIER_SECRET_KEY" in problem["detail"] and PASSWORD not in str(problem)
