@@ -77,6 +77,14 @@ class Routing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     providers: dict[str, uuid.UUID] = {}  # channel -> provider, for the channels after the first
 
 
+def provider_of(channel: str, first: str, first_provider: uuid.UUID | None, routing: Routing | None) -> uuid.UUID | None:
+    """The provider a broadcast sends `channel` through: `first_provider` for its first channel,
+    the routing's for the others (None when it names none)."""
+    if channel == first or routing is None:
+        return first_provider
+    return routing.providers.get(channel)
+
+
 # ---- events (class names are the stored types: never rename) ----
 
 
@@ -144,9 +152,9 @@ class BroadcastStarted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
         return self.routing.channels if self.routing is not None and self.routing.channels else (self.channel,)
 
     def provider_of(self, channel: str) -> uuid.UUID:
-        if channel == self.channel or self.routing is None:
-            return self.provider_id
-        return self.routing.providers[channel]
+        found = provider_of(channel, self.channel, self.provider_id, self.routing)
+        assert found is not None  # a run starts only with a provider for each channel (_require_sendable)
+        return found
 
     @property
     def target(self) -> Audience:
@@ -485,6 +493,9 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
         """Every channel it sends on, `channel` first."""
         return self.routing.channels if self.routing is not None and self.routing.channels else (self.channel,)
 
+    def provider_of(self, channel: str) -> uuid.UUID | None:
+        return provider_of(channel, self.channel, self.provider_id, self.routing)
+
     @property
     def live(self) -> bool:
         """Created and not deleted: commands other than create act only on a live broadcast."""
@@ -737,7 +748,7 @@ def _require_sendable(state: State) -> None:
     if state.provider_id is None:
         raise Invalid("provider_id", "a broadcast needs a provider to be sent")
     for channel in state.channels[1:]:
-        if state.routing is None or channel not in state.routing.providers:
+        if state.provider_of(channel) is None:
             raise Invalid(f"providers.{channel}", f"a broadcast on {channel} needs a provider for it")
     if state.template_id is None and state.content is not None:
         if missing := missing_channels(state.content, state.channels):

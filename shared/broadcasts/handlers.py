@@ -368,17 +368,12 @@ async def transition(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, 
     closes the breakers of the broadcast's providers: it is the user saying "try again"."""
     async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
         if isinstance(command, b.ResumeBroadcast) and state.live and state.tenant_id == actor.tenant_id:
-            providers = [p for c in state.channels if (p := _provider_of(state, c)) is not None]
+            providers = [p for c in state.channels if (p := state.provider_of(c)) is not None]
             await con.execute("UPDATE provider_breakers SET errors = 0 WHERE provider_id = ANY($1::uuid[])", providers)
         return [command]
 
     return await _row(pool, actor, broadcast_id, prepare)
 
-
-def _provider_of(state: b.State, channel: str) -> uuid.UUID | None:
-    if channel == state.channel or state.routing is None:
-        return state.provider_id
-    return state.routing.providers.get(channel)
 
 
 async def fire(pool: asyncpg.Pool, broadcast_id: uuid.UUID, occurrence_at: datetime, at: datetime) -> bool:

@@ -176,10 +176,8 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
         return self.routing.get("channel_policy", "all") if self.routing else "all"
 
     def provider_of(self, channel: str) -> uuid.UUID | None:
-        if channel == self.channel or not self.routing:
-            return self.provider_id
-        found = self.routing.get("providers", {}).get(channel)
-        return uuid.UUID(found) if found else None
+        routing = msgspec.convert(self.routing, b.Routing) if self.routing else None
+        return b.provider_of(channel, self.channel, self.provider_id, routing)
 
     @property
     def target(self) -> Audience | None:
