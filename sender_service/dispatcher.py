@@ -46,7 +46,7 @@ RUNS_PER_ROUND = 1000  # runs looked at per wake-up (the oldest first); the rest
 # many of their published batches are unfinished. `settled_below` keeps the count a short range
 # scan: batches below it all have an outcome.
 _CANDIDATES = f"""
-    SELECT r.broadcast_id, r.run, r.tenant_id, r.channel, r.provider_id, r.multichannel, r.published, r.batches,
+    SELECT r.broadcast_id, r.run, r.tenant_id, r.channel, r.provider_id, r.provider_ids, r.multichannel, r.published, r.batches,
            r.next_due_at,
            r.settled_below AS was_settled_below, coalesce(f.lowest, r.published) AS settled_below, f.in_flight,
            coalesce(b.run = r.run AND NOT b.deleted AND b.status IN {sql_list(RUNNING)}, false) AS goes_on,
@@ -157,9 +157,10 @@ class Dispatcher:
         jobs = []
         for seq in range(first, first + n):
             route = routes.get(seq)
+            channel = route["channel"] if route else run["channel"]
             jobs.append(Job(tenant_id=run["tenant_id"], broadcast_id=run["broadcast_id"], run=run["run"], seq=seq,
-                            channel=route["channel"] if route else run["channel"],
-                            provider_id=route["provider_id"] if route else run["provider_id"]))
+                            channel=channel, provider_id=route["provider_id"] if route else run["provider_id"],
+                            pool=tuple(run["provider_ids"]) if channel == run["channel"] else ()))
         return jobs
 
     async def _record(

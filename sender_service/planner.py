@@ -58,8 +58,10 @@ class Plan:
     def job(self, seq: int, resumes: int = 0, channel: str | None = None, provider_id: uuid.UUID | None = None) -> Job:
         """Batch `seq`'s job (`channel` and `provider_id`: a multi-channel run's batch's own)."""
         s = self.started
+        channel = channel or s.channel
         return Job(tenant_id=self.tenant_id, broadcast_id=self.broadcast_id, run=self.run, seq=seq,
-                   channel=channel or s.channel, provider_id=provider_id or s.provider_id, resumes=resumes)
+                   channel=channel, provider_id=provider_id or s.provider_id, resumes=resumes,
+                   pool=s.provider_ids if channel == s.channel else ())
 
     @property
     def multichannel(self) -> bool:
@@ -317,12 +319,13 @@ class Planner:
                 if await accounts.pacing(con, plan.tenant_id, plan.started.provider_of(channel)) is None:
                     await self._fail(plan, f"the broadcast's provider for {channel} no longer exists")
                     return
+            # A pool sends while any of its providers is left (a deleted one is skipped like a failing one).
             await con.execute(
-                """INSERT INTO runs (broadcast_id, run, tenant_id, channel, provider_id, multichannel)
-                   VALUES ($1, $2, $3, $4, $5, $6)
+                """INSERT INTO runs (broadcast_id, run, tenant_id, channel, provider_id, multichannel, provider_ids)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
                    ON CONFLICT DO NOTHING""",
                 plan.broadcast_id, plan.run, plan.tenant_id, plan.started.channel, plan.started.provider_id,
-                plan.multichannel,
+                plan.multichannel, list(plan.started.provider_ids),
             )
         batch_size = pacing[0]
         try:

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from sender_service.job_context import JobContext, JobContextLoader
+from sender_service.provider_pool import FAIL_OVER_FAILURES
 from shared.audience import suppressions
 from shared.audience.suppressions import suppressed_sql
 from shared.broadcasts import decider as b
@@ -264,15 +265,15 @@ class JobProcessor:
             previous = await self._ledger(con, job, recipients) if batch["status"] == "sending" else {}
             ctx = await self.contexts.load(con, job, batch["version"])
         # A 429 this job's provider meets slows every sender using the account (the limiter's hold-off).
-        listener = http_client.pause_listener.set(self._share_pause(job.provider_id))
+        listener = http_client.pause_listener.set(self._share_pause(ctx))
         try:
             return await self._send(job, stop, recipients, previous, ctx, batch)
         finally:
             http_client.pause_listener.reset(listener)
 
-    def _share_pause(self, provider_id: uuid.UUID) -> Callable[[float], None]:
-        def share(seconds: float) -> None:
-            task = asyncio.get_running_loop().create_task(self.limiter.hold_off(self.pool, provider_id, seconds))
+    def _share_pause(self, ctx: JobContext) -> Callable[[float], None]:
+        def share(seconds: float) -> None:  # the account the job sends through now (a pool fails over)
+            task = asyncio.get_running_loop().create_task(self.limiter.hold_off(self.pool, ctx.provider_id, seconds))
             _background.add(task)
             task.add_done_callback(_background.discard)
 
@@ -286,7 +287,7 @@ class JobProcessor:
         done = {cid for cid, status in previous.items() if status != "sending"}
         todo = [r for r in recipients if r.contact_id not in done]
         try:
-            await ctx.provider.open()
+            await ctx.open()
         except ProviderUnavailable as exc:
             if exc.retryable:
                 raise  # the job is redelivered later
@@ -296,7 +297,7 @@ class JobProcessor:
             if exc.failure in PROVIDER_FAILURES and todo:
                 session = _Ledger(self.pool)
                 try:
-                    if (await self._provider_health(session, job, {r.contact_id: failure for r in todo}))[1]:
+                    if (await self._provider_health(session, job, ctx, {r.contact_id: failure for r in todo}))[1]:
                         await session.durably(lambda con: _hold(con, job), "hold")
                         return False
                 finally:
@@ -305,8 +306,8 @@ class JobProcessor:
         try:
             if ctx.provider.dedupes:
                 messages, results = self._render(ctx, [r for r in todo if r.contact_id not in suppressed])
-                sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries,
-                                                               limit=self._limit(job, ctx))
+                pooled = {r.contact_id: r for r in todo} if len(ctx.accounts) > 1 else None
+                sent, attempts = await self._send_with_retries(ctx, messages, limit=self._limit(ctx), recipients=pooled)
                 results.update(sent)
                 results.update((r.contact_id, _suppressed(r.contact_id)) for r in todo if r.contact_id in suppressed)
                 return await self._finish(job, recipients, todo, results, attempts, bool(previous))
@@ -350,25 +351,36 @@ class JobProcessor:
         return messages, failures
 
     async def _send_with_retries(
-        self, provider: Provider, messages: list[OutgoingMessage], max_retries: int, commit: Commit | None = None,
-        limit: Callable[[int], Awaitable[None]] | None = None,
+        self, ctx: JobContext, messages: list[OutgoingMessage], commit: Commit | None = None,
+        limit: Callable[[int], Awaitable[None]] | None = None, recipients: dict[int, Recipient] | None = None,
     ) -> tuple[dict[int, SendResult], dict[int, int]]:
-        """Send, then resend the transient failures up to max_retries times with exponential backoff;
-        each send waits for `limit` (the account's rate limit) to allow that many messages."""
+        """Send through the context's provider, then resend the transient failures up to max_retries
+        times with exponential backoff; each send waits for `limit` (the account's rate limit) to
+        allow that many messages. Messages the provider could not take at all (down, TLS or login
+        refused: nothing handed over) go to the next provider of a pool at once, without counting a
+        retry (`recipients`: to make them again when that provider's default sender differs)."""
         results: dict[int, SendResult] = {}
         attempts: dict[int, int] = {}
-        pending = messages
-        for retry in range(max_retries + 1):
-            if not pending:
-                break
-            if retry:
-                await asyncio.sleep(min(self.backoff_s * 2 ** (retry - 1), 30.0))
+        pending, retry = messages, 0
+        while pending:
             if limit is not None:
                 await limit(len(pending))
-            for message, result in zip(pending, await provider.send(pending, commit)):
+            renderer = ctx.renderer
+            for message, result in zip(pending, await ctx.provider.send(pending, commit)):
                 results[message.contact_id] = result
-                attempts[message.contact_id] = retry + 1
-            pending = [m for m in pending if not results[m.contact_id].ok and results[m.contact_id].retryable]
+                attempts[message.contact_id] = attempts.get(message.contact_id, 0) + 1
+            failed = [m for m in pending if not results[m.contact_id].ok]
+            moved = [m for m in failed if results[m.contact_id].failure in FAIL_OVER_FAILURES]
+            if len(ctx.accounts) > 1 and moved and len(moved) == len(failed) == len(pending) and (
+                    await ctx.fail_over(results[moved[0].contact_id].error or "failed")):
+                if recipients is not None and ctx.renderer is not renderer:
+                    moved = [ctx.message(recipients[m.contact_id]) for m in moved]
+                pending = moved
+                continue
+            retry += 1
+            pending = [m for m in failed if results[m.contact_id].retryable] if retry <= ctx.max_retries else []
+            if pending:
+                await asyncio.sleep(min(self.backoff_s * 2 ** (retry - 1), 30.0))
         return results, attempts
 
     async def _send_claimed(
@@ -470,12 +482,11 @@ class JobProcessor:
         messages, results = self._render(ctx, [r for r in group if r.contact_id not in suppressed])
         results.update((cid, _suppressed(cid)) for cid in by_id if cid in suppressed)
         try:
-            sent, attempts = await self._send_with_retries(ctx.provider, messages, ctx.max_retries, claim,
-                                                           self._limit(job, ctx))
+            sent, attempts = await self._send_with_retries(ctx, messages, claim, self._limit(ctx), by_id)
         except CommitFailed as exc:  # Postgres went away at a claim: nothing more was handed over
             raise exc.__cause__ or exc
         results.update(sent)
-        refused_by_account, opened = await self._provider_health(ledger, job, results)
+        refused_by_account, opened = await self._provider_health(ledger, job, ctx, results)
         # Not sent (the provider said so), and not final: no claim, no outcome. Either the resume
         # sends them (the breaker opened), or this attempt tries them again (within max_retries).
         later = refused_by_account if opened else {cid for cid in refused_by_account if tries[cid] < ctx.max_retries}
@@ -533,31 +544,33 @@ class JobProcessor:
         goes_on = await ledger.once(lambda con: con.fetchval(f"SELECT {_RUN_GOES_ON}", job.broadcast_id, job.run))
         return bool(goes_on), again
 
-    def _limit(self, job: Job, ctx: JobContext) -> Callable[[int], Awaitable[None]] | None:
+    def _limit(self, ctx: JobContext) -> Callable[[int], Awaitable[None]] | None:
         """Waits until the account's rate limits, shared by every sender, allow `n` more messages
         (None: the account has none). Raises RateLimited when that is past the limiter's patience
         (a day's budget spent): the job is handed back for later."""
-        windows = ctx.rate_windows
-        if not windows and not self.limiter.holding(job.provider_id):
+        if not any(a.rate_windows or self.limiter.holding(a.provider_id) for a in ctx.accounts):
             return None
-        most = max_batch(windows) or MAX_GROUP
 
-        async def limit(n: int) -> None:
+        async def limit(n: int) -> None:  # the account the job sends through now (a pool fails over)
+            windows = ctx.rate_windows
+            if not windows and not self.limiter.holding(ctx.provider_id):
+                return
+            most = max_batch(windows) or MAX_GROUP
             while n > 0:
                 step = min(n, most)
-                await self.limiter.acquire(self.pool, job.provider_id, windows, step)
+                await self.limiter.acquire(self.pool, ctx.provider_id, windows, step)
                 n -= step
 
         return limit
 
     async def _provider_health(
-        self, ledger: _Ledger, job: Job, results: dict[int, SendResult]
+        self, ledger: _Ledger, job: Job, ctx: JobContext, results: dict[int, SendResult]
     ) -> tuple[set[int], bool]:
         """The recipients the provider's account refused (PROVIDER_FAILURES), counted on its breaker
         (a success closes it), and whether that opened it: the run is then paused with the
         provider's answer. It stays running when it cannot be paused now (still being planned)."""
         refused = {cid for cid, r in results.items() if r.failure in PROVIDER_FAILURES}
-        provider_id = job.provider_id
+        provider_id = ctx.provider_id
         if not refused:
             if provider_id in self._troubled and any(r.ok for r in results.values()):
                 await ledger.once(lambda con: breaker.record_success(con, provider_id))
@@ -566,9 +579,9 @@ class JobProcessor:
         self._troubled.add(provider_id)
         answer = next(results[cid].error for cid in refused)
         errors = await ledger.once(lambda con: breaker.record_errors(con, provider_id, len(refused), answer))
-        return refused, errors >= breaker.THRESHOLD and await self._pause(job, answer)
+        return refused, errors >= breaker.THRESHOLD and await self._pause(job, provider_id, answer)
 
-    async def _pause(self, job: Job, answer: str | None) -> bool:
+    async def _pause(self, job: Job, provider_id: uuid.UUID, answer: str | None) -> bool:
         """Pause the job's run because of its provider; False if it cannot be paused now."""
         command = b.PauseBroadcast(at=datetime.now(timezone.utc), reason="provider_error", detail=answer, run=job.run)
         try:
@@ -577,7 +590,7 @@ class JobProcessor:
         except WrongStatus:
             return False
         log.warning("provider errors opened the breaker: broadcast paused", broadcast_id=str(job.broadcast_id),
-                    provider_id=str(job.provider_id), answer=answer)
+                    provider_id=str(provider_id), answer=answer)
         return True
 
     async def _finish(

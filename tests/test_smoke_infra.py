@@ -19,6 +19,7 @@ SHIPPED = [
     "023_templates.sql",
     "024_provider_rate_limits.sql",
     "025_provider_breakers.sql",
+    "026_provider_pools.sql",
 ]
 
 

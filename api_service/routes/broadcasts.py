@@ -209,6 +209,7 @@ class BroadcastController(Controller):
             at=services.clock(),
             routing=routing,
             template_id=data.template_id,
+            provider_ids=tuple(data.provider_ids or ()),
         )
         # With a schedule it is created straight into `scheduled`, in the same transaction.
         min_interval_s = services.settings.min_cron_interval_s

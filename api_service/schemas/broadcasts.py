@@ -104,6 +104,10 @@ ChannelPolicy = Annotated[Literal["all", "first_available"], Meta(description=(
     "them. A recipient's channels without an address are recorded as `skipped` (`no_address`)"))]
 Providers = Annotated[dict[Channel, uuid.UUID], Meta(description=(
     "the provider of each channel (the first channel's may be given as `provider_id` instead)"))]
+ProviderIds = Annotated[list[uuid.UUID], Meta(min_length=1, max_length=lim.MAX_PROVIDER_POOL, description=(
+    "several providers for the first channel (the email API's `email_server_ids`), instead of "
+    "`provider_id`: they share its load by their `weight`, and one that fails (down, refusing the "
+    "login) is skipped while the others send"))]
 
 
 class BroadcastCreate(ScheduleFields, kw_only=True):
@@ -111,6 +115,7 @@ class BroadcastCreate(ScheduleFields, kw_only=True):
     list_id: Annotated[uuid.UUID | None, Meta(description="shorthand for `audience: {lists: [list_id]}`")] = None
     audience: AudienceIn | None = None
     provider_id: uuid.UUID | None = None
+    provider_ids: ProviderIds | None = None
     channels: Channels | None = None
     channel_policy: ChannelPolicy = "all"
     providers: Providers = {}
@@ -171,7 +176,8 @@ class BroadcastPatch(Input, kw_only=True):
     name: Name | UnsetType = UNSET
     list_id: uuid.UUID | None | UnsetType = UNSET  # replaces the audience with this one list
     audience: AudienceIn | None | UnsetType = UNSET  # replaces the list (or the audience)
-    provider_id: uuid.UUID | None | UnsetType = UNSET
+    provider_id: uuid.UUID | None | UnsetType = UNSET  # another provider replaces provider_ids
+    provider_ids: ProviderIds | UnsetType = UNSET
     channels: Channels | UnsetType = UNSET
     channel_policy: ChannelPolicy | UnsetType = UNSET
     providers: Providers | UnsetType = UNSET  # replaces them all
@@ -219,6 +225,7 @@ class Broadcast(msgspec.Struct, kw_only=True):
     list_id: uuid.UUID | None  # when the audience is this one list
     audience: AudienceOut  # always set: {lists: [list_id]} for a broadcast created with list_id
     provider_id: uuid.UUID | None
+    provider_ids: list[uuid.UUID]  # the first channel's providers sharing its load ([] when just provider_id)
     channels: list[str]  # `channel` first
     channel_policy: str
     providers: dict[str, uuid.UUID]  # every channel's, `channel`'s (provider_id) included

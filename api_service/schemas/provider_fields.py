@@ -12,6 +12,7 @@ from api_service.schemas.common import NO_NUL
 from shared.channels.ratelimit import parse_windows
 from shared.channels.twilio import MAX_CONCURRENCY as TWILIO_MAX_CONCURRENCY
 from shared.kernel.errors import Invalid
+from shared.kernel.limits import MAX_PROVIDER_WEIGHT
 
 Secret = Annotated[str, Meta(max_length=1024, pattern=NO_NUL)]
 BatchSize = Annotated[int, Meta(ge=1, le=10000, description="recipients per batch job")]
@@ -34,6 +35,9 @@ RateLimits = Annotated[list[RateWindow], Meta(max_length=4, description=(
     "the account's rate limits (at most 4 windows, one per `per`); null: the kind's documented ceiling "
     "(Telegram 30/second, WhatsApp 80/second per number, a Twilio long code 1/second, FCM 600,000/minute), "
     "[]: none"))] | None
+Weight = Annotated[int, Meta(ge=1, le=MAX_PROVIDER_WEIGHT, description=(
+    "this provider's share of a broadcast's load when the broadcast names several (`provider_ids`): "
+    "batches go to each in proportion to its weight"))]
 OnUnknown = Annotated[Literal["mark_unknown", "resend"], Meta(description=(
     "a message a sender that died had handed over, without hearing back: `mark_unknown` (never resent by "
     "itself; a retry asking for `unknown` sends it) or `resend` (sent again: the recipient may get it twice)"))]

@@ -76,6 +76,7 @@ class WebhookProviderCreate(Input, tag_field="kind", tag="webhook", kw_only=True
     max_retries: _providers.MaxRetries = DEFAULT_MAX_RETRIES
     rate_limits: _providers.RateLimits = None
     on_unknown: _providers.OnUnknown = "mark_unknown"
+    weight: _providers.Weight = 1
 
     def __repr__(self) -> str:  # a logged or raised repr must not carry the secret
         shown = (f"{f}={'<secret>' if f in SECRET_FIELDS else repr(getattr(self, f))}" for f in self.__struct_fields__)
@@ -99,6 +100,7 @@ class WebhookProvider(msgspec.Struct, tag_field="kind", tag="webhook", kw_only=T
     updated_at: datetime
     rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
     on_unknown: str = "mark_unknown"
+    weight: int = 1
 
 
 _COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")

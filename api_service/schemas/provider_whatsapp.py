@@ -64,6 +64,7 @@ class WhatsappProviderCreate(Input, tag_field="kind", tag=KIND, kw_only=True):
     max_retries: _providers.MaxRetries = DEFAULT_MAX_RETRIES
     rate_limits: _providers.RateLimits = None
     on_unknown: _providers.OnUnknown = "mark_unknown"
+    weight: _providers.Weight = 1
 
 
 class WhatsappProvider(msgspec.Struct, tag_field="kind", tag=KIND, kw_only=True):
@@ -84,6 +85,7 @@ class WhatsappProvider(msgspec.Struct, tag_field="kind", tag=KIND, kw_only=True)
     updated_at: datetime
     rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
     on_unknown: str = "mark_unknown"
+    weight: int = 1
 
 
 _COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")

@@ -36,6 +36,7 @@ from api_service.schemas.provider_fields import (
     RateLimits,
     Secret,
     TimeoutS,
+    Weight,
     check_rate_limits,
     check_url,
 )
@@ -104,6 +105,7 @@ class SmtpProviderCreate(Input, tag_field="kind", tag="smtp", kw_only=True):
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
     rate_limits: RateLimits = None
     on_unknown: OnUnknown = "mark_unknown"
+    weight: Weight = 1
 
 
 class TwilioProviderCreate(Input, tag_field="kind", tag="twilio", kw_only=True):
@@ -129,6 +131,7 @@ class TwilioProviderCreate(Input, tag_field="kind", tag="twilio", kw_only=True):
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
     rate_limits: RateLimits = None
     on_unknown: OnUnknown = "mark_unknown"
+    weight: Weight = 1
 
 
 # The null provider stands in for any channel's (dry runs of a multi-channel broadcast, load tests).
@@ -146,6 +149,7 @@ class NullProviderCreate(Input, tag_field="kind", tag="null", kw_only=True):
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
     rate_limits: RateLimits = None
     on_unknown: OnUnknown = "mark_unknown"
+    weight: Weight = 1
 
 
 ProviderCreate = (SmtpProviderCreate | TwilioProviderCreate | WhatsappProviderCreate | TelegramProviderCreate
@@ -196,6 +200,7 @@ class ProviderPatch(Input, kw_only=True):
     max_retries: MaxRetries | UnsetType = UNSET
     rate_limits: RateLimits | UnsetType = UNSET
     on_unknown: OnUnknown | UnsetType = UNSET
+    weight: Weight | UnsetType = UNSET
     # whatsapp_cloud, telegram_bot, fcm, webhook (their modules' PATCH_FIELDS)
     phone_number_id: provider_whatsapp.PhoneNumberId | UnsetType = UNSET
     access_token: provider_whatsapp.AccessToken | UnsetType = UNSET
@@ -231,6 +236,7 @@ class SmtpProvider(msgspec.Struct, tag_field="kind", tag="smtp", kw_only=True):
     updated_at: datetime
     rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
     on_unknown: str = "mark_unknown"
+    weight: int = 1
 
 
 class TwilioProvider(msgspec.Struct, tag_field="kind", tag="twilio", kw_only=True):
@@ -255,6 +261,7 @@ class TwilioProvider(msgspec.Struct, tag_field="kind", tag="twilio", kw_only=Tru
     updated_at: datetime
     rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
     on_unknown: str = "mark_unknown"
+    weight: int = 1
 
 
 class NullProvider(msgspec.Struct, tag_field="kind", tag="null", kw_only=True):
@@ -269,6 +276,7 @@ class NullProvider(msgspec.Struct, tag_field="kind", tag="null", kw_only=True):
     updated_at: datetime
     rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
     on_unknown: str = "mark_unknown"
+    weight: int = 1
 
 
 Provider = (SmtpProvider | TwilioProvider | WhatsappProvider | TelegramProvider | FcmProvider | WebhookProvider
@@ -433,7 +441,7 @@ def to_response(row: ProviderRow) -> Provider:
     """The provider as the API shows it: its settings, never its secrets (`*_set` says whether one is)."""
     return msgspec.structs.replace(
         _kind_response(row), rate_limits=row.config.get("rate_limits"),
-        on_unknown=row.config.get("on_unknown") or "mark_unknown")
+        on_unknown=row.config.get("on_unknown") or "mark_unknown", weight=row.config.get("weight") or 1)
 
 
 def _kind_response(row: ProviderRow) -> Provider:

@@ -29,7 +29,11 @@ from shared.kernel import streams
 from shared.kernel.audience import Audience
 from shared.kernel.content import CHANNEL_POLICIES, CHANNELS, Content, missing_channels
 from shared.kernel.errors import AlreadyExists, Conflict, Invalid, NotFound, WrongStatus
-from shared.kernel.limits import MAX_CONTENT_BYTES, MAX_SCHEDULE_AHEAD_DAYS
+from shared.kernel.limits import (
+    MAX_CONTENT_BYTES,
+    MAX_PROVIDER_POOL,
+    MAX_SCHEDULE_AHEAD_DAYS,
+)
 
 CATEGORY = "broadcast"
 
@@ -101,6 +105,7 @@ class BroadcastCreated(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     audience: Audience | None = None
     routing: Routing | None = None  # more than one channel
     template_id: uuid.UUID | None = None  # the content is this template's (then `content` is empty)
+    provider_ids: tuple[uuid.UUID, ...] = ()  # see State.provider_ids
 
 
 class BroadcastEdited(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_defaults=True):
@@ -113,6 +118,7 @@ class BroadcastEdited(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_
     channel: str | UnsetType = UNSET
     routing: Routing | None | UnsetType = UNSET
     template_id: uuid.UUID | None | UnsetType = UNSET
+    provider_ids: tuple[uuid.UUID, ...] | UnsetType = UNSET
 
 
 class BroadcastDeleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -146,6 +152,7 @@ class BroadcastStarted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     routing: Routing | None = None
     template_id: uuid.UUID | None = None
     template_version: int = 0  # the template's version the run renders (a later edit does not reach it)
+    provider_ids: tuple[uuid.UUID, ...] = ()  # see State.provider_ids
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -310,6 +317,7 @@ class CreateBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime
     routing: Routing | None = None
     template_id: uuid.UUID | None = None
+    provider_ids: tuple[uuid.UUID, ...] = ()  # see State.provider_ids
 
 
 # An edit of the content: the fields given replace the stored ones (a section replaces a section).
@@ -330,6 +338,7 @@ class EditBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     channel: str | UnsetType = UNSET
     routing: Routing | None | UnsetType = UNSET
     template_id: uuid.UUID | None | UnsetType = UNSET
+    provider_ids: tuple[uuid.UUID, ...] | UnsetType = UNSET  # sets provider_id to the first
 
 
 class DeleteBroadcast(msgspec.Struct, frozen=True, kw_only=True):
@@ -468,6 +477,10 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     content: Content | None = None
     routing: Routing | None = None
     template_id: uuid.UUID | None = None
+    # The first channel's providers when it has more than one: `provider_id` is the first of them,
+    # and they share its load by weight (their `weight` setting), a failing one skipped (the
+    # sender's fail-over, sender_service/providers_pool.py). () when `provider_id` alone sends it.
+    provider_ids: tuple[uuid.UUID, ...] = ()
     run: int = 0  # the latest run started (0: never sent)
     snapshotted: bool = False  # the latest run's audience has been split into batches
     resumes: int = 0  # times the latest run was resumed
@@ -521,6 +534,7 @@ def evolve(state: State, event: Event) -> State:
                 content=event.content,
                 routing=event.routing,
                 template_id=event.template_id,
+                provider_ids=event.provider_ids,
             )
         case BroadcastEdited():
             changes = {
@@ -581,7 +595,8 @@ def fold(events: list[Event], state: State = INITIAL) -> State:
 
 
 # What an edit may change, in BroadcastEdited as in the state.
-_EDITABLE_FIELDS = ("name", "list_id", "audience", "provider_id", "content", "channel", "routing", "template_id")
+_EDITABLE_FIELDS = ("name", "list_id", "audience", "provider_id", "content", "channel", "routing", "template_id",
+                    "provider_ids")
 
 
 def merge_content(current: Content, changes: ContentChanges) -> Content:  # type: ignore[valid-type]
@@ -616,6 +631,7 @@ def decide(command: Command, state: State) -> list[Event]:
                 raise AlreadyExists(f"broadcast {command.broadcast_id} already exists")
             _check_content_size(command.content)
             _check_routing(command.channel, command.routing)
+            provider_id, provider_ids = _pool(command.provider_id, command.provider_ids)
             return [
                 BroadcastCreated(
                     broadcast_id=command.broadcast_id,
@@ -623,12 +639,13 @@ def decide(command: Command, state: State) -> list[Event]:
                     name=command.name,
                     channel=command.channel,
                     list_id=command.list_id if command.audience is None else None,
-                    provider_id=command.provider_id,
+                    provider_id=provider_id,
                     content=command.content,
                     at=command.at,
                     audience=command.audience,
                     routing=command.routing,
                     template_id=command.template_id,
+                    provider_ids=provider_ids,
                 )
             ]
         case EditBroadcast():
@@ -637,8 +654,16 @@ def decide(command: Command, state: State) -> list[Event]:
                 raise WrongStatus("edit", state.status.value)
             assert state.content is not None
             changed: dict[str, object] = {}
-            for f in ("name", "list_id", "audience", "provider_id", "channel", "routing", "template_id"):
-                value = getattr(command, f)
+            edit = command
+            if command.provider_ids is not UNSET:  # a pool given: its first is the provider
+                given = command.provider_id if command.provider_id is not UNSET else (
+                    None if command.provider_ids else state.provider_id)
+                provider_id, provider_ids = _pool(given, command.provider_ids)
+                edit = msgspec.structs.replace(command, provider_id=provider_id, provider_ids=provider_ids)
+            elif command.provider_id is not UNSET and command.provider_id != state.provider_id:
+                edit = msgspec.structs.replace(command, provider_ids=())  # another provider replaces the pool
+            for f in ("name", "list_id", "audience", "provider_id", "channel", "routing", "template_id", "provider_ids"):
+                value = getattr(edit, f)
                 if value is not UNSET and value != getattr(state, f):
                     changed[f] = value
             # One list or an audience, never both: setting either clears the other.
@@ -756,6 +781,21 @@ def _require_sendable(state: State) -> None:
                           f"the content has nothing to send on {missing[0]}")
 
 
+def _pool(provider_id: uuid.UUID | None, provider_ids: tuple[uuid.UUID, ...]) -> tuple[uuid.UUID | None, tuple[uuid.UUID, ...]]:
+    """`provider_id` and `provider_ids` as stored: a pool of one is just its provider (no pool),
+    and a pool's first is the provider (a `provider_id` given too must be that one)."""
+    if not provider_ids:
+        return provider_id, ()
+    if len(provider_ids) > MAX_PROVIDER_POOL:
+        raise Invalid("provider_ids", f"at most {MAX_PROVIDER_POOL} providers")
+    for i, one in enumerate(provider_ids):
+        if one in provider_ids[:i]:
+            raise Invalid(f"provider_ids[{i}]", "listed twice")
+    if provider_id is not None and provider_id != provider_ids[0]:
+        raise Invalid("provider_id", "differs from the first of provider_ids: give one of them")
+    return provider_ids[0], provider_ids if len(provider_ids) > 1 else ()
+
+
 def _check_routing(channel: str, routing: Routing | None) -> None:
     """The channels are known and each listed once, the first is `channel`, the policy is known,
     and providers are named only for listed channels."""
@@ -788,6 +828,7 @@ def _started(
         list_id=state.list_id,
         audience=state.audience,
         provider_id=state.provider_id,
+        provider_ids=state.provider_ids,
         audience_size=audience_size,
         at=at,
         top_up=top_up,

@@ -82,9 +82,10 @@ def _just(*decided: b.Command) -> Prepare:
 async def check_references(
     con: asyncpg.Connection, tenant_id: uuid.UUID, channel: str, list_id: uuid.UUID | None, provider_id: uuid.UUID | None,
     audience: Audience | None = None, routing: b.Routing | None = None, template_id: uuid.UUID | None = None,
+    provider_ids: Sequence[uuid.UUID] = (),
 ) -> None:
     """The lists, segments, contacts, providers and template a broadcast names must be the tenant's
-    own (and each provider one of its channel's)."""
+    own (and each provider one of its channel's, `provider_ids` the first channel's)."""
     if template_id is not None and await _template(con, tenant_id, template_id) is None:
         raise Invalid("template_id", f"no template {template_id}")
     for other, other_provider in (routing.providers.items() if routing is not None else ()):
@@ -105,6 +106,12 @@ async def check_references(
             raise Invalid("provider_id", f"no provider {provider_id}")
         if provider_channel != channel:
             raise Invalid("provider_id", f"provider is for {provider_channel}, the broadcast is {channel}")
+    for i, pooled in enumerate(provider_ids):
+        found = await accounts.channel_of(con, tenant_id, pooled)
+        if found is None:
+            raise Invalid(f"provider_ids[{i}]", f"no provider {pooled}")
+        if found != channel:
+            raise Invalid(f"provider_ids[{i}]", f"provider is for {found}, the broadcast is {channel}")
 
 
 async def _template(con: asyncpg.Connection, tenant_id: uuid.UUID, template_id: uuid.UUID) -> TemplateRow | None:
@@ -183,7 +190,7 @@ async def create(
             audience = await _with_recipients(con, actor.tenant_id, command.audience, recipients)
             created = msgspec.structs.replace(command, audience=audience)
         await check_references(con, actor.tenant_id, command.channel, command.list_id, command.provider_id,
-                               created.audience, command.routing, command.template_id)
+                               created.audience, command.routing, command.template_id, command.provider_ids)
         return [created] if then is None else [created, then]
 
     return await _row(pool, actor, command.broadcast_id, prepare)
@@ -235,6 +242,7 @@ async def edit(
                 audience,
                 edited.routing if isinstance(edited.routing, b.Routing) else None,
                 edited.template_id if isinstance(edited.template_id, uuid.UUID) else None,
+                _pool_after(state, edited),
             )
             if isinstance(edited.content, b.ContentChanges) and state.content is not None:
                 edited = msgspec.structs.replace(edited, content=_checked_changes(state.content, edited.content))
@@ -248,6 +256,16 @@ async def edit(
         return [edited]
 
     return await _row(pool, actor, broadcast_id, prepare)
+
+
+def _pool_after(state: b.State, edited: b.EditBroadcast) -> tuple[uuid.UUID, ...]:
+    """The provider pool an edit leaves (checked against the channel it leaves): the one given, none
+    when another provider replaces it, else the stored one."""
+    if edited.provider_ids is not msgspec.UNSET:
+        return tuple(edited.provider_ids)
+    if edited.provider_id is not msgspec.UNSET and edited.provider_id != state.provider_id:
+        return ()
+    return state.provider_ids
 
 
 async def delete(pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, at: datetime) -> None:

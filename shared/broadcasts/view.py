@@ -30,8 +30,8 @@ class BroadcastsView:
                 await con.execute(
                     """INSERT INTO broadcasts (id, tenant_id, name, channel, status, list_id, provider_id,
                                                content, version, created_at, updated_at, audience, routing,
-                                               template_id)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, $13)
+                                               template_id, provider_ids)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, $13, $14)
                        ON CONFLICT (id) DO NOTHING""",
                     decoded.broadcast_id,
                     decoded.tenant_id,
@@ -46,17 +46,20 @@ class BroadcastsView:
                     msgspec.to_builtins(decoded.audience),
                     msgspec.to_builtins(decoded.routing),
                     decoded.template_id,
+                    list(decoded.provider_ids),
                 )
             case b.BroadcastEdited():
                 changes = {
                     f: getattr(decoded, f)
                     for f in ("name", "list_id", "audience", "provider_id", "content", "channel", "routing",
-                              "template_id")
+                              "template_id", "provider_ids")
                     if getattr(decoded, f) is not msgspec.UNSET
                 }
                 for f in ("content", "audience", "routing"):
                     if f in changes:
                         changes[f] = msgspec.to_builtins(changes[f])
+                if "provider_ids" in changes:
+                    changes["provider_ids"] = list(changes["provider_ids"])
                 sets = ", ".join(f"{col} = ${i + 4}" for i, col in enumerate(changes))
                 await con.execute(
                     f"UPDATE broadcasts SET version = $2, updated_at = $3{', ' + sets if sets else ''} WHERE id = $1",
@@ -165,6 +168,7 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
     routing: dict | None = None  # {channels, channel_policy, providers}: more than one channel
     template_id: uuid.UUID | None = None
     template_version: int = 0  # of the latest run
+    provider_ids: list[uuid.UUID] = []  # the first channel's pool, when more than one provider
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -189,7 +193,8 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
 
 _ROW = (
     "id, tenant_id, name, channel, status, list_id, provider_id, content, run, reset_run, resumes, scheduled_at, "
-    "schedule, version, created_at, updated_at, status_reason, audience, routing, template_id, template_version"
+    "schedule, version, created_at, updated_at, status_reason, audience, routing, template_id, template_version, "
+    "provider_ids"
 )
 
 
@@ -220,7 +225,7 @@ async def active_with_provider(con: asyncpg.Connection, tenant_id: uuid.UUID, pr
     """Broadcasts whose current run still sends through this provider (on any of its channels)."""
     rows = await con.fetch(
         f"""SELECT id FROM broadcasts WHERE tenant_id = $1
-              AND (provider_id = $2
+              AND (provider_id = $2 OR $2 = ANY(provider_ids)
                    OR EXISTS (SELECT FROM jsonb_each_text(routing->'providers') p WHERE p.value = $2::text))
               AND status IN {sql_list(ACTIVE)}
             AND NOT deleted ORDER BY created_at""",

@@ -102,3 +102,5 @@ WHATSAPP_LANGUAGE_PATTERN = r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})*$"
 MAX_WHATSAPP_LANGUAGE_CHARS = 16
 MAX_WEBHOOK_PAYLOAD_BYTES = 64 * KiB  # as compact JSON; receivers' body limits start around here
 MAX_WEBHOOK_DEPTH = 10  # objects and arrays nested in the payload, the payload itself counting one
+MAX_PROVIDER_POOL = 8  # providers sharing one broadcast's channel (provider_ids)
+MAX_PROVIDER_WEIGHT = 1000  # a provider's share of a pool's load (its `weight`)

@@ -73,6 +73,9 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     channel: str
     provider_id: uuid.UUID
     resumes: int = 0  # published again after the n-th resume of a paused run
+    # The run's providers for this channel when it has several (provider_id is the first): the
+    # worker picks one by weight and fails over to the others (sender_service/provider_pool.py).
+    pool: tuple[uuid.UUID, ...] = ()
 
     @property
     def msg_id(self) -> str:
