@@ -232,9 +232,21 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> None:
     if not settings.secret_key:
         os.environ["CRIER_SECRET_KEY"] = Fernet.generate_key().decode()
 
+    if args.channel:  # an HTTP channel against a local stand-in for its provider (shared/tooling/bench_channels.py)
+        from shared.tooling.bench_channels import CHANNELS, run_channel_bench
+
+        if args.audience != "list" or args.content != "inline" or args.import_rows:
+            sys.exit("crier: --audience, --content and --import-rows are for the email bench, not with --channel")
+        if args.latency_ms < 0 or args.concurrency < 1:
+            sys.exit("crier: --latency-ms must be 0 or more and --concurrency at least 1")
+        channels = tuple(CHANNELS) if args.channel == "all" else (args.channel,)
+        run_channel_bench(channels, 10_000 if args.recipients is None else args.recipients, args.runs,
+                          1 if args.senders is None else args.senders, args.latency_ms, args.concurrency)
+        return
     audiences = ("list", "segment") if args.audience == "both" else (args.audience,)
     contents = ("inline", "i18n") if args.content == "both" else (args.content,)
-    run_bench(args.recipients, args.runs, args.senders, audiences, import_rows=args.import_rows, contents=contents)
+    run_bench(1_000_000 if args.recipients is None else args.recipients, args.runs,
+              2 if args.senders is None else args.senders, audiences, import_rows=args.import_rows, contents=contents)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,10 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild = sub.add_parser("rebuild", help="rebuild a projection from the whole event log")
     rebuild.add_argument("projection")
     rebuild.set_defaults(fn=cmd_rebuild)
-    bench = sub.add_parser("bench", help="import, list, send through the null provider; print the rates")
-    bench.add_argument("--recipients", type=int, default=1_000_000)
+    bench = sub.add_parser("bench", help="import, list, send through the null provider (or, with --channel, an HTTP "
+                                         "provider against a local stand-in); print the rates")
+    bench.add_argument("--recipients", type=int, default=None, help="default: 1,000,000; 10,000 with --channel")
     bench.add_argument("--runs", type=int, default=1)
-    bench.add_argument("--senders", type=int, default=2)
+    bench.add_argument("--senders", type=int, default=None, help="sender processes (default: 2; 1 with --channel)")
+    bench.add_argument("--channel", choices=("sms", "whatsapp", "telegram", "push", "webhook", "all"),
+                       help="send on this channel through its HTTP provider (twilio, whatsapp_cloud, telegram_bot, "
+                            "fcm, webhook) to a local stand-in for the provider's API, instead of email through the "
+                            "null provider; `all`: each in turn")
+    bench.add_argument("--latency-ms", type=float, default=50.0,
+                       help="with --channel: how long the stand-in takes to answer each request")
+    bench.add_argument("--concurrency", type=int, default=10,
+                       help="with --channel: the provider's requests in flight per sender process")
     bench.add_argument("--import-rows", type=int, default=0, metavar="N",
                        help="first stream a CSV of N contacts to POST /v1/contacts/imports (time, CPU, the API's peak "
                             "memory); with --recipients 0, only that")
