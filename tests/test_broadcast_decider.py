@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
+import msgspec
 import pytest
 
 from shared.broadcasts import decider as b
@@ -318,3 +319,13 @@ def test_a_retry_of_a_retry_goes_back_one_run_and_a_send_after_it_is_a_top_up_ag
     state = given(*retried).when(b.SendBroadcast(audience_size=4, at=T2)).then(b.BroadcastStarted(
         run=3, tenant_id=TENANT, channel="email", list_id=LIST, provider_id=PROVIDER, audience_size=4, at=T2))
     assert (state.retry_of, state.retry_statuses) == (0, ())
+
+
+def test_tracking_is_set_at_create_and_changed_by_an_edit():
+    tracks = b.Tracking(opens=True, clicks=True)
+    created = msgspec.structs.replace(CREATED, tracking=tracks)
+    given().when(msgspec.structs.replace(CREATE, tracking=tracks)).then(created)
+    state = given(created).when(b.EditBroadcast(tracking=b.Tracking(clicks=True), at=T1)).then(
+        b.BroadcastEdited(tracking=b.Tracking(clicks=True), at=T1))
+    assert state.tracking == b.Tracking(opens=False, clicks=True, text_links=False)
+    given(created).when(b.EditBroadcast(tracking=tracks, at=T1)).then()  # unchanged: nothing recorded

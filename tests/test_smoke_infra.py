@@ -20,6 +20,7 @@ SHIPPED = [
     "024_provider_rate_limits.sql",
     "025_provider_breakers.sql",
     "026_provider_pools.sql",
+    "027_tracking.sql",
 ]
 
 

@@ -96,6 +96,8 @@ def to_response(
     data["audience_total"], data["remaining"] = audience if audience else (None, None)
     data["channels"], data["channel_policy"] = list(row.channels), row.channel_policy
     data["providers"] = {c: p for c in row.channels if (p := row.provider_of(c)) is not None}
+    tracks = row.tracks
+    data["track_opens"], data["track_clicks"], data["track_text_links"] = tracks.opens, tracks.clicks, tracks.text_links
     return msgspec.convert(data, Broadcast, strict=False)
 
 
@@ -210,6 +212,7 @@ class BroadcastController(Controller):
             routing=routing,
             template_id=data.template_id,
             provider_ids=tuple(data.provider_ids or ()),
+            tracking=b.Tracking(opens=data.track_opens, clicks=data.track_clicks, text_links=data.track_text_links),
         )
         # With a schedule it is created straight into `scheduled`, in the same transaction.
         min_interval_s = services.settings.min_cron_interval_s
@@ -240,6 +243,8 @@ class BroadcastController(Controller):
     async def edit(self, request: Request, state: State, broadcast_id: FromPath[uuid.UUID], data: JSONBody[BroadcastPatch]) -> Broadcast:
         changes = msgspec.structs.asdict(data)
         routing = {f: changes.pop(f) for f in ("channels", "channel_policy", "providers")}
+        tracking = {f.removeprefix("track_"): v for f in ("track_opens", "track_clicks", "track_text_links")
+                    if (v := changes.pop(f)) is not msgspec.UNSET}
         if changes.get("content") is not msgspec.UNSET:
             changes["content"] = msgspec.convert(msgspec.to_builtins(data.content), b.ContentChanges)
             if data.template_id is msgspec.UNSET:  # inline content given: the template no longer applies
@@ -251,7 +256,7 @@ class BroadcastController(Controller):
             changes["audience"], refs = audience_command(data.audience)
         command = b.EditBroadcast(**changes, at=state.services.clock())
         row = await handlers.edit(state.services.pool, actor_of(request), broadcast_id, command, refs,
-                                  {k: v for k, v in routing.items() if v is not msgspec.UNSET})
+                                  {k: v for k, v in routing.items() if v is not msgspec.UNSET}, tracking)
         return (await with_counters(state.services.pool, [row]))[0]
 
     @delete("/{broadcast_id:uuid}", guards=[require_write], summary="Delete a broadcast", responses={409: WRONG_STATUS})

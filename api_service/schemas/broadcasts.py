@@ -110,6 +110,13 @@ ProviderIds = Annotated[list[uuid.UUID], Meta(min_length=1, max_length=lim.MAX_P
     "login) is skipped while the others send"))]
 
 
+TrackOpens = Annotated[bool, Meta(description="count opens: a 1x1 image per recipient in the email's HTML")]
+TrackClicks = Annotated[bool, Meta(description=(
+    "count clicks: each literal http(s) link in the email's HTML goes through a signed redirect per recipient"))]
+TrackTextLinks = Annotated[bool, Meta(description=(
+    "with track_clicks, the links in plain text too: the email's text part, SMS, Telegram, push"))]
+
+
 class BroadcastCreate(ScheduleFields, kw_only=True):
     name: Name
     list_id: Annotated[uuid.UUID | None, Meta(description="shorthand for `audience: {lists: [list_id]}`")] = None
@@ -123,6 +130,9 @@ class BroadcastCreate(ScheduleFields, kw_only=True):
         "the content is this template's (a run renders the version current when it started); "
         "give it or `content`"))] = None
     content: ContentIn | None = None
+    track_opens: TrackOpens = False
+    track_clicks: TrackClicks = False
+    track_text_links: TrackTextLinks = False
 
 
 class TestSendIn(Input, kw_only=True):
@@ -184,6 +194,9 @@ class BroadcastPatch(Input, kw_only=True):
     # setting one clears the inline content; inline content given clears the template
     template_id: uuid.UUID | None | UnsetType = UNSET
     content: ContentPatch | UnsetType = UNSET
+    track_opens: TrackOpens | UnsetType = UNSET
+    track_clicks: TrackClicks | UnsetType = UNSET
+    track_text_links: TrackTextLinks | UnsetType = UNSET
 
 
 class Counters(msgspec.Struct, kw_only=True):
@@ -229,6 +242,9 @@ class Broadcast(msgspec.Struct, kw_only=True):
     channels: list[str]  # `channel` first
     channel_policy: str
     providers: dict[str, uuid.UUID]  # every channel's, `channel`'s (provider_id) included
+    track_opens: bool
+    track_clicks: bool
+    track_text_links: bool
     template_id: uuid.UUID | None
     template_version: int  # of the template, the latest run renders (0: no template or no run yet)
     content: ContentOut  # the inline content ({} with a template)

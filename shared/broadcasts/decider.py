@@ -89,6 +89,19 @@ def provider_of(channel: str, first: str, first_provider: uuid.UUID | None, rout
     return routing.providers.get(channel)
 
 
+class Tracking(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What a broadcast tracks (shared/tracking): opens (a pixel in email HTML), clicks (every
+    literal http(s) link in email HTML becomes a signed redirect per recipient), and with
+    `text_links` the links in plain text too (the email's text part, SMS, Telegram, push)."""
+
+    opens: bool = False
+    clicks: bool = False
+    text_links: bool = False
+
+
+NO_TRACKING = Tracking()
+
+
 # ---- events (class names are the stored types: never rename) ----
 
 
@@ -106,6 +119,7 @@ class BroadcastCreated(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     routing: Routing | None = None  # more than one channel
     template_id: uuid.UUID | None = None  # the content is this template's (then `content` is empty)
     provider_ids: tuple[uuid.UUID, ...] = ()  # see State.provider_ids
+    tracking: Tracking = NO_TRACKING
 
 
 class BroadcastEdited(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_defaults=True):
@@ -119,6 +133,7 @@ class BroadcastEdited(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_
     routing: Routing | None | UnsetType = UNSET
     template_id: uuid.UUID | None | UnsetType = UNSET
     provider_ids: tuple[uuid.UUID, ...] | UnsetType = UNSET
+    tracking: Tracking | UnsetType = UNSET
 
 
 class BroadcastDeleted(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -318,6 +333,7 @@ class CreateBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     routing: Routing | None = None
     template_id: uuid.UUID | None = None
     provider_ids: tuple[uuid.UUID, ...] = ()  # see State.provider_ids
+    tracking: Tracking = NO_TRACKING
 
 
 # An edit of the content: the fields given replace the stored ones (a section replaces a section).
@@ -339,6 +355,7 @@ class EditBroadcast(msgspec.Struct, frozen=True, kw_only=True):
     routing: Routing | None | UnsetType = UNSET
     template_id: uuid.UUID | None | UnsetType = UNSET
     provider_ids: tuple[uuid.UUID, ...] | UnsetType = UNSET  # sets provider_id to the first
+    tracking: Tracking | UnsetType = UNSET
 
 
 class DeleteBroadcast(msgspec.Struct, frozen=True, kw_only=True):
@@ -479,8 +496,9 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     template_id: uuid.UUID | None = None
     # The first channel's providers when it has more than one: `provider_id` is the first of them,
     # and they share its load by weight (their `weight` setting), a failing one skipped (the
-    # sender's fail-over, sender_service/providers_pool.py). () when `provider_id` alone sends it.
+    # sender's fail-over, sender_service/provider_pool.py). () when `provider_id` alone sends it.
     provider_ids: tuple[uuid.UUID, ...] = ()
+    tracking: Tracking = NO_TRACKING  # like the content, an edit while paused reaches the rest of the run
     run: int = 0  # the latest run started (0: never sent)
     snapshotted: bool = False  # the latest run's audience has been split into batches
     resumes: int = 0  # times the latest run was resumed
@@ -535,6 +553,7 @@ def evolve(state: State, event: Event) -> State:
                 routing=event.routing,
                 template_id=event.template_id,
                 provider_ids=event.provider_ids,
+                tracking=event.tracking,
             )
         case BroadcastEdited():
             changes = {
@@ -596,7 +615,7 @@ def fold(events: list[Event], state: State = INITIAL) -> State:
 
 # What an edit may change, in BroadcastEdited as in the state.
 _EDITABLE_FIELDS = ("name", "list_id", "audience", "provider_id", "content", "channel", "routing", "template_id",
-                    "provider_ids")
+                    "provider_ids", "tracking")
 
 
 def merge_content(current: Content, changes: ContentChanges) -> Content:  # type: ignore[valid-type]
@@ -646,6 +665,7 @@ def decide(command: Command, state: State) -> list[Event]:
                     routing=command.routing,
                     template_id=command.template_id,
                     provider_ids=provider_ids,
+                    tracking=command.tracking,
                 )
             ]
         case EditBroadcast():
@@ -662,7 +682,8 @@ def decide(command: Command, state: State) -> list[Event]:
                 edit = msgspec.structs.replace(command, provider_id=provider_id, provider_ids=provider_ids)
             elif command.provider_id is not UNSET and command.provider_id != state.provider_id:
                 edit = msgspec.structs.replace(command, provider_ids=())  # another provider replaces the pool
-            for f in ("name", "list_id", "audience", "provider_id", "channel", "routing", "template_id", "provider_ids"):
+            for f in ("name", "list_id", "audience", "provider_id", "channel", "routing", "template_id", "provider_ids",
+                      "tracking"):
                 value = getattr(edit, f)
                 if value is not UNSET and value != getattr(state, f):
                     changed[f] = value

@@ -221,10 +221,14 @@ def edited_routing(state: b.State, changes: dict[str, Any]) -> dict[str, Any]:
 async def edit(
     pool: asyncpg.Pool, actor: Actor, broadcast_id: uuid.UUID, command: b.EditBroadcast,
     recipients: Sequence[tuple[Kind, int | str]] = (), routing: dict[str, Any] | None = None,
+    tracking: dict[str, bool] | None = None,
 ) -> view.BroadcastRow:
-    """`routing`: changes of `channels`, `channel_policy`, `providers` (see edited_routing)."""
+    """`routing`: changes of `channels`, `channel_policy`, `providers` (see edited_routing);
+    `tracking`: of the Tracking fields, merged into the stored ones."""
     async def prepare(con: asyncpg.Connection, state: b.State) -> Sequence[b.Command]:
         edited = command
+        if tracking:
+            edited = msgspec.structs.replace(edited, tracking=msgspec.structs.replace(state.tracking, **tracking))
         if state.live and routing and state.status in EDITABLE:
             changed = edited_routing(state, routing)
             if command.provider_id is not msgspec.UNSET:  # given as such, it wins

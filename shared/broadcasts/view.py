@@ -30,8 +30,8 @@ class BroadcastsView:
                 await con.execute(
                     """INSERT INTO broadcasts (id, tenant_id, name, channel, status, list_id, provider_id,
                                                content, version, created_at, updated_at, audience, routing,
-                                               template_id, provider_ids)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, $13, $14)
+                                               template_id, provider_ids, tracking)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12, $13, $14, $15)
                        ON CONFLICT (id) DO NOTHING""",
                     decoded.broadcast_id,
                     decoded.tenant_id,
@@ -47,15 +47,16 @@ class BroadcastsView:
                     msgspec.to_builtins(decoded.routing),
                     decoded.template_id,
                     list(decoded.provider_ids),
+                    msgspec.to_builtins(decoded.tracking) or None,
                 )
             case b.BroadcastEdited():
                 changes = {
                     f: getattr(decoded, f)
                     for f in ("name", "list_id", "audience", "provider_id", "content", "channel", "routing",
-                              "template_id", "provider_ids")
+                              "template_id", "provider_ids", "tracking")
                     if getattr(decoded, f) is not msgspec.UNSET
                 }
-                for f in ("content", "audience", "routing"):
+                for f in ("content", "audience", "routing", "tracking"):
                     if f in changes:
                         changes[f] = msgspec.to_builtins(changes[f])
                 if "provider_ids" in changes:
@@ -169,6 +170,11 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
     template_id: uuid.UUID | None = None
     template_version: int = 0  # of the latest run
     provider_ids: list[uuid.UUID] = []  # the first channel's pool, when more than one provider
+    tracking: dict | None = None  # {opens, clicks, text_links} as set (b.Tracking); null: nothing tracked
+
+    @property
+    def tracks(self) -> b.Tracking:
+        return msgspec.convert(self.tracking, b.Tracking) if self.tracking else b.NO_TRACKING
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -194,7 +200,7 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
 _ROW = (
     "id, tenant_id, name, channel, status, list_id, provider_id, content, run, reset_run, resumes, scheduled_at, "
     "schedule, version, created_at, updated_at, status_reason, audience, routing, template_id, template_version, "
-    "provider_ids"
+    "provider_ids, tracking"
 )
 
 
