@@ -8,35 +8,30 @@ and records what it accepts.
 
 It holds an RSA key pair of its own: `service_account_key()` is a key file whose token_uri is the
 peer's /token, which checks the JWT assertion as Google does (RS256 signature with the public key,
-iss, aud, scope, iat/exp) and issues bearer tokens that messages:send then requires. A thread per
-connection (HTTP/1.1 keep-alive), so `max_in_flight` shows how many requests a client had out at
-once. `python -m tests.fcm_peer --port 8098` runs a standalone peer that prints its provider config,
-then one JSON line per message.
+iss, aud, scope, iat/exp) and issues bearer tokens that messages:send then requires. The server and
+its bookkeeping are tests/http_peer.py's. `python -m tests.fcm_peer --port 8098` runs a standalone
+peer that prints its provider config, then one JSON line per message.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
 import json
 import re
 import secrets
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import EllipsisType
 from typing import Any
-from urllib.parse import parse_qs
 
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from tests.http_peer import KEEP, Answer, HttpPeer, argument_parser, form_fields, serve
 
 PROJECT_ID = "crier-peer"
 CLIENT_EMAIL = f"crier-sender@{PROJECT_ID}.iam.gserviceaccount.com"
@@ -49,8 +44,6 @@ _MESSAGE_FIELDS = {"name", "token", "topic", "condition", "data", "notification"
                    "fcm_options"}
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
-
-Answer = tuple[int, dict[str, Any], dict[str, str]]
 
 
 def device_token(i: int) -> str:
@@ -70,12 +63,6 @@ def new_private_key() -> rsa.RSAPrivateKey:
 def pem(key: rsa.RSAPrivateKey) -> str:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption()).decode()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _b64url(segment: str) -> bytes:
@@ -124,7 +111,7 @@ class Received:
         return self.message.get("data") or {}
 
 
-class FcmPeer:
+class FcmPeer(HttpPeer[Received]):
     """Behaviour per device token (the message's `token`):
     - `unregistered={token}` → 404 UNREGISTERED; `mismatched={token}` → 403 SENDER_ID_MISMATCH;
       `third_party_auth={token}` → 401 THIRD_PARTY_AUTH_ERROR; a token that is not shaped like one
@@ -138,8 +125,12 @@ class FcmPeer:
     of issued tokens, after which the peer refuses them; `refuse_key=True` → the token endpoint
     answers 400 invalid_grant; `delay` / `token_delay` seconds are spent on each send / token
     request after it was taken (an accepted message is recorded first) and before it is answered.
-    Messages to another project than `project_id` are a 403 PERMISSION_DENIED.
-    Change behaviour while running with `configure(...)`."""
+    Messages to another project than `project_id` are a 403 PERMISSION_DENIED. `requests` and
+    `max_in_flight` count token requests too. Change behaviour while running with `configure(...)`."""
+
+    name = "FCM"
+    recipient = "token"
+    content_type = "application/json; charset=UTF-8"
 
     def __init__(
         self,
@@ -163,109 +154,47 @@ class FcmPeer:
         delay: float = 0.0,
         token_delay: float = 0.0,
     ) -> None:
-        self.host, self.port = host, port or free_port(host)
+        super().__init__(host=host, port=port)
         self.project_id, self.client_email = project_id, client_email
         self.private_key = private_key or _shared_private_key()
         self.public_key = self.private_key.public_key()
         self.private_key_id = uuid.uuid4().hex
-        self._lock = threading.Lock()
-        self._received: list[Received] = []
-        self._attempts: dict[str, int] = {}
         self._issued: dict[str, float] = {}  # access token -> when it expires (time.time())
-        self._requests = self._send_requests = self._token_requests = self._unauthorized = 0
-        self._in_flight = self._max_in_flight = self._connections_made = 0
-        self._connections: set[socket.socket] = set()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._send_requests = self._token_requests = self._unauthorized = 0
         self.configure(unregistered=unregistered or set(), mismatched=mismatched or set(),
                        third_party_auth=third_party_auth or set(), fail_transiently=fail_transiently or {},
                        transient_status=transient_status, transient_retry_after=transient_retry_after,
                        rate_limit=rate_limit or {}, retry_after=retry_after, expires_in=expires_in,
                        revoke_after=revoke_after, refuse_key=refuse_key, delay=delay, token_delay=token_delay)
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def start(self) -> FcmPeer:
-        assert self._server is None, "already running"
-
-        class Handler(_Handler):
-            pass
-
-        Handler.peer = self
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"fcm-peer-{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and cut every open (keep-alive) connection."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        assert self._thread is not None
-        self._thread.join(5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> FcmPeer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def configure(
         self,
         *,
-        unregistered: set[str] | None = None,
-        mismatched: set[str] | None = None,
-        third_party_auth: set[str] | None = None,
-        fail_transiently: dict[str, int] | None = None,
-        transient_status: int | None = None,
-        transient_retry_after: str | None | EllipsisType = ...,
-        rate_limit: dict[str, int] | None = None,
-        retry_after: str | None = None,
-        expires_in: int | None = None,
-        revoke_after: int | None | EllipsisType = ...,  # ... leaves it as is; None: never revoked
-        refuse_key: bool | None = None,
-        delay: float | None = None,
-        token_delay: float | None = None,
+        unregistered: set[str] | EllipsisType = KEEP,
+        mismatched: set[str] | EllipsisType = KEEP,
+        third_party_auth: set[str] | EllipsisType = KEEP,
+        fail_transiently: dict[str, int] | EllipsisType = KEEP,
+        transient_status: int | EllipsisType = KEEP,
+        transient_retry_after: str | None | EllipsisType = KEEP,  # None: no Retry-After header
+        rate_limit: dict[str, int] | EllipsisType = KEEP,
+        retry_after: str | EllipsisType = KEEP,
+        expires_in: int | EllipsisType = KEEP,
+        revoke_after: int | None | EllipsisType = KEEP,  # None: never revoked
+        refuse_key: bool | EllipsisType = KEEP,
+        delay: float | EllipsisType = KEEP,
+        token_delay: float | EllipsisType = KEEP,
     ) -> None:
-        with self._lock:
-            for name, value in (("unregistered", unregistered), ("mismatched", mismatched),
-                                ("third_party_auth", third_party_auth)):
-                if value is not None:
-                    setattr(self, f"_{name}", set(value))
-            if fail_transiently is not None:
-                self._fail_transiently = dict(fail_transiently)
-            if rate_limit is not None:
-                self._rate_limit = dict(rate_limit)
-            for name, value in (("transient_status", transient_status), ("retry_after", retry_after),
-                                ("expires_in", expires_in), ("refuse_key", refuse_key), ("delay", delay),
-                                ("token_delay", token_delay)):
-                if value is not None:
-                    setattr(self, name, value)
-            if transient_retry_after is not ...:
-                self.transient_retry_after = transient_retry_after
-            if revoke_after is not ...:
-                self.revoke_after = revoke_after
+        """Changes what is given; the rest stays as it is."""
+        self._set(_unregistered=unregistered, _mismatched=mismatched, _third_party_auth=third_party_auth,
+                  _fail_transiently=fail_transiently, transient_status=transient_status,
+                  transient_retry_after=transient_retry_after, _rate_limit=rate_limit, retry_after=retry_after,
+                  expires_in=expires_in, revoke_after=revoke_after, refuse_key=refuse_key, delay=delay,
+                  token_delay=token_delay)
 
     def expire_tokens(self) -> None:
         """Every access token issued so far is refused from now on (as after its expiry)."""
         with self._lock:
             self._issued = {token: 0.0 for token in self._issued}
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def token_uri(self) -> str:
@@ -295,19 +224,6 @@ class FcmPeer:
     # -- what was received -------------------------------------------------------------------------
 
     @property
-    def received(self) -> list[Received]:
-        with self._lock:
-            return list(self._received)
-
-    def received_by(self, token: str) -> list[Received]:
-        return [r for r in self.received if r.token == token]
-
-    def attempts(self, token: str) -> int:
-        """Authorised send requests to this device token, accepted or not."""
-        with self._lock:
-            return self._attempts.get(token, 0)
-
-    @property
     def issued(self) -> list[str]:
         """The access tokens the token endpoint issued, oldest first."""
         with self._lock:
@@ -320,55 +236,17 @@ class FcmPeer:
                     "unauthorized": self._unauthorized}
 
     @property
-    def requests(self) -> int:
-        with self._lock:
-            return self._requests
-
-    @property
     def token_requests(self) -> int:
         with self._lock:
             return self._token_requests
 
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return self._connections_made
-
-    @property
-    def max_in_flight(self) -> int:
-        """The most requests (token requests included) taken and not yet answered at one moment."""
-        with self._lock:
-            return self._max_in_flight
-
     def clear(self) -> None:
         """Forget what was received and counted (issued tokens stay valid)."""
+        super().clear()
         with self._lock:
-            self._received.clear()
-            self._attempts.clear()
-            self._requests = self._send_requests = self._token_requests = self._unauthorized = 0
-            self._max_in_flight = self._connections_made = 0
-
-    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
-        """Wait (without blocking the event loop) until at least `count` messages were accepted."""
-        deadline = time.monotonic() + timeout
-        while len(received := self.received) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the FCM peer accepted {len(received)} of {count} messages in {timeout}s")
-            await asyncio.sleep(0.02)
-        return received
+            self._send_requests = self._token_requests = self._unauthorized = 0
 
     # -- the token endpoint (called on the peer's threads) -----------------------------------------
-
-    def _begin(self) -> int:
-        with self._lock:
-            self._requests += 1
-            self._in_flight += 1
-            self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            return self._requests
-
-    def _end(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
 
     def _assertion_problem(self, assertion: str) -> Answer | None:
         """Google's answer to a JWT assertion it refuses, or None."""
@@ -403,7 +281,7 @@ class FcmPeer:
             self._token_requests += 1
         if not (headers.get("Content-Type") or "").startswith("application/x-www-form-urlencoded"):
             return _oauth_error("invalid_request", "Bad Request")
-        form = {k: v[-1] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
+        form = form_fields(raw.decode("utf-8", "replace"))
         if form.get("grant_type") != JWT_BEARER:
             return _oauth_error("unsupported_grant_type", f"Invalid grant_type: {form.get('grant_type', '')}")
         if (problem := self._assertion_problem(form.get("assertion", ""))) is not None:
@@ -485,7 +363,7 @@ class FcmPeer:
             return rpc_error(400, "INVALID_ARGUMENT", "The registration token is not a valid FCM registration token",
                              fcm="INVALID_ARGUMENT")
         with self._lock:
-            self._attempts[device] = self._attempts.get(device, 0) + 1
+            self._attempt(device)
             if device in self._unregistered:
                 return rpc_error(404, "NOT_FOUND", "Requested entity was not found.", fcm="UNREGISTERED")
             if device in self._mismatched:
@@ -493,12 +371,10 @@ class FcmPeer:
             if device in self._third_party_auth:
                 return rpc_error(401, "UNAUTHENTICATED", "Auth error from APNS or Web Push Service",
                                  fcm="THIRD_PARTY_AUTH_ERROR")
-            if self._rate_limit.get(device, 0) > 0:
-                self._rate_limit[device] -= 1
+            if self._use_up(self._rate_limit, device):
                 return rpc_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded for quota metric 'Send requests'.",
                                  fcm="QUOTA_EXCEEDED", headers={"Retry-After": self.retry_after})
-            if self._fail_transiently.get(device, 0) > 0:
-                self._fail_transiently[device] -= 1
+            if self._use_up(self._fail_transiently, device):
                 extra = {"Retry-After": self.transient_retry_after} if self.transient_retry_after else {}
                 if self.transient_status == 500:
                     return rpc_error(500, "INTERNAL", "Internal error encountered.", fcm="INTERNAL", headers=extra)
@@ -508,8 +384,8 @@ class FcmPeer:
             self._received.append(Received(name=name, token=device, message=checked, access_token=token))
         return 200, {"name": name}, {}
 
-    def answer(self, path: str, headers: Any, raw: bytes) -> Answer:
-        """(status, JSON body, extra headers) for one POST, as Google would answer it."""
+    def answer(self, path: str, headers: Any, raw: bytes, number: int) -> Answer:
+        """As Google would answer it."""
         path = path.split("?", 1)[0]
         if path == "/token":
             return self._token(headers, raw)
@@ -517,54 +393,11 @@ class FcmPeer:
             return self._send(match.group(1), headers, raw)
         return rpc_error(404, "NOT_FOUND", "Requested entity was not found.")
 
+    def delay_for(self, path: str) -> float:
+        return self.token_delay if path.startswith("/token") else self.delay
 
-class _Handler(BaseHTTPRequestHandler):
-    peer: FcmPeer
-    protocol_version = "HTTP/1.1"  # keep-alive, as Google's front ends
-    timeout = 30  # an idle keep-alive connection ends its thread after this
-
-    def setup(self) -> None:
-        super().setup()
-        with self.peer._lock:
-            self.peer._connections.add(self.connection)
-            self.peer._connections_made += 1
-
-    def finish(self) -> None:
-        with self.peer._lock:
-            self.peer._connections.discard(self.connection)
-        super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _reply(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.peer._begin()
-        try:
-            status, body, headers = self.peer.answer(self.path, self.headers, raw)
-            wait = self.peer.token_delay if self.path.startswith("/token") else self.peer.delay
-            if wait:
-                time.sleep(wait)
-        finally:
-            # Out of flight before the answer is written: the client can only start another request
-            # once it has this answer, so max_in_flight never counts one the client already let go.
-            self.peer._end()
-        self._reply(status, body, headers)
-
-    def do_GET(self) -> None:
-        self._reply(*rpc_error(405, "INVALID_ARGUMENT", "Method not allowed."))
-
-    do_PUT = do_DELETE = do_PATCH = do_GET
+    def not_allowed(self) -> Answer:
+        return rpc_error(405, "INVALID_ARGUMENT", "Method not allowed.")
 
 
 @pytest.fixture
@@ -575,29 +408,12 @@ def fcm_peer() -> Iterator[FcmPeer]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="a recording FCM HTTP v1 peer: prints its provider config, then "
-                                                 "one JSON line per message")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8098)
+    parser = argument_parser("a recording FCM HTTP v1 peer: prints its provider config, then one JSON line per "
+                             "message", 8098)
     parser.add_argument("--project-id", default=PROJECT_ID)
-    parser.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args()
     peer = FcmPeer(host=args.host, port=args.port, project_id=args.project_id, delay=args.delay).start()
-    config = {k: v for k, v in peer.provider_config().items() if k != "timeout_s"}
-    print(json.dumps({"listening": f"{peer.host}:{peer.port}", "provider_config": config}), flush=True)
-    seen = 0
-    try:
-        while True:
-            received = peer.received
-            for r in received[seen:]:
-                print(json.dumps({"name": r.name, "token": r.token, "notification": r.notification,
-                                  "data": r.data}), flush=True)
-            seen = len(received)
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        peer.stop()
+    serve(peer, lambda r: {"name": r.name, "token": r.token, "notification": r.notification, "data": r.data})
 
 
 if __name__ == "__main__":

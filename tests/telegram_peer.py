@@ -8,29 +8,26 @@ the test process) that answers like Telegram and records what it accepts.
 Routes /bot<token>/<method> (sendMessage, sendPhoto, sendVideo, getMe; method names in any case,
 as Telegram's), takes JSON, form and query-string parameters as Telegram does, and checks what
 Telegram checks: the chat id, a non-empty text, MarkdownV2 (check_markdown_v2 below), the inline
-keyboard, the media URL and the text and caption lengths as shown. A thread per connection
-(HTTP/1.1 keep-alive), so `max_in_flight` shows how many requests a client had out at once. Run
-`python -m tests.telegram_peer --port 8098` for a standalone peer printing one JSON line per message.
+keyboard, the media URL and the text and caption lengths as shown. The server and its bookkeeping
+are tests/http_peer.py's. Run `python -m tests.telegram_peer --port 8098` for a standalone peer
+printing one JSON line per message.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import EllipsisType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
+
+from tests.http_peer import KEEP, Answer, HttpPeer, argument_parser, form_fields, serve
 
 BOT_ID = 7000001
 BOT_TOKEN = f"{BOT_ID}:AAH-peer_Secret0123456789abcdefXYZ"
@@ -41,8 +38,6 @@ _CHAT_ID = re.compile(r"^-?[0-9]{1,20}$|^@[A-Za-z][A-Za-z0-9_]{3,31}$")
 _MEDIA_URL = re.compile(r"^https?://[^\s/]+\S*$")
 _BUTTON_URL = re.compile(r"^(https?|tg)://\S+$")
 RESERVED = "_*[]()~`>#+-=|{}.!"
-
-Reply = tuple[int, dict[str, Any], dict[str, str]]
 
 
 # -- MarkdownV2 ---------------------------------------------------------------------------------------
@@ -166,24 +161,18 @@ class Received:
     at: float = field(default_factory=time.time)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def error(status: int, description: str, **parameters: Any) -> Reply:
+def error(status: int, description: str, **parameters: Any) -> Answer:
     body: dict[str, Any] = {"ok": False, "error_code": status, "description": description}
     if parameters:
         body["parameters"] = parameters
     return status, body, {}
 
 
-def bad(description: str) -> Reply:
+def bad(description: str) -> Answer:
     return error(400, f"Bad Request: {description}")
 
 
-class TelegramPeer:
+class TelegramPeer(HttpPeer[Received]):
     """Behaviour per chat id (as text, e.g. "1001" or "@news_channel"):
     - `blocked={chat}` → 403 "Forbidden: bot was blocked by the user"; `forbidden={chat: words}` →
       403 "Forbidden: <words>" (e.g. "user is deactivated", "bot was kicked from the group chat");
@@ -195,6 +184,10 @@ class TelegramPeer:
     (the token was revoked then); `delay` seconds are spent on each request after it was taken (an
     accepted one is recorded first) and before it is answered. Change it while running with
     `configure(...)`."""
+
+    name = "Telegram"
+    recipient = "chat_id"
+    methods = ("POST", "GET")  # Telegram takes GET with a query string too
 
     def __init__(
         self,
@@ -212,86 +205,30 @@ class TelegramPeer:
         revoke_after: int | None = None,
         delay: float = 0.0,
     ) -> None:
-        self.host, self.port, self.token = host, port or free_port(host), token
-        self._lock = threading.Lock()
-        self._received: list[Received] = []
-        self._attempts: dict[str, int] = {}
+        super().__init__(host=host, port=port)
+        self.token = token
         self._message_ids: dict[str, int] = {}
-        self._requests = self._in_flight = self._max_in_flight = self._connections_made = 0
-        self._connections: set[socket.socket] = set()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.configure(blocked=blocked or set(), forbidden=forbidden or {}, unknown=unknown or set(),
                        migrated=migrated or {}, fail_transiently=fail_transiently or {}, rate_limit=rate_limit or {},
                        retry_after=retry_after, revoke_after=revoke_after, delay=delay)
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def start(self) -> TelegramPeer:
-        assert self._server is None, "already running"
-
-        class Handler(_Handler):
-            peer = self
-
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"telegram-peer-{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and cut every open (keep-alive) connection."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        assert self._thread is not None
-        self._thread.join(5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> TelegramPeer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def configure(
         self,
         *,
-        blocked: set[str] | None = None,
-        forbidden: dict[str, str] | None = None,
-        unknown: set[str] | None = None,
-        migrated: dict[str, int] | None = None,
-        fail_transiently: dict[str, int] | None = None,
-        rate_limit: dict[str, int] | None = None,
-        retry_after: float | None = None,
-        revoke_after: int | None | EllipsisType = ...,  # ... leaves it as is; None: never revoked
-        delay: float | None = None,
+        blocked: set[str] | EllipsisType = KEEP,
+        forbidden: dict[str, str] | EllipsisType = KEEP,
+        unknown: set[str] | EllipsisType = KEEP,
+        migrated: dict[str, int] | EllipsisType = KEEP,
+        fail_transiently: dict[str, int] | EllipsisType = KEEP,
+        rate_limit: dict[str, int] | EllipsisType = KEEP,
+        retry_after: float | EllipsisType = KEEP,
+        revoke_after: int | None | EllipsisType = KEEP,  # None: never revoked
+        delay: float | EllipsisType = KEEP,
     ) -> None:
-        with self._lock:
-            for name, value in (("blocked", blocked), ("forbidden", forbidden), ("unknown", unknown),
-                                ("migrated", migrated), ("fail_transiently", fail_transiently),
-                                ("rate_limit", rate_limit)):
-                if value is not None:
-                    setattr(self, f"_{name}", type(value)(value))  # a copy: the caller's stays as it was
-            if retry_after is not None:
-                self.retry_after = retry_after
-            if revoke_after is not ...:
-                self.revoke_after = revoke_after
-            if delay is not None:
-                self.delay = delay
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Changes what is given; the rest stays as it is."""
+        self._set(_blocked=blocked, _forbidden=forbidden, _unknown=unknown, _migrated=migrated,
+                  _fail_transiently=fail_transiently, _rate_limit=rate_limit, retry_after=retry_after,
+                  revoke_after=revoke_after, delay=delay)
 
     def provider_config(self, **overrides: Any) -> dict[str, Any]:
         """A telegram_bot provider config that reaches this peer (its token, plain http, which the
@@ -299,75 +236,15 @@ class TelegramPeer:
         return {"bot_token": self.token, "base_url": self.base_url, "allow_insecure_auth": True, "timeout_s": 10.0,
                 **overrides}
 
-    # -- what was received -------------------------------------------------------------------------
-
-    @property
-    def received(self) -> list[Received]:
-        with self._lock:
-            return list(self._received)
-
-    def received_by(self, chat_id: str) -> list[Received]:
-        return [r for r in self.received if r.chat_id == chat_id]
-
-    def attempts(self, chat_id: str) -> int:
-        """Authenticated send requests to this chat, accepted or not."""
-        with self._lock:
-            return self._attempts.get(chat_id, 0)
-
-    @property
-    def requests(self) -> int:
-        """Every request the peer answered or is answering, authenticated or not."""
-        with self._lock:
-            return self._requests
-
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return self._connections_made
-
-    @property
-    def max_in_flight(self) -> int:
-        """The most requests taken and not yet answered at one moment."""
-        with self._lock:
-            return self._max_in_flight
-
-    def clear(self) -> None:
-        with self._lock:
-            self._received.clear()
-            self._attempts.clear()
-            self._requests = self._max_in_flight = self._connections_made = 0
-
-    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
-        """Wait (without blocking the event loop) until at least `count` messages were accepted."""
-        deadline = time.monotonic() + timeout
-        while len(received := self.received) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the Telegram peer accepted {len(received)} of {count} messages in {timeout}s")
-            await asyncio.sleep(0.02)
-        return received
-
     # -- called on the peer's threads --------------------------------------------------------------
 
-    def _begin(self) -> int:
-        with self._lock:
-            self._requests += 1
-            self._in_flight += 1
-            self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            return self._requests
-
-    def _end(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-
-    def answer(self, target: str, headers: Any, raw: bytes, number: int) -> Reply:
-        """(status, JSON body, extra headers) for one request, as Telegram would answer it."""
+    def answer(self, target: str, headers: Any, raw: bytes, number: int) -> Answer:
+        """As Telegram would answer it."""
         parts = urlsplit(target)
         match = _PATH.match(parts.path)
         if match is None or not _TOKEN_SHAPE.match(match.group(1)):
             return error(404, "Not Found")
-        with self._lock:
-            revoked = self.revoke_after is not None and number > self.revoke_after
-        if match.group(1) != self.token or revoked:
+        if match.group(1) != self.token or self._revoked(number):
             return error(401, "Unauthorized")
         method = match.group(2).lower()
         if method == "getme":
@@ -381,19 +258,20 @@ class TelegramPeer:
             return bad(str(exc))
         return self._send(method, params, encoding)
 
-    def _send(self, method: str, params: dict[str, Any], encoding: str) -> Reply:
+    def not_allowed(self) -> Answer:
+        return error(405, "Method Not Allowed")
+
+    def _send(self, method: str, params: dict[str, Any], encoding: str) -> Answer:
         chat = str(params.get("chat_id", "")).strip()
         if not chat:
             return bad("chat_id is empty")
         if not _CHAT_ID.match(chat):
             return bad("chat not found")
         with self._lock:
-            self._attempts[chat] = self._attempts.get(chat, 0) + 1
-            if self._rate_limit.get(chat, 0) > 0:  # flood control comes before anything is looked at
-                self._rate_limit[chat] -= 1
+            self._attempt(chat)
+            if self._use_up(self._rate_limit, chat):  # flood control comes before anything is looked at
                 return error(429, f"Too Many Requests: retry after {self.retry_after}", retry_after=self.retry_after)
-            if self._fail_transiently.get(chat, 0) > 0:
-                self._fail_transiently[chat] -= 1
+            if self._use_up(self._fail_transiently, chat):
                 return error(500, "Internal Server Error")
             if chat in self._blocked:
                 return error(403, "Forbidden: bot was blocked by the user")
@@ -434,7 +312,7 @@ class TelegramPeer:
 
 def _params(query: str, content_type: str, raw: bytes) -> tuple[dict[str, Any], str]:
     """A method's parameters from the query string and the body (JSON, urlencoded or multipart)."""
-    params: dict[str, Any] = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    params: dict[str, Any] = dict(form_fields(query))
     kind = content_type.split(";")[0].strip().lower()
     encoding = "query"
     if raw and kind == "application/json":
@@ -447,7 +325,7 @@ def _params(query: str, content_type: str, raw: bytes) -> tuple[dict[str, Any], 
         params.update(body)
         encoding = "json"
     elif raw and kind == "application/x-www-form-urlencoded":
-        params.update({k: v[-1] for k, v in parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True).items()})
+        params.update(form_fields(raw.decode("utf-8", "replace")))
         encoding = "form"
     elif raw and kind == "multipart/form-data":
         message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
@@ -526,51 +404,6 @@ def _button(markup: Any) -> tuple[str, str] | None:
     return (buttons[0]["text"], buttons[0]["url"]) if len(buttons) == 1 else None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    peer: TelegramPeer
-    protocol_version = "HTTP/1.1"  # keep-alive, as Telegram's API
-    timeout = 30  # an idle keep-alive connection ends its thread after this
-
-    def setup(self) -> None:
-        super().setup()
-        with self.peer._lock:
-            self.peer._connections.add(self.connection)
-            self.peer._connections_made += 1
-
-    def finish(self) -> None:
-        with self.peer._lock:
-            self.peer._connections.discard(self.connection)
-        super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _reply(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        number = self.peer._begin()
-        try:
-            status, body, headers = self.peer.answer(self.path, self.headers, raw, number)
-            if self.peer.delay:
-                time.sleep(self.peer.delay)
-        finally:
-            # Out of flight before the answer is written: the client can only start another request
-            # once it has this answer, so max_in_flight never counts one the client already let go.
-            self.peer._end()
-        self._reply(status, body, headers)
-
-    do_GET = do_POST  # Telegram takes GET with a query string too
-
-
 @pytest.fixture
 def telegram_peer() -> Iterator[TelegramPeer]:
     """A started peer with no failures configured; reconfigure it with `telegram_peer.configure(...)`."""
@@ -579,29 +412,12 @@ def telegram_peer() -> Iterator[TelegramPeer]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="a recording Telegram Bot API peer: prints one JSON line per message")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8098)
+    parser = argument_parser("a recording Telegram Bot API peer: prints one JSON line per message", 8098)
     parser.add_argument("--token", default=BOT_TOKEN)
-    parser.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args()
     peer = TelegramPeer(host=args.host, port=args.port, token=args.token, delay=args.delay).start()
-    config = {k: v for k, v in peer.provider_config().items() if k != "timeout_s"}
-    print(json.dumps({"listening": f"{peer.host}:{peer.port}", "provider_config": config}), flush=True)
-    seen = 0
-    try:
-        while True:
-            received = peer.received
-            for r in received[seen:]:
-                print(json.dumps({"message_id": r.message_id, "method": r.method, "chat_id": r.chat_id,
-                                  "text": r.text, "shown": r.shown, "media": r.media_url, "button": r.button}),
-                      flush=True)
-            seen = len(received)
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        peer.stop()
+    serve(peer, lambda r: {"message_id": r.message_id, "method": r.method, "chat_id": r.chat_id, "text": r.text,
+                           "shown": r.shown, "media": r.media_url, "button": r.button})
 
 
 if __name__ == "__main__":

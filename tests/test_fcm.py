@@ -28,21 +28,16 @@ from api_service.schemas.provider_fcm import (
     endpoint_hosts,
     fcm_response,
 )
-from shared.channels import http_client, registry
-from shared.channels.fcm import FcmProvider, retry_after_s
+from shared.channels.http_send import retry_after_s
 from shared.channels.provider import (
     ADDRESS_DEAD,
     AUTH_FAILED,
     DEFERRED,
     INVALID_MESSAGE,
-    OUTCOME_UNKNOWN,
     REFUSED_PRIVATE_ADDRESS,
     REJECTED,
     TIMEOUT,
     TLS_UNAVAILABLE,
-    UNREACHABLE,
-    WITHDRAWN,
-    CommitFailed,
     OutgoingMessage,
     ProviderUnavailable,
     PushContent,
@@ -59,14 +54,18 @@ from tests.fcm_peer import (  # noqa: F401  (fcm_peer: the fixture)
     pem,
     rpc_error,
 )
-
-
-@pytest.fixture(autouse=True)
-async def fcm_registered(monkeypatch):
-    """The kind as the registry will have it; each test's shared clients (and tokens) closed with its loop."""
-    monkeypatch.setitem(registry.KINDS, "fcm", FcmProvider)
-    yield
-    await http_client.close_all()
+from tests.provider_helpers import (  # noqa: F401  (shared_clients_closed: autouse)
+    RecordingCommit,
+    check_a_failed_commit_ends_the_call,
+    check_a_private_host_is_refused,
+    check_a_withdrawn_message_is_never_sent,
+    check_an_unreachable_api_is_retryable,
+    check_in_flight_bounded_across_jobs,
+    check_no_answer_is_an_unknown_outcome,
+    job_sender,
+    outcomes,
+    shared_clients_closed,
+)
 
 
 def push(i: int, token: str | None = None, **content: Any) -> OutgoingMessage:
@@ -75,16 +74,7 @@ def push(i: int, token: str | None = None, **content: Any) -> OutgoingMessage:
                            idempotency_key=f"{uuid.UUID(int=7)}:1:{i}:push")
 
 
-async def send_job(peer: FcmPeer, messages: list[OutgoingMessage], commit=None, **config: Any):
-    provider = build_provider("fcm", peer.provider_config(**config), allow_private_networks=True)
-    try:  # send() opens it: a provider failure of open() is then every message's result
-        return await provider.send(messages, commit)
-    finally:
-        await provider.close()
-
-
-def outcomes(results) -> list[tuple[bool, bool, str | None]]:
-    return [(r.ok, r.retryable, r.failure) for r in results]
+send_job = job_sender("fcm", opened=False)
 
 
 def assert_no_secret(peer: FcmPeer, *texts: str | None) -> None:
@@ -173,12 +163,7 @@ async def test_access_revoked_mid_job_stops_it_after_one_new_token(fcm_peer):
 
 @pytest.mark.parametrize("refusal", ["deleted key", "another private key"])
 async def test_a_key_the_token_endpoint_refuses_fails_the_job_and_sends_nothing(fcm_peer, refusal):
-    commits: list[int] = []
-
-    async def commit(m: OutgoingMessage) -> bool:
-        commits.append(m.contact_id)
-        return True
-
+    commit = RecordingCommit()
     config: dict[str, Any] = {}
     if refusal == "deleted key":
         fcm_peer.configure(refuse_key=True)
@@ -188,7 +173,7 @@ async def test_a_key_the_token_endpoint_refuses_fails_the_job_and_sends_nothing(
     assert set(outcomes(results)) == {(False, False, AUTH_FAILED)}
     assert results[0].error.startswith("fcm token endpoint 400: invalid_grant")
     assert "Signature" in results[0].error if refusal == "another private key" else "not found" in results[0].error
-    assert fcm_peer.counts()["token"] == 1 and fcm_peer.counts()["send"] == 0 and commits == []
+    assert fcm_peer.counts()["token"] == 1 and fcm_peer.counts()["send"] == 0 and commit.calls == []
     assert_no_secret(fcm_peer, *(r.error for r in results))
 
 
@@ -209,14 +194,9 @@ async def test_opening_tries_the_key_without_sending_anything(fcm_peer):
 
 async def test_a_token_endpoint_without_an_answer_is_retryable_and_nothing_is_committed(fcm_peer):
     fcm_peer.configure(token_delay=1.0)
-    commits: list[int] = []
-
-    async def commit(m: OutgoingMessage) -> bool:
-        commits.append(m.contact_id)
-        return True
-
+    commit = RecordingCommit()
     results = await send_job(fcm_peer, [push(1), push(2)], commit, timeout_s=0.3)
-    assert outcomes(results) == [(False, True, TIMEOUT)] * 2 and commits == []
+    assert outcomes(results) == [(False, True, TIMEOUT)] * 2 and commit.calls == []
     assert fcm_peer.counts()["send"] == 0 and fcm_peer.token_requests == 1  # both waited for the same request
 
 
@@ -270,17 +250,12 @@ async def test_a_not_found_that_is_not_unregistered_does_not_blame_the_token(fcm
 
 async def test_a_rate_limited_message_waits_and_goes_without_costing_an_attempt(fcm_peer):
     fcm_peer.configure(rate_limit={device_token(1): 2}, retry_after="0.3")
-    commits: list[int] = []
-
-    async def commit(m: OutgoingMessage) -> bool:
-        commits.append(m.contact_id)
-        return True
-
+    commit = RecordingCommit()
     started = time.monotonic()
     [result] = await send_job(fcm_peer, [push(1)], commit)
     assert result.ok and time.monotonic() - started >= 0.6
     assert fcm_peer.attempts(device_token(1)) == 3 and len(fcm_peer.received) == 1
-    assert commits == [1, 1, 1]  # committed again right before each request
+    assert [m.contact_id for m in commit.calls] == [1, 1, 1]  # committed again right before each request
 
 
 async def test_an_unavailable_fcm_holds_the_account_as_long_as_it_asks(fcm_peer):
@@ -298,59 +273,27 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_capped():
 
 
 async def test_a_request_without_an_answer_is_an_unknown_outcome_not_resent(fcm_peer):
-    fcm_peer.configure(delay=1.0)
-    [result] = await send_job(fcm_peer, [push(1)], timeout_s=0.3)
-    assert outcomes([result]) == [(False, False, OUTCOME_UNKNOWN)] and "ReadTimeout" in result.error
-    await fcm_peer.wait_for(1)  # FCM had it all along
+    await check_no_answer_is_an_unknown_outcome(fcm_peer, send_job, push)
 
 
 async def test_an_unreachable_endpoint_is_retryable(fcm_peer):
-    fcm_peer.stop()
-    results = await send_job(fcm_peer, [push(1), push(2)], timeout_s=2.0)
-    assert outcomes(results) == [(False, True, UNREACHABLE)] * 2
+    await check_an_unreachable_api_is_retryable(fcm_peer, send_job, push)
 
 
 # -- concurrency and commits -------------------------------------------------------------------------
 
 
 async def test_requests_in_flight_are_bounded_per_account_even_across_jobs(fcm_peer):
-    fcm_peer.configure(delay=0.2)
-    started = time.monotonic()
-    results = await send_job(fcm_peer, [push(i) for i in range(12)], concurrency=3)
-    assert [r.contact_id for r in results] == list(range(12)) and all(r.ok for r in results)
-    assert fcm_peer.max_in_flight == 3 and time.monotonic() - started < 12 * 0.2 / 2  # serial would take 2.4 s
-    fcm_peer.clear()
-    both = await asyncio.gather(send_job(fcm_peer, [push(i) for i in range(8)], concurrency=3),
-                                send_job(fcm_peer, [push(i) for i in range(8, 16)], concurrency=3))
-    assert all(r.ok for job in both for r in job) and fcm_peer.max_in_flight == 3
+    await check_in_flight_bounded_across_jobs(fcm_peer, send_job, push, delay_s=0.2,
+                                              within_s=12 * 0.2 / 2)  # serial would take 2.4 s
 
 
 async def test_a_withdrawn_message_is_never_sent_and_commits_run_one_at_a_time(fcm_peer):
-    in_commit, overlapped = 0, False
-
-    async def commit(m: OutgoingMessage) -> bool:
-        nonlocal in_commit, overlapped
-        in_commit += 1
-        overlapped |= in_commit > 1
-        await asyncio.sleep(0.01)
-        in_commit -= 1
-        return m.contact_id != 2
-
-    results = await send_job(fcm_peer, [push(i) for i in range(1, 6)], commit, concurrency=5)
-    assert [r.failure for r in results] == [None, WITHDRAWN, None, None, None]
-    assert fcm_peer.received_by(device_token(2)) == [] and len(fcm_peer.received) == 4 and not overlapped
+    await check_a_withdrawn_message_is_never_sent(fcm_peer, send_job, push, lambda m: m.to)
 
 
 async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(fcm_peer):
-    async def commit(m: OutgoingMessage) -> bool:
-        if m.contact_id == 3:
-            raise ConnectionRefusedError("postgres is away")
-        return True
-
-    with pytest.raises(CommitFailed) as raised:
-        await send_job(fcm_peer, [push(i) for i in range(1, 7)], commit, concurrency=1)
-    assert isinstance(raised.value.__cause__, ConnectionRefusedError)
-    assert [r.token for r in fcm_peer.received] == [device_token(1), device_token(2)]
+    await check_a_failed_commit_ends_the_call(fcm_peer, send_job, push, lambda m: m.to)
 
 
 # -- the outbound address check and the settings at run time ------------------------------------------
@@ -358,14 +301,8 @@ async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(fcm_pe
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
 async def test_a_private_fcm_host_is_refused_unless_allowed(fcm_peer, host):
-    provider = build_provider("fcm", fcm_peer.provider_config(base_url=f"http://{host}:{fcm_peer.port}"))
-    with pytest.raises(ProviderUnavailable) as raised:
-        await provider.open()
-    assert (raised.value.retryable, raised.value.failure) == (False, REFUSED_PRIVATE_ADDRESS)
-    [result] = await provider.send([push(1)])
-    assert outcomes([result]) == [(False, False, REFUSED_PRIVATE_ADDRESS)]
-    await provider.close()
-    assert fcm_peer.requests == 0 and fcm_peer.connections == 0
+    await check_a_private_host_is_refused(fcm_peer, "fcm", push(1),
+                                          base_url=f"http://{host}:{fcm_peer.port}")
 
 
 async def test_a_private_token_endpoint_is_refused_too(fcm_peer):
@@ -466,7 +403,7 @@ def test_a_create_body_takes_the_key_file_as_text_with_defaults():
     assert (data.channel, data.project_id, data.concurrency) == ("push", None, 10)
     assert data.base_url == "https://fcm.googleapis.com"
     assert CONFIG_FIELDS == ("service_account_key", "project_id", "base_url", "allow_insecure_auth", "concurrency",
-                             "timeout_s", "rate_limits", "on_unknown")
+                             "timeout_s", "rate_limits", "on_unknown", "weight")
     assert refused_field(peer, allow_insecure_auth=True) is None
     assert refused_field(peer, project_id="other-project", allow_insecure_auth=True) is None
 

@@ -120,7 +120,7 @@ async def test_a_provider_created_through_the_api_is_stored_sealed_and_sends_wit
             job = Job(tenant_id=env.tenant_id, broadcast_id=uuid.uuid4(), run=1, seq=0, channel="email", provider_id=pid)
             con = await db.connect(settings.database_url)
             try:
-                row = await JobContextLoader(allow_private_networks=True)._provider(con, job)
+                row = await JobContextLoader(allow_private_networks=True)._provider(con, job.tenant_id, job.provider_id)
             finally:
                 await con.close()
             assert row is not None and row.config["password"] == PASSWORD
@@ -259,7 +259,7 @@ async def test_a_value_no_key_opens_is_a_clear_error_naming_the_provider_not_the
     con = await db.connect(settings.database_url)
     try:
         with pytest.raises(accounts.ProviderSecretsUnreadable):
-            await JobContextLoader()._provider(con, job)
+            await JobContextLoader()._provider(con, job.tenant_id, job.provider_id)
     finally:
         await con.close()
     # `crier secrets seal` with that key leaves such rows alone, names them, and fails

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 from api_service.schemas import provider_telegram as schema
-from shared.channels import http_client, registry
+from shared.channels import http_client
 from shared.channels.accounts import DEFAULT_MAX_RETRIES
 from shared.channels.provider import (
     ADDRESS_DEAD,
@@ -27,11 +27,8 @@ from shared.channels.provider import (
     DEFERRED,
     INVALID_MESSAGE,
     OUTCOME_UNKNOWN,
-    REFUSED_PRIVATE_ADDRESS,
     REJECTED,
     UNREACHABLE,
-    WITHDRAWN,
-    CommitFailed,
     OutgoingMessage,
     ProviderUnavailable,
     SmsContent,
@@ -40,8 +37,7 @@ from shared.channels.provider import (
 from shared.channels.registry import build_provider
 from shared.channels.telegram_bot import (
     MAX_CAPTION_CHARS,
-    TelegramBotProvider,
-    _retry_after_s,
+    _asked_wait_s,
     classify,
     shown_length,
 )
@@ -49,10 +45,21 @@ from shared.kernel.content import Content, TelegramPart
 from shared.kernel.errors import Invalid
 from shared.platform.logging import configure_logging
 from shared.sending.render import ChannelRenderer
+from tests.provider_helpers import (  # noqa: F401  (shared_clients_closed: autouse)
+    RecordingCommit,
+    check_a_failed_commit_ends_the_call,
+    check_a_private_host_is_refused,
+    check_a_withdrawn_message_is_never_sent,
+    check_an_unreachable_api_is_retryable,
+    check_in_flight_bounded_across_jobs,
+    check_no_answer_is_an_unknown_outcome,
+    job_sender,
+    outcomes,
+    shared_clients_closed,
+)
 from tests.telegram_peer import (  # noqa: F401  (telegram_peer: the fixture)
     BOT_TOKEN,
     EntityError,
-    TelegramPeer,
     check_markdown_v2,
     telegram_peer,
 )
@@ -60,30 +67,12 @@ from tests.telegram_peer import (  # noqa: F401  (telegram_peer: the fixture)
 SECRET = BOT_TOKEN.partition(":")[2]
 
 
-@pytest.fixture(autouse=True)
-async def telegram_registered(monkeypatch):
-    """The kind as the registry will have it; each test's shared clients closed with its loop."""
-    monkeypatch.setitem(registry.KINDS, "telegram_bot", TelegramBotProvider)
-    yield
-    await http_client.close_all()
-
-
 def tg(i: int, text: str | None = None, to: str | None = None, **content: Any) -> OutgoingMessage:
     return OutgoingMessage(contact_id=i, to=to or str(1000 + i), idempotency_key=f"{uuid.UUID(int=7)}:1:{i}:telegram",
                            content=TelegramContent(text=f"Hi {i}" if text is None else text, **content))
 
 
-async def send_job(peer: TelegramPeer, messages: list[OutgoingMessage], commit=None, **config: Any):
-    provider = build_provider("telegram_bot", peer.provider_config(**config), allow_private_networks=True)
-    await provider.open()
-    try:
-        return await provider.send(messages, commit)
-    finally:
-        await provider.close()
-
-
-def outcomes(results) -> list[tuple[bool, bool, str | None]]:
-    return [(r.ok, r.retryable, r.failure) for r in results]
+send_job = job_sender("telegram_bot")
 
 
 # -- the requests ------------------------------------------------------------------------------------
@@ -260,17 +249,12 @@ def test_each_answer_has_its_class(status, description, parameters, expected):
 
 async def test_a_rate_limited_message_waits_and_goes_without_costing_an_attempt(telegram_peer):
     telegram_peer.configure(rate_limit={"1001": 2}, retry_after=0.3)
-    commits: list[str] = []
-
-    async def commit(m: OutgoingMessage) -> bool:
-        commits.append(m.to)
-        return True
-
+    commit = RecordingCommit()
     started = time.monotonic()
     [result] = await send_job(telegram_peer, [tg(1)], commit)
     assert result.ok and time.monotonic() - started >= 0.6
     assert telegram_peer.attempts("1001") == 3 and len(telegram_peer.received) == 1
-    assert commits == ["1001"] * 3  # committed again before each request
+    assert [m.to for m in commit.calls] == ["1001"] * 3  # committed again before each request
 
 
 async def test_a_429_pauses_the_whole_bot_across_jobs(telegram_peer):
@@ -292,23 +276,18 @@ async def test_rate_limited_too_often_in_a_row_is_retryable_later(telegram_peer)
 
 
 def test_retry_after_is_read_from_the_parameters_and_capped():
-    assert _retry_after_s({"retry_after": 5}, None) == 5 and _retry_after_s({"retry_after": 3600}, None) == 60
-    assert _retry_after_s({}, "2") == 2 and _retry_after_s(None, None) == 1
-    assert _retry_after_s({"retry_after": "x"}, None) == 1
-    assert _retry_after_s({"retry_after": -3}, None) == 0
+    assert _asked_wait_s({"retry_after": 5}, None) == 5 and _asked_wait_s({"retry_after": 3600}, None) == 60
+    assert _asked_wait_s({}, "2") == 2 and _asked_wait_s(None, None) == 1
+    assert _asked_wait_s({"retry_after": "x"}, None) == 1
+    assert _asked_wait_s({"retry_after": -3}, None) == 0
 
 
 async def test_a_request_without_an_answer_is_an_unknown_outcome_not_resent(telegram_peer):
-    telegram_peer.configure(delay=1.0)
-    [result] = await send_job(telegram_peer, [tg(1)], timeout_s=0.3)
-    assert outcomes([result]) == [(False, False, OUTCOME_UNKNOWN)] and "ReadTimeout" in result.error
-    await telegram_peer.wait_for(1)  # Telegram had it all along
+    await check_no_answer_is_an_unknown_outcome(telegram_peer, send_job, tg)
 
 
 async def test_an_unreachable_api_is_retryable(telegram_peer):
-    telegram_peer.stop()
-    results = await send_job(telegram_peer, [tg(1), tg(2)], timeout_s=2.0)
-    assert outcomes(results) == [(False, True, UNREACHABLE)] * 2
+    await check_an_unreachable_api_is_retryable(telegram_peer, send_job, tg)
 
 
 async def test_what_is_not_a_telegram_message_fails_alone(telegram_peer):
@@ -322,45 +301,17 @@ async def test_what_is_not_a_telegram_message_fails_alone(telegram_peer):
 
 
 async def test_requests_in_flight_are_bounded_per_bot_even_across_jobs(telegram_peer):
-    telegram_peer.configure(delay=0.1)
-    started = time.monotonic()
-    results = await send_job(telegram_peer, [tg(i) for i in range(12)], concurrency=3)
-    assert [r.contact_id for r in results] == list(range(12)) and all(r.ok for r in results)
-    assert telegram_peer.max_in_flight == 3 and time.monotonic() - started < 12 * 0.1
-    telegram_peer.clear()
-    both = await asyncio.gather(send_job(telegram_peer, [tg(i) for i in range(8)], concurrency=3),
-                                send_job(telegram_peer, [tg(i) for i in range(8, 16)], concurrency=3))
-    assert all(r.ok for job in both for r in job) and telegram_peer.max_in_flight == 3
+    await check_in_flight_bounded_across_jobs(telegram_peer, send_job, tg)
     provider = build_provider("telegram_bot", telegram_peer.provider_config(concurrency=500))
     assert provider.concurrency == 30  # Telegram's own bound, whatever the config says
 
 
 async def test_a_withdrawn_message_is_never_sent_and_commits_go_one_at_a_time(telegram_peer):
-    in_commit, overlapped = 0, False
-
-    async def commit(m: OutgoingMessage) -> bool:
-        nonlocal in_commit, overlapped
-        in_commit += 1
-        overlapped |= in_commit > 1
-        await asyncio.sleep(0.01)
-        in_commit -= 1
-        return m.contact_id != 2
-
-    results = await send_job(telegram_peer, [tg(i) for i in range(1, 6)], commit, concurrency=5)
-    assert [(r.ok, r.failure) for r in results] == [(True, None), (False, WITHDRAWN)] + [(True, None)] * 3
-    assert telegram_peer.received_by("1002") == [] and len(telegram_peer.received) == 4 and not overlapped
+    await check_a_withdrawn_message_is_never_sent(telegram_peer, send_job, tg, lambda m: m.to)
 
 
 async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(telegram_peer):
-    async def commit(m: OutgoingMessage) -> bool:
-        if m.contact_id == 3:
-            raise ConnectionRefusedError("postgres is away")
-        return True
-
-    with pytest.raises(CommitFailed) as raised:
-        await send_job(telegram_peer, [tg(i) for i in range(1, 7)], commit, concurrency=1)
-    assert isinstance(raised.value.__cause__, ConnectionRefusedError)
-    assert [r.chat_id for r in telegram_peer.received] == ["1001", "1002"]
+    await check_a_failed_commit_ends_the_call(telegram_peer, send_job, tg, lambda m: m.to)
 
 
 # -- the outbound address check and plain http -------------------------------------------------------
@@ -368,15 +319,8 @@ async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(telegr
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
 async def test_a_private_api_host_is_refused_unless_allowed(telegram_peer, host):
-    config = telegram_peer.provider_config(base_url=f"http://{host}:{telegram_peer.port}")
-    provider = build_provider("telegram_bot", config)
-    with pytest.raises(ProviderUnavailable) as raised:
-        await provider.open()
-    assert (raised.value.retryable, raised.value.failure) == (False, REFUSED_PRIVATE_ADDRESS)
-    [result] = await provider.send([tg(1)])
-    assert outcomes([result]) == [(False, False, REFUSED_PRIVATE_ADDRESS)]
-    await provider.close()
-    assert telegram_peer.requests == 0 and telegram_peer.connections == 0
+    await check_a_private_host_is_refused(telegram_peer, "telegram_bot", tg(1),
+                                          base_url=f"http://{host}:{telegram_peer.port}")
 
 
 async def test_plain_http_needs_allow_insecure_auth(telegram_peer):
@@ -425,7 +369,8 @@ async def test_the_token_is_in_no_error_and_no_log_line(telegram_peer, all_logs,
     errors += [r.error or "" for r in await send_job(telegram_peer, [tg(6)], timeout_s=0.1)]  # a read timeout
 
     # Exceptions whose message holds the request's URL (httpx's do, for some): scrubbed too
-    async def failing(shared, method, body):
+    async def failing(message, request):
+        method, body = request
         raise {"6": httpx.ConnectError, "7": RuntimeError}[str(body["chat_id"])[-1]](
             f"cannot POST {telegram_peer.base_url}/bot{BOT_TOKEN}/{method} ({SECRET})")
 
@@ -470,7 +415,7 @@ def test_a_telegram_provider_has_defaults_and_keeps_its_config_apart():
     assert (data.channel, data.base_url, data.concurrency, data.allow_insecure_auth, data.link_previews) == (
         "telegram", "https://api.telegram.org", 10, False, True)
     assert schema.CONFIG_FIELDS == ("bot_token", "base_url", "allow_insecure_auth", "concurrency", "timeout_s",
-                                    "link_previews", "rate_limits", "on_unknown")
+                                    "link_previews", "rate_limits", "on_unknown", "weight")
     assert schema.SECRET_FIELDS == ("bot_token",) and set(schema.PATCH_FIELDS) == {"bot_token", "link_previews"}
     assert schema.ENDPOINT_FIELD == "base_url" and schema.endpoint_host({}) == "api.telegram.org"
     assert schema.endpoint_host({"base_url": "https://tg.example.com:8443/x"}) == "tg.example.com"

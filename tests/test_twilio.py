@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from email.utils import formatdate
 from typing import Any
 
@@ -15,31 +13,37 @@ import httpx
 import msgspec
 import pytest
 
-from shared.channels import accounts, http_client, registry
+from shared.channels import accounts, http_client
+from shared.channels.http_send import retry_after_s
 from shared.channels.provider import (
     AUTH_FAILED,
     DEFERRED,
     INVALID_MESSAGE,
-    OUTCOME_UNKNOWN,
-    REFUSED_PRIVATE_ADDRESS,
     REJECTED,
-    UNREACHABLE,
-    WITHDRAWN,
-    CommitFailed,
     EmailContent,
     OutgoingMessage,
-    ProviderUnavailable,
     SmsContent,
 )
 from shared.channels.registry import build_provider
-from shared.channels.twilio import ADDRESS_DEAD, TwilioProvider, retry_after_s
+from shared.channels.twilio import ADDRESS_DEAD
 from shared.platform import db, netguard
+from tests.provider_helpers import (  # noqa: F401  (shared_clients_closed: autouse)
+    RecordingCommit,
+    check_a_failed_commit_ends_the_call,
+    check_a_private_host_is_refused,
+    check_a_withdrawn_message_is_never_sent,
+    check_an_answer_is_read_up_to_a_bound_and_within_a_deadline,
+    check_an_unreachable_api_is_retryable,
+    check_in_flight_bounded_across_jobs,
+    check_no_answer_is_an_unknown_outcome,
+    job_sender,
+    shared_clients_closed,
+)
 from tests.tenant_env import tenant_env
 from tests.twilio_peer import (  # noqa: F401  (twilio_peer: the fixture)
     ACCOUNT_SID,
     AUTH_TOKEN,
     FROM_NUMBER,
-    TwilioPeer,
     twilio_peer,
 )
 
@@ -47,26 +51,12 @@ SERVICE_SID = "MG" + "ab" * 16
 KEY_SID, KEY_SECRET = "SK" + "cd" * 16, "key-secret-91e2"
 
 
-@pytest.fixture(autouse=True)
-async def twilio_registered(monkeypatch):
-    """The kind as the registry will have it; each test's shared clients closed with its loop."""
-    monkeypatch.setitem(registry.KINDS, "twilio", TwilioProvider)
-    yield
-    await http_client.close_all()
-
-
 def sms(i: int, to: str | None = None, body: str | None = None) -> OutgoingMessage:
     return OutgoingMessage(contact_id=i, to=to or f"+1555000{i:04d}", content=SmsContent(body=f"Hi {i}" if body is None else body),
                            idempotency_key=f"{uuid.UUID(int=7)}:1:{i}:sms")
 
 
-async def send_job(peer: TwilioPeer, messages: list[OutgoingMessage], commit=None, **config: Any):
-    provider = build_provider("twilio", peer.provider_config(**config), allow_private_networks=True)
-    await provider.open()
-    try:
-        return await provider.send(messages, commit)
-    finally:
-        await provider.close()
+send_job = job_sender("twilio")
 
 
 # -- the request -------------------------------------------------------------------------------------
@@ -141,17 +131,12 @@ async def test_bad_credentials_fail_the_rest_of_the_job_without_sending_it(twili
 
 async def test_a_rate_limited_message_waits_and_goes_without_costing_an_attempt(twilio_peer):
     twilio_peer.configure(rate_limit={"+15550000001": 2}, retry_after="0.3")
-    commits: list[str] = []
-
-    async def commit(m: OutgoingMessage) -> bool:
-        commits.append(m.to)
-        return True
-
+    commit = RecordingCommit()
     started = time.monotonic()
     [result] = await send_job(twilio_peer, [sms(1)], commit)
     assert result.ok and time.monotonic() - started >= 0.6
     assert twilio_peer.attempts("+15550000001") == 3 and len(twilio_peer.received) == 1
-    assert commits == ["+15550000001"] * 3  # committed again before each request
+    assert [m.to for m in commit.calls] == ["+15550000001"] * 3  # committed again before each request
 
 
 def test_retry_after_is_read_as_seconds_or_a_date_and_capped():
@@ -161,17 +146,11 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_capped():
 
 
 async def test_a_request_without_an_answer_is_an_unknown_outcome_not_resent(twilio_peer):
-    twilio_peer.configure(delay=1.0)
-    [result] = await send_job(twilio_peer, [sms(1)], timeout_s=0.3)
-    assert (result.ok, result.retryable, result.failure) == (False, False, OUTCOME_UNKNOWN)
-    assert "ReadTimeout" in result.error
-    await twilio_peer.wait_for(1)  # Twilio had it all along
+    await check_no_answer_is_an_unknown_outcome(twilio_peer, send_job, sms)
 
 
 async def test_an_unreachable_api_is_retryable(twilio_peer):
-    twilio_peer.stop()
-    results = await send_job(twilio_peer, [sms(1), sms(2)], timeout_s=2.0)
-    assert [(r.ok, r.retryable, r.failure) for r in results] == [(False, True, UNREACHABLE)] * 2
+    await check_an_unreachable_api_is_retryable(twilio_peer, send_job, sms)
 
 
 async def test_what_is_not_an_sms_fails_alone(twilio_peer):
@@ -182,99 +161,28 @@ async def test_what_is_not_an_sms_fails_alone(twilio_peer):
     assert twilio_peer.requests == 1
 
 
-@asynccontextmanager
-async def raw_http(answer: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> AsyncIterator[str]:
-    """An HTTP server on loopback that reads a request's head and lets `answer` write what it likes."""
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            await answer(writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-
 async def test_an_answer_is_read_up_to_a_bound_and_within_a_deadline():
-    async def huge(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 8000000\r\n\r\n" + b'{"sid": "SM1", "x": "')
-        for _ in range(1000):
-            writer.write(b"x" * 8000)
-            await writer.drain()
+    def config(url: str) -> dict[str, Any]:
+        return {"account_sid": ACCOUNT_SID, "auth_token": "t", "base_url": url, "from_number": FROM_NUMBER}
 
-    async def drip(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 1000\r\n\r\n")
-        for _ in range(1000):
-            writer.write(b" ")
-            await writer.drain()
-            await asyncio.sleep(0.05)
-
-    async with raw_http(huge) as url:
-        provider = build_provider("twilio", {"account_sid": ACCOUNT_SID, "auth_token": "t", "base_url": url,
-                                             "from_number": FROM_NUMBER}, allow_private_networks=True)
-        [result] = await provider.send([sms(1)])
-        assert (result.ok, result.provider_message_id) == (True, None)  # taken, its sid cut off
-        await provider.close()
-    async with raw_http(drip) as url:
-        provider = build_provider("twilio", {"account_sid": ACCOUNT_SID, "auth_token": "t", "base_url": url,
-                                             "from_number": FROM_NUMBER, "timeout_s": 0.2},
-                                  allow_private_networks=True)
-        started = time.monotonic()
-        [result] = await provider.send([sms(1)])
-        assert (result.ok, result.retryable, result.failure) == (False, False, OUTCOME_UNKNOWN)
-        assert time.monotonic() - started < 1.5
-        await provider.close()
+    taken = await check_an_answer_is_read_up_to_a_bound_and_within_a_deadline(
+        "twilio", config, sms(1), status="201 Created", start=b'{"sid": "SM1", "x": "')
+    assert (taken.ok, taken.provider_message_id) == (True, None)  # taken, its sid cut off
 
 
 # -- concurrency and commits -------------------------------------------------------------------------
 
 
 async def test_requests_in_flight_are_bounded_per_account_even_across_jobs(twilio_peer):
-    twilio_peer.configure(delay=0.1)
-    started = time.monotonic()
-    results = await send_job(twilio_peer, [sms(i) for i in range(12)], concurrency=3)
-    assert [r.contact_id for r in results] == list(range(12)) and all(r.ok for r in results)
-    assert twilio_peer.max_in_flight == 3 and time.monotonic() - started < 12 * 0.1
-    twilio_peer.clear()
-    # Two jobs of the same account at once share its bound
-    both = await asyncio.gather(send_job(twilio_peer, [sms(i) for i in range(8)], concurrency=3),
-                                send_job(twilio_peer, [sms(i) for i in range(8, 16)], concurrency=3))
-    assert all(r.ok for job in both for r in job) and twilio_peer.max_in_flight == 3
+    await check_in_flight_bounded_across_jobs(twilio_peer, send_job, sms)
 
 
 async def test_a_withdrawn_message_is_never_sent(twilio_peer):
-    in_commit = 0
-    overlapped = False
-
-    async def commit(m: OutgoingMessage) -> bool:
-        nonlocal in_commit, overlapped
-        in_commit += 1
-        overlapped |= in_commit > 1
-        await asyncio.sleep(0.01)
-        in_commit -= 1
-        return m.contact_id != 2
-
-    results = await send_job(twilio_peer, [sms(i) for i in range(1, 6)], commit, concurrency=5)
-    assert [(r.ok, r.failure) for r in results] == [(True, None), (False, WITHDRAWN), (True, None), (True, None),
-                                                    (True, None)]
-    assert twilio_peer.received_by("+15550000002") == [] and len(twilio_peer.received) == 4
-    assert not overlapped  # commits run one at a time (a commit may hold one database connection)
+    await check_a_withdrawn_message_is_never_sent(twilio_peer, send_job, sms, lambda m: m.to)
 
 
 async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(twilio_peer):
-    async def commit(m: OutgoingMessage) -> bool:
-        if m.contact_id == 3:
-            raise ConnectionRefusedError("postgres is away")
-        return True
-
-    with pytest.raises(CommitFailed) as raised:
-        await send_job(twilio_peer, [sms(i) for i in range(1, 7)], commit, concurrency=1)
-    assert isinstance(raised.value.__cause__, ConnectionRefusedError)
-    assert [r.to for r in twilio_peer.received] == ["+15550000001", "+15550000002"]
+    await check_a_failed_commit_ends_the_call(twilio_peer, send_job, sms, lambda m: m.to)
 
 
 # -- the outbound address check ----------------------------------------------------------------------
@@ -282,14 +190,8 @@ async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(twilio
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
 async def test_a_private_api_host_is_refused_unless_allowed(twilio_peer, host):
-    provider = build_provider("twilio", twilio_peer.provider_config(base_url=f"http://{host}:{twilio_peer.port}"))
-    with pytest.raises(ProviderUnavailable) as raised:
-        await provider.open()
-    assert (raised.value.retryable, raised.value.failure) == (False, REFUSED_PRIVATE_ADDRESS)
-    [result] = await provider.send([sms(1)])
-    assert (result.ok, result.retryable, result.failure) == (False, False, REFUSED_PRIVATE_ADDRESS)
-    await provider.close()
-    assert twilio_peer.requests == 0 and twilio_peer.connections == 0
+    await check_a_private_host_is_refused(twilio_peer, "twilio", sms(1),
+                                          base_url=f"http://{host}:{twilio_peer.port}")
 
 
 async def test_every_connection_of_the_guarded_transport_is_checked(twilio_peer):

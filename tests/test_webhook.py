@@ -8,8 +8,6 @@ import asyncio
 import base64
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,17 +25,12 @@ from api_service.schemas.provider_webhook import (
     check_webhook,
     webhook_response,
 )
-from shared.channels import http_client, registry
 from shared.channels.provider import (
     AUTH_FAILED,
     DEFERRED,
     INVALID_MESSAGE,
-    OUTCOME_UNKNOWN,
-    REFUSED_PRIVATE_ADDRESS,
     REJECTED,
     UNREACHABLE,
-    WITHDRAWN,
-    CommitFailed,
     OutgoingMessage,
     ProviderUnavailable,
     SmsContent,
@@ -47,17 +40,23 @@ from shared.channels.registry import build_provider
 from shared.channels.webhook import USER_AGENT, new_secret, secret_bytes
 from shared.channels.webhook import WebhookProvider as WebhookSender
 from shared.kernel.errors import Invalid
-from tests.webhook_peer import WebhookPeer, webhook_peer  # noqa: F401  (webhook_peer: the fixture)
+from tests.provider_helpers import (  # noqa: F401  (shared_clients_closed: autouse)
+    RecordingCommit,
+    check_a_failed_commit_ends_the_call,
+    check_a_private_host_is_refused,
+    check_a_withdrawn_message_is_never_sent,
+    check_an_answer_is_read_up_to_a_bound_and_within_a_deadline,
+    check_an_unreachable_api_is_retryable,
+    check_in_flight_bounded_across_jobs,
+    check_no_answer_is_an_unknown_outcome,
+    job_sender,
+    outcomes,
+    raw_http,
+    shared_clients_closed,
+)
+from tests.webhook_peer import webhook_peer  # noqa: F401  (the fixture)
 
 RUN = uuid.UUID(int=7)
-
-
-@pytest.fixture(autouse=True)
-async def webhook_registered(monkeypatch):
-    """The kind as the registry will have it; each test's shared clients closed with its loop."""
-    monkeypatch.setitem(registry.KINDS, "webhook", WebhookSender)
-    yield
-    await http_client.close_all()
 
 
 def hook(i: int, payload: Any = None) -> OutgoingMessage:
@@ -66,17 +65,7 @@ def hook(i: int, payload: Any = None) -> OutgoingMessage:
                            content=WebhookContent(payload=payload))
 
 
-async def send_job(peer: WebhookPeer, messages: list[OutgoingMessage], commit=None, **config: Any):
-    provider = build_provider("webhook", peer.provider_config(**config), allow_private_networks=True)
-    await provider.open()
-    try:
-        return await provider.send(messages, commit)
-    finally:
-        await provider.close()
-
-
-def outcome(results) -> list[tuple[bool, bool, str | None]]:
-    return [(r.ok, r.retryable, r.failure) for r in results]
+send_job = job_sender("webhook")
 
 
 # -- the request -------------------------------------------------------------------------------------
@@ -151,7 +140,7 @@ async def test_a_retried_message_carries_the_same_webhook_id_and_a_fresh_signatu
     webhook_peer.configure(fail_transiently=1)
     message = hook(1)
     [first] = await send_job(webhook_peer, [message])
-    assert outcome([first]) == [(False, True, DEFERRED)] and first.error.startswith("webhook 500")
+    assert outcomes([first]) == [(False, True, DEFERRED)] and first.error.startswith("webhook 500")
     [second] = await send_job(webhook_peer, [message])  # the worker's retry: the same message again
     assert second.ok and webhook_peer.ids == [message.idempotency_key] * 2
     [d] = webhook_peer.received
@@ -200,7 +189,7 @@ async def test_a_job_reuses_the_accounts_connections_across_jobs(webhook_peer):
 async def test_each_answer_is_classed(webhook_peer, status, expected):
     webhook_peer.configure(status_for={f"{RUN}:1:1:webhook": status})
     results = await send_job(webhook_peer, [hook(1), hook(2)], concurrency=1)
-    assert outcome(results)[0] == expected
+    assert outcomes(results)[0] == expected
     if expected[0]:
         assert results[0].provider_message_id == f"{RUN}:1:1:webhook"
     else:
@@ -212,7 +201,7 @@ async def test_each_answer_is_classed(webhook_peer, status, expected):
 async def test_a_removed_endpoint_or_a_refused_signature_ends_the_job(webhook_peer):
     webhook_peer.configure(gone_after=2)
     results = await send_job(webhook_peer, [hook(i) for i in range(5)], concurrency=1)
-    assert outcome(results) == [(True, False, None)] * 2 + [(False, False, REJECTED)] * 3
+    assert outcomes(results) == [(True, False, None)] * 2 + [(False, False, REJECTED)] * 3
     assert results[2].error.startswith("webhook 410") and results[3].error.startswith("not sent: webhook 410")
     assert webhook_peer.requests == 3 and len(webhook_peer.received) == 2
 
@@ -220,23 +209,18 @@ async def test_a_removed_endpoint_or_a_refused_signature_ends_the_job(webhook_pe
     webhook_peer.configure(gone_after=None)
     wrong = new_secret()
     results = await send_job(webhook_peer, [hook(i) for i in range(4)], secret=wrong, concurrency=1)
-    assert outcome(results) == [(False, False, AUTH_FAILED)] * 4
+    assert outcomes(results) == [(False, False, AUTH_FAILED)] * 4
     assert webhook_peer.requests == 1 and webhook_peer.refused == ["No matching signature found"]
 
 
 async def test_a_rate_limited_message_waits_and_goes_without_costing_an_attempt(webhook_peer):
     webhook_peer.configure(rate_limit=2, retry_after="0.3")
-    commits: list[int] = []
-
-    async def commit(m: OutgoingMessage) -> bool:
-        commits.append(m.contact_id)
-        return True
-
+    commit = RecordingCommit()
     started = time.monotonic()
     [result] = await send_job(webhook_peer, [hook(1)], commit)
     assert result.ok and time.monotonic() - started >= 0.6
     assert webhook_peer.attempts(f"{RUN}:1:1:webhook") == 3 and len(webhook_peer.received) == 1
-    assert commits == [1, 1, 1]  # committed again before each request
+    assert [m.contact_id for m in commit.calls] == [1, 1, 1]  # committed again before each request
 
 
 async def test_a_429_pauses_every_request_of_the_account(webhook_peer):
@@ -256,45 +240,23 @@ async def test_a_429_pauses_every_request_of_the_account(webhook_peer):
 async def test_a_redirect_is_not_followed(webhook_peer):
     webhook_peer.configure(redirect="/hooks/elsewhere")
     [result] = await send_job(webhook_peer, [hook(1)])
-    assert outcome([result]) == [(False, False, REJECTED)] and "redirects are not followed" in result.error
+    assert outcomes([result]) == [(False, False, REJECTED)] and "redirects are not followed" in result.error
     assert webhook_peer.requests == 1 and webhook_peer.received == []
 
 
 async def test_a_request_without_an_answer_is_an_unknown_outcome_not_resent(webhook_peer):
-    webhook_peer.configure(delay=1.0)
-    [result] = await send_job(webhook_peer, [hook(1)], timeout_s=0.3)
-    assert outcome([result]) == [(False, False, OUTCOME_UNKNOWN)] and "ReadTimeout" in result.error
-    await webhook_peer.wait_for(1)  # the receiver had it all along
+    await check_no_answer_is_an_unknown_outcome(webhook_peer, send_job, hook)
 
 
 async def test_an_unreachable_endpoint_is_retryable(webhook_peer):
-    webhook_peer.stop()
-    results = await send_job(webhook_peer, [hook(1), hook(2)], timeout_s=2.0)
-    assert outcome(results) == [(False, True, UNREACHABLE)] * 2
+    await check_an_unreachable_api_is_retryable(webhook_peer, send_job, hook)
 
 
 async def test_what_is_not_a_webhook_or_not_json_fails_alone(webhook_peer):
     sms = OutgoingMessage(contact_id=1, to="1", idempotency_key="k1", content=SmsContent(body="hi"))
     results = await send_job(webhook_peer, [sms, hook(2, {"x": object()}), hook(3)])
-    assert outcome(results) == [(False, False, INVALID_MESSAGE)] * 2 + [(True, False, None)]
+    assert outcomes(results) == [(False, False, INVALID_MESSAGE)] * 2 + [(True, False, None)]
     assert webhook_peer.requests == 1
-
-
-@asynccontextmanager
-async def raw_http(answer: Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]) -> AsyncIterator[str]:
-    """An HTTP server on loopback that reads a request's head and lets `answer` write what it likes."""
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            await answer(head, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
 
 
 def raw_config(url: str, **overrides: Any) -> dict[str, Any]:
@@ -302,30 +264,9 @@ def raw_config(url: str, **overrides: Any) -> dict[str, Any]:
 
 
 async def test_an_answer_is_read_up_to_a_bound_and_within_a_deadline():
-    async def huge(head: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n")
-        for _ in range(1000):
-            writer.write(b"x" * 8000)
-            await writer.drain()
-
-    async def drip(head: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        for _ in range(1000):
-            writer.write(b" ")
-            await writer.drain()
-            await asyncio.sleep(0.05)
-
-    async with raw_http(huge) as url:
-        provider = build_provider("webhook", raw_config(url), allow_private_networks=True)
-        [result] = await provider.send([hook(1)])
-        assert result.ok  # taken; the rest of the answer is not read
-        await provider.close()
-    async with raw_http(drip) as url:
-        provider = build_provider("webhook", raw_config(url, timeout_s=0.2), allow_private_networks=True)
-        started = time.monotonic()
-        [result] = await provider.send([hook(1)])
-        assert outcome([result]) == [(False, False, OUTCOME_UNKNOWN)] and time.monotonic() - started < 1.5
-        await provider.close()
+    taken = await check_an_answer_is_read_up_to_a_bound_and_within_a_deadline(
+        "webhook", lambda url: raw_config(f"{url}/hook"), hook(1))
+    assert taken.ok  # taken; the rest of the answer is not read
 
 
 async def test_secrets_never_reach_an_error_even_when_the_receiver_echoes_them():
@@ -334,10 +275,10 @@ async def test_secrets_never_reach_an_error_even_when_the_receiver_echoes_them()
 
     config = raw_config("", headers={"X-Api-Key": "key-9f8e7d6c5b4a"})
     async with raw_http(echo) as url:
-        provider = build_provider("webhook", {**config, "url": url}, allow_private_networks=True)
+        provider = build_provider("webhook", {**config, "url": f"{url}/hook"}, allow_private_networks=True)
         [result] = await provider.send([hook(1)])
         await provider.close()
-    assert outcome([result]) == [(False, True, DEFERRED)] and "x-api-key: ***" in result.error.lower()
+    assert outcomes([result]) == [(False, True, DEFERRED)] and "x-api-key: ***" in result.error.lower()
     assert "key-9f8e7d6c5b4a" not in result.error
     # A secret that is not one, and a refused connection: neither text holds it
     secret = config["secret"]
@@ -356,46 +297,15 @@ async def test_secrets_never_reach_an_error_even_when_the_receiver_echoes_them()
 
 
 async def test_requests_in_flight_are_bounded_per_account_even_across_jobs(webhook_peer):
-    webhook_peer.configure(delay=0.1)
-    started = time.monotonic()
-    results = await send_job(webhook_peer, [hook(i) for i in range(12)], concurrency=3)
-    assert [r.contact_id for r in results] == list(range(12)) and all(r.ok for r in results)
-    assert webhook_peer.max_in_flight == 3 and time.monotonic() - started < 12 * 0.1
-    webhook_peer.clear()
-    both = await asyncio.gather(send_job(webhook_peer, [hook(i) for i in range(8)], concurrency=3),
-                                send_job(webhook_peer, [hook(i) for i in range(8, 16)], concurrency=3))
-    assert all(r.ok for job in both for r in job) and webhook_peer.max_in_flight == 3
+    await check_in_flight_bounded_across_jobs(webhook_peer, send_job, hook)
 
 
 async def test_a_withdrawn_message_is_never_sent_and_commits_go_one_at_a_time(webhook_peer):
-    in_commit = 0
-    overlapped = False
-
-    async def commit(m: OutgoingMessage) -> bool:
-        nonlocal in_commit, overlapped
-        in_commit += 1
-        overlapped |= in_commit > 1
-        await asyncio.sleep(0.01)
-        in_commit -= 1
-        return m.contact_id != 2
-
-    results = await send_job(webhook_peer, [hook(i) for i in range(1, 6)], commit, concurrency=5)
-    assert [(r.ok, r.failure) for r in results] == [(True, None), (False, WITHDRAWN), (True, None), (True, None),
-                                                    (True, None)]
-    assert webhook_peer.attempts(f"{RUN}:1:2:webhook") == 0 and len(webhook_peer.received) == 4
-    assert not overlapped
+    await check_a_withdrawn_message_is_never_sent(webhook_peer, send_job, hook, lambda m: m.idempotency_key)
 
 
 async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(webhook_peer):
-    async def commit(m: OutgoingMessage) -> bool:
-        if m.contact_id == 3:
-            raise ConnectionRefusedError("postgres is away")
-        return True
-
-    with pytest.raises(CommitFailed) as raised:
-        await send_job(webhook_peer, [hook(i) for i in range(1, 7)], commit, concurrency=1)
-    assert isinstance(raised.value.__cause__, ConnectionRefusedError)
-    assert [d.body["data"]["contact_id"] for d in webhook_peer.received] == [1, 2]
+    await check_a_failed_commit_ends_the_call(webhook_peer, send_job, hook, lambda m: m.idempotency_key)
 
 
 # -- the outbound address check and the settings -----------------------------------------------------
@@ -403,14 +313,8 @@ async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(webhoo
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "10.0.0.1"])
 async def test_a_private_host_is_refused_unless_allowed(webhook_peer, host):
-    provider = build_provider("webhook", webhook_peer.provider_config(url=f"http://{host}:{webhook_peer.port}/h"))
-    with pytest.raises(ProviderUnavailable) as raised:
-        await provider.open()
-    assert (raised.value.retryable, raised.value.failure) == (False, REFUSED_PRIVATE_ADDRESS)
-    [result] = await provider.send([hook(1)])
-    assert outcome([result]) == [(False, False, REFUSED_PRIVATE_ADDRESS)]
-    await provider.close()
-    assert webhook_peer.requests == 0 and webhook_peer.connections == 0
+    await check_a_private_host_is_refused(webhook_peer, "webhook", hook(1),
+                                          url=f"http://{host}:{webhook_peer.port}/h")
 
 
 async def test_plain_http_needs_allow_insecure(webhook_peer):
@@ -447,8 +351,8 @@ def test_valid_settings_and_their_defaults():
     data = create(headers={"Authorization": "Bearer x", "X-Tenant": "7"})
     assert (data.channel, data.concurrency, data.timeout_s, data.allow_insecure) == ("webhook", 10, 10.0, False)
     assert create(url="http://hooks.example.com/h", allow_insecure=True).url.startswith("http://")
-    assert CONFIG_FIELDS == ("url", "secret", "headers", "allow_insecure", "concurrency", "timeout_s", "rate_limits", "on_unknown")
-    assert set(SECRET_FIELDS) <= set(CONFIG_FIELDS) and set(PATCH_FIELDS) == set(CONFIG_FIELDS) - {"rate_limits", "on_unknown"}  # those two: every kind's
+    assert CONFIG_FIELDS == ("url", "secret", "headers", "allow_insecure", "concurrency", "timeout_s", "rate_limits", "on_unknown", "weight")
+    assert set(SECRET_FIELDS) <= set(CONFIG_FIELDS) and set(PATCH_FIELDS) == set(CONFIG_FIELDS) - {"rate_limits", "on_unknown", "weight"}  # every kind's
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from email.utils import formatdate
 from typing import Any
@@ -24,19 +22,15 @@ from api_service.schemas.provider_whatsapp import (
     check_whatsapp,
     whatsapp_response,
 )
-from shared.channels import http_client, registry, whatsapp_cloud
+from shared.channels import http_send, whatsapp_cloud
+from shared.channels.http_send import parse_retry_after
 from shared.channels.provider import (
     ADDRESS_DEAD,
     AUTH_FAILED,
     DEFERRED,
     INVALID_MESSAGE,
-    OUTCOME_UNKNOWN,
-    REFUSED_PRIVATE_ADDRESS,
     REJECTED,
     TLS_UNAVAILABLE,
-    UNREACHABLE,
-    WITHDRAWN,
-    CommitFailed,
     OutgoingMessage,
     ProviderUnavailable,
     SmsContent,
@@ -46,24 +40,28 @@ from shared.channels.registry import build_provider
 from shared.channels.whatsapp_cloud import (
     TemplateError,
     WhatsappCloudProvider,
-    retry_after_s,
     template_payload,
 )
 from shared.kernel.errors import Invalid
+from tests.provider_helpers import (  # noqa: F401  (shared_clients_closed: autouse)
+    RecordingCommit,
+    check_a_failed_commit_ends_the_call,
+    check_a_private_host_is_refused,
+    check_a_withdrawn_message_is_never_sent,
+    check_an_answer_is_read_up_to_a_bound_and_within_a_deadline,
+    check_an_unreachable_api_is_retryable,
+    check_in_flight_bounded_across_jobs,
+    check_no_answer_is_an_unknown_outcome,
+    job_sender,
+    outcomes,
+    raw_http,
+    shared_clients_closed,
+)
 from tests.whatsapp_peer import (  # noqa: F401  (whatsapp_peer: the fixture)
     ACCESS_TOKEN,
     PHONE_NUMBER_ID,
-    WhatsappPeer,
     whatsapp_peer,
 )
-
-
-@pytest.fixture(autouse=True)
-async def whatsapp_registered(monkeypatch):
-    """The kind as the registry will have it; each test's shared clients closed with its loop."""
-    monkeypatch.setitem(registry.KINDS, "whatsapp_cloud", WhatsappCloudProvider)
-    yield
-    await http_client.close_all()
 
 
 def number(i: int) -> str:
@@ -78,17 +76,12 @@ def wa(i: int, to: str | None = None, template: str = "order_update", language: 
                            content=WhatsappContent(template_name=template, language=language, parameters=parameters))
 
 
-async def send_job(peer: WhatsappPeer, messages: list[OutgoingMessage], commit=None, **config: Any):
-    provider = build_provider("whatsapp_cloud", peer.provider_config(**config), allow_private_networks=True)
-    await provider.open()
-    try:
-        return await provider.send(messages, commit)
-    finally:
-        await provider.close()
+send_job = job_sender("whatsapp_cloud")
 
 
-def classes(results) -> list[tuple[bool, bool, str | None]]:
-    return [(r.ok, r.retryable, r.failure) for r in results]
+def recorded(message: OutgoingMessage) -> str:
+    """The message's recipient as the peer records it: digits, without the "+"."""
+    return message.to.removeprefix("+")
 
 
 # -- the request -------------------------------------------------------------------------------------
@@ -149,7 +142,7 @@ async def test_what_cannot_be_sent_fails_alone_before_any_request(whatsapp_peer)
         wa(6),
     ]
     results = await send_job(whatsapp_peer, messages)
-    assert classes(results) == [(False, False, INVALID_MESSAGE), (False, False, ADDRESS_DEAD),
+    assert outcomes(results) == [(False, False, INVALID_MESSAGE), (False, False, ADDRESS_DEAD),
                                 (False, False, ADDRESS_DEAD), (False, False, INVALID_MESSAGE),
                                 (False, False, INVALID_MESSAGE), (True, False, None)]
     assert whatsapp_peer.requests == 1
@@ -183,7 +176,7 @@ async def test_the_accounts_connections_are_reused_across_jobs(whatsapp_peer):
 async def test_graph_error_codes_are_classed(whatsapp_peer, code, expected):
     whatsapp_peer.configure(fail_permanently={"15550000001": code})
     results = await send_job(whatsapp_peer, [wa(1), wa(2)])
-    assert classes(results) == [expected, (True, False, None)]
+    assert outcomes(results) == [expected, (True, False, None)]
     assert results[0].error.startswith(f"whatsapp 400 code {code}: (#{code})")
     assert "fbtrace_id" in results[0].error
 
@@ -197,7 +190,7 @@ async def test_the_peers_own_refusals_are_classed_like_metas(whatsapp_peer):
         wa(4, parameters={"1": "only one", "button_url": "x"}),  # 132000: the template takes two
         wa(5),
     ])
-    assert classes(results) == [(False, False, ADDRESS_DEAD)] + [(False, False, INVALID_MESSAGE)] * 3 + [
+    assert outcomes(results) == [(False, False, ADDRESS_DEAD)] + [(False, False, INVALID_MESSAGE)] * 3 + [
         (True, False, None)]
     assert results[0].error.startswith("whatsapp 400 code 131026: (#131026) Message undeliverable")
     assert results[1].error.startswith("whatsapp 404 code 132001")
@@ -207,7 +200,7 @@ async def test_the_peers_own_refusals_are_classed_like_metas(whatsapp_peer):
 async def test_a_server_error_is_retryable_and_the_retry_goes_through(whatsapp_peer):
     whatsapp_peer.configure(fail_transiently={"15550000001": 1})
     first = await send_job(whatsapp_peer, [wa(1), wa(2)])
-    assert classes(first) == [(False, True, DEFERRED), (True, False, None)]
+    assert outcomes(first) == [(False, True, DEFERRED), (True, False, None)]
     assert first[0].error.startswith("whatsapp 500 code 131000")
     [again] = await send_job(whatsapp_peer, [wa(1)])
     assert again.ok and len(whatsapp_peer.received_by(number(1))) == 1
@@ -216,7 +209,7 @@ async def test_a_server_error_is_retryable_and_the_retry_goes_through(whatsapp_p
 async def test_a_bad_token_fails_the_rest_of_the_job_without_sending_it(whatsapp_peer):
     results = await send_job(whatsapp_peer, [wa(i) for i in range(6)], access_token="EAAwrong-token-77",
                              concurrency=1)
-    assert set(classes(results)) == {(False, False, AUTH_FAILED)}
+    assert set(outcomes(results)) == {(False, False, AUTH_FAILED)}
     assert whatsapp_peer.requests == 1 and results[0].error.startswith("whatsapp 401 code 190")
     assert results[1].error.startswith("not sent: whatsapp 401 code 190")
 
@@ -231,12 +224,12 @@ async def test_a_bad_token_fails_the_rest_of_the_job_without_sending_it(whatsapp
 async def test_permission_and_account_errors_stop_the_job(whatsapp_peer, code):
     whatsapp_peer.configure(fail_permanently={"15550000000": code})
     results = await send_job(whatsapp_peer, [wa(i) for i in range(4)], concurrency=1)
-    assert set(classes(results)) == {(False, False, AUTH_FAILED)} and whatsapp_peer.requests == 1
+    assert set(outcomes(results)) == {(False, False, AUTH_FAILED)} and whatsapp_peer.requests == 1
 
 
 async def test_a_phone_number_id_the_token_cannot_use_stops_the_job(whatsapp_peer):
     results = await send_job(whatsapp_peer, [wa(i) for i in range(3)], phone_number_id="999", concurrency=1)
-    assert set(classes(results)) == {(False, False, AUTH_FAILED)} and whatsapp_peer.requests == 1
+    assert set(outcomes(results)) == {(False, False, AUTH_FAILED)} and whatsapp_peer.requests == 1
     assert results[0].error.startswith("whatsapp 400 code 100/33: Unsupported post request")
 
 
@@ -245,17 +238,12 @@ async def test_a_phone_number_id_the_token_cannot_use_stops_the_job(whatsapp_pee
 
 async def test_a_429_waits_as_asked_and_goes_without_costing_an_attempt(whatsapp_peer):
     whatsapp_peer.configure(rate_limit={"15550000001": 2}, retry_after="0.3")
-    commits: list[str] = []
-
-    async def commit(m: OutgoingMessage) -> bool:
-        commits.append(m.to)
-        return True
-
+    commit = RecordingCommit()
     started = time.monotonic()
     [result] = await send_job(whatsapp_peer, [wa(1)], commit)  # one send(): the worker counts one attempt
     assert result.ok and time.monotonic() - started >= 0.6
     assert whatsapp_peer.attempts(number(1)) == 3 and len(whatsapp_peer.received) == 1
-    assert commits == [number(1)] * 3  # committed again right before each request
+    assert [m.to for m in commit.calls] == [number(1)] * 3  # committed again right before each request
 
 
 @pytest.mark.parametrize("code", [130429, 4, 80007, 131048])
@@ -290,7 +278,7 @@ async def test_a_pair_rate_limit_holds_only_that_recipient(whatsapp_peer, monkey
 
 
 async def test_a_message_rate_limited_too_often_fails_retryable(whatsapp_peer, monkeypatch):
-    monkeypatch.setattr(whatsapp_cloud, "MAX_RATE_LIMITED", 3)
+    monkeypatch.setattr(http_send, "MAX_RATE_LIMITED", 3)
     whatsapp_peer.configure(rate_limit={"15550000001": 5}, retry_after="0")
     [result] = await send_job(whatsapp_peer, [wa(1)])
     assert (result.ok, result.retryable, result.failure) == (False, True, DEFERRED)
@@ -298,43 +286,20 @@ async def test_a_message_rate_limited_too_often_fails_retryable(whatsapp_peer, m
 
 
 def test_retry_after_is_read_as_seconds_or_a_date_and_capped():
-    assert retry_after_s("5") == 5 and retry_after_s("0.5") == 0.5 and retry_after_s("3600") == 60
-    assert retry_after_s(None) is None and retry_after_s("soon") is None and retry_after_s("-4") == 0
-    assert 8 <= retry_after_s(formatdate(time.time() + 10, usegmt=True)) <= 10
+    assert parse_retry_after("5") == 5 and parse_retry_after("0.5") == 0.5 and parse_retry_after("3600") == 60
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None and parse_retry_after("-4") == 0
+    assert 8 <= parse_retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10
 
 
 # -- no answer -----------------------------------------------------------------------------------------
 
 
 async def test_a_request_without_an_answer_is_an_unknown_outcome_not_resent(whatsapp_peer):
-    whatsapp_peer.configure(delay=1.0)
-    [result] = await send_job(whatsapp_peer, [wa(1)], timeout_s=0.3)
-    assert (result.ok, result.retryable, result.failure) == (False, False, OUTCOME_UNKNOWN)
-    assert "ReadTimeout" in result.error
-    await whatsapp_peer.wait_for(1)  # Meta had it all along
+    await check_no_answer_is_an_unknown_outcome(whatsapp_peer, send_job, wa)
 
 
 async def test_an_unreachable_api_is_retryable(whatsapp_peer):
-    whatsapp_peer.stop()
-    results = await send_job(whatsapp_peer, [wa(1), wa(2)], timeout_s=2.0)
-    assert classes(results) == [(False, True, UNREACHABLE)] * 2
-
-
-@asynccontextmanager
-async def raw_http(answer: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> AsyncIterator[str]:
-    """An HTTP server on loopback that reads a request's head and lets `answer` write what it likes."""
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            await answer(writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    await check_an_unreachable_api_is_retryable(whatsapp_peer, send_job, wa)
 
 
 def raw_config(url: str, **overrides: Any) -> dict[str, Any]:
@@ -343,78 +308,24 @@ def raw_config(url: str, **overrides: Any) -> dict[str, Any]:
 
 
 async def test_an_answer_is_read_up_to_a_bound_and_within_a_deadline():
-    async def huge(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n" + b'{"messages": [{"id": "wamid.1", "x": "')
-        for _ in range(1000):
-            writer.write(b"x" * 8000)
-            await writer.drain()
-
-    async def drip(writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        for _ in range(1000):
-            writer.write(b" ")
-            await writer.drain()
-            await asyncio.sleep(0.05)
-
-    async with raw_http(huge) as url:
-        provider = build_provider("whatsapp_cloud", raw_config(url), allow_private_networks=True)
-        [result] = await provider.send([wa(1)])
-        assert (result.ok, result.provider_message_id) == (True, None)  # taken, its id cut off
-        await provider.close()
-    async with raw_http(drip) as url:
-        provider = build_provider("whatsapp_cloud", raw_config(url, timeout_s=0.2), allow_private_networks=True)
-        started = time.monotonic()
-        [result] = await provider.send([wa(1)])
-        assert (result.ok, result.retryable, result.failure) == (False, False, OUTCOME_UNKNOWN)
-        assert time.monotonic() - started < 1.5
-        await provider.close()
+    taken = await check_an_answer_is_read_up_to_a_bound_and_within_a_deadline(
+        "whatsapp_cloud", raw_config, wa(1), start=b'{"messages": [{"id": "wamid.1", "x": "')
+    assert (taken.ok, taken.provider_message_id) == (True, None)  # taken, its id cut off
 
 
 # -- concurrency and commits -------------------------------------------------------------------------
 
 
 async def test_requests_in_flight_are_bounded_per_number_even_across_jobs(whatsapp_peer):
-    whatsapp_peer.configure(delay=0.1)
-    started = time.monotonic()
-    results = await send_job(whatsapp_peer, [wa(i) for i in range(12)], concurrency=3)
-    assert [r.contact_id for r in results] == list(range(12)) and all(r.ok for r in results)
-    assert whatsapp_peer.max_in_flight == 3 and time.monotonic() - started < 12 * 0.1
-    whatsapp_peer.clear()
-    # Two jobs of the same number at once share its bound
-    both = await asyncio.gather(send_job(whatsapp_peer, [wa(i) for i in range(8)], concurrency=3),
-                                send_job(whatsapp_peer, [wa(i) for i in range(8, 16)], concurrency=3))
-    assert all(r.ok for job in both for r in job) and whatsapp_peer.max_in_flight == 3
+    await check_in_flight_bounded_across_jobs(whatsapp_peer, send_job, wa)
 
 
 async def test_a_withdrawn_message_is_never_sent(whatsapp_peer):
-    in_commit = 0
-    overlapped = False
-
-    async def commit(m: OutgoingMessage) -> bool:
-        nonlocal in_commit, overlapped
-        in_commit += 1
-        overlapped |= in_commit > 1
-        await asyncio.sleep(0.01)
-        in_commit -= 1
-        return m.contact_id != 2
-
-    results = await send_job(whatsapp_peer, [wa(i) for i in range(1, 6)], commit, concurrency=5)
-    assert [(r.ok, r.failure) for r in results] == [(True, None), (False, WITHDRAWN), (True, None), (True, None),
-                                                    (True, None)]
-    assert whatsapp_peer.received_by(number(2)) == [] and len(whatsapp_peer.received) == 4
-    assert not overlapped  # commits run one at a time (a commit may hold one database connection)
+    await check_a_withdrawn_message_is_never_sent(whatsapp_peer, send_job, wa, recorded)
 
 
 async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(whatsapp_peer):
-    async def commit(m: OutgoingMessage) -> bool:
-        if m.contact_id == 3:
-            raise ConnectionRefusedError("postgres is away")
-        return True
-
-    with pytest.raises(CommitFailed) as raised:
-        await send_job(whatsapp_peer, [wa(i) for i in range(1, 7)], commit, concurrency=1)
-    assert isinstance(raised.value.__cause__, ConnectionRefusedError)
-    assert [r.to for r in whatsapp_peer.received] == ["15550000001", "15550000002"]
+    await check_a_failed_commit_ends_the_call(whatsapp_peer, send_job, wa, recorded)
 
 
 # -- the outbound address check and the settings --------------------------------------------------------
@@ -422,15 +333,8 @@ async def test_a_commit_that_fails_ends_the_call_and_nothing_more_is_sent(whatsa
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
 async def test_a_private_api_host_is_refused_unless_allowed(whatsapp_peer, host):
-    provider = build_provider("whatsapp_cloud",
-                              whatsapp_peer.provider_config(base_url=f"http://{host}:{whatsapp_peer.port}"))
-    with pytest.raises(ProviderUnavailable) as raised:
-        await provider.open()
-    assert (raised.value.retryable, raised.value.failure) == (False, REFUSED_PRIVATE_ADDRESS)
-    [result] = await provider.send([wa(1)])
-    assert (result.ok, result.retryable, result.failure) == (False, False, REFUSED_PRIVATE_ADDRESS)
-    await provider.close()
-    assert whatsapp_peer.requests == 0 and whatsapp_peer.connections == 0
+    await check_a_private_host_is_refused(whatsapp_peer, "whatsapp_cloud", wa(1),
+                                          base_url=f"http://{host}:{whatsapp_peer.port}")
 
 
 @pytest.mark.parametrize(("change", "failure"), [
@@ -449,7 +353,7 @@ async def test_settings_that_would_misuse_the_token_send_nothing(whatsapp_peer, 
 
 
 async def test_the_token_is_never_in_a_result_or_a_log(whatsapp_peer):
-    async def echo(writer: asyncio.StreamWriter) -> None:  # a server that repeats the token back
+    async def echo(head: bytes, writer: asyncio.StreamWriter) -> None:  # a server that repeats the token back
         body = ('{"error": {"message": "bad token %s", "code": 131009}}' % ACCESS_TOKEN).encode()
         writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         await writer.drain()
@@ -479,7 +383,7 @@ def test_a_create_takes_the_defaults_and_splits_config_from_columns():
     assert (data.channel, data.api_version, data.base_url, data.concurrency, data.allow_insecure_auth) == (
         "whatsapp", "v21.0", "https://graph.facebook.com", 10, False)
     assert CONFIG_FIELDS == ("phone_number_id", "access_token", "api_version", "base_url", "allow_insecure_auth",
-                             "concurrency", "timeout_s", "rate_limits", "on_unknown")
+                             "concurrency", "timeout_s", "rate_limits", "on_unknown", "weight")
     assert SECRET_FIELDS == ("access_token",) and set(PATCH_FIELDS) <= set(CONFIG_FIELDS)
     # The stored config is what the provider is built from
     config = {f: getattr(data, f) for f in CONFIG_FIELDS}

@@ -6,28 +6,24 @@ template messages it accepts.
         ... send through peer.provider_config()
         assert peer.received_by("15550000003")[0].parameters == ["Ann", "A-17"]
 
-Numbers are the request's `to`: E.164 digits without the "+". A thread per connection (HTTP/1.1
-keep-alive), so `max_in_flight` shows how many requests a client really had out at once. Run
-`python -m tests.whatsapp_peer --port 8098 [--template NAME=COUNT ...]` for a standalone peer that
-prints one JSON line per message.
+Numbers are the request's `to`: E.164 digits without the "+". The server and its bookkeeping are
+tests/http_peer.py's. Run `python -m tests.whatsapp_peer --port 8098 [--template NAME=COUNT ...]`
+for a standalone peer that prints one JSON line per message.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import re
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import EllipsisType
 from typing import Any
 
 import pytest
+
+from tests.http_peer import KEEP, Answer, HttpPeer, argument_parser, serve
 
 PHONE_NUMBER_ID = "106540352242922"
 ACCESS_TOKEN = "EAAPeerToken0f9e8d7c6b5a4"
@@ -91,14 +87,8 @@ class Received:
     at: float = field(default_factory=time.time)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def error(status: int, code: int, *, subcode: int | None = None, what: str = "",
-          message: str | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+          message: str | None = None) -> Answer:
     """A Graph API error answer."""
     kind, text, details = ERRORS.get(code, ("OAuthException", f"(#{code}) Error", "{what}"))
     body: dict[str, Any] = {"message": message or text, "type": kind, "code": code,
@@ -109,13 +99,13 @@ def error(status: int, code: int, *, subcode: int | None = None, what: str = "",
     return status, {"error": body}, {}
 
 
-def _unauthorized() -> tuple[int, dict[str, Any], dict[str, str]]:
+def _unauthorized() -> Answer:
     status, body, _ = error(401, 190, message="Invalid OAuth access token - Cannot parse access token")
     body["error"].pop("error_data")
     return status, body, {"WWW-Authenticate": 'OAuth "Facebook Platform" "invalid_token" "Invalid OAuth access token"'}
 
 
-class WhatsappPeer:
+class WhatsappPeer(HttpPeer[Received]):
     """Behaviour per number (the JSON's `to`, digits):
     - `not_on_whatsapp={number}` → 400 code 131026, every time;
     - `fail_permanently={number: code}` → 400 with that Graph code, every time;
@@ -127,6 +117,9 @@ class WhatsappPeer:
     after it was taken (an accepted one is recorded first) and before it is answered.
     Templates: `templates={name: Template(...)}` (DEFAULT_TEMPLATES if not given).
     Change behaviour while running with `configure(...)`."""
+
+    name = "WhatsApp"
+    content_type = "application/json; charset=UTF-8"
 
     def __init__(
         self,
@@ -146,178 +139,52 @@ class WhatsappPeer:
         revoke_after: int | None = None,
         delay: float = 0.0,
     ) -> None:
-        self.host, self.port = host, port or free_port(host)
+        super().__init__(host=host, port=port)
         self.phone_number_id, self.access_token = phone_number_id, access_token
         self.templates = dict(DEFAULT_TEMPLATES if templates is None else templates)
-        self._lock = threading.Lock()
-        self._received: list[Received] = []
-        self._attempts: dict[str, int] = {}
-        self._requests = 0
-        self._in_flight = 0
-        self._max_in_flight = 0
-        self._connections: set[socket.socket] = set()
-        self._connections_made = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.rate_limit_status, self.rate_limit_code = rate_limit_status, rate_limit_code
-        self.retry_after: str | None = retry_after
         self.configure(not_on_whatsapp=not_on_whatsapp or set(), fail_permanently=fail_permanently or {},
                        fail_transiently=fail_transiently or {}, rate_limit=rate_limit or {},
+                       rate_limit_status=rate_limit_status, rate_limit_code=rate_limit_code, retry_after=retry_after,
                        revoke_after=revoke_after, delay=delay)
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def start(self) -> WhatsappPeer:
-        assert self._server is None, "already running"
-
-        class Handler(_Handler):
-            peer = self
-
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"whatsapp-peer-{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and cut every open (keep-alive) connection."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        assert self._thread is not None
-        self._thread.join(5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> WhatsappPeer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def configure(
         self,
         *,
-        not_on_whatsapp: set[str] | None = None,
-        fail_permanently: dict[str, int] | None = None,
-        fail_transiently: dict[str, int] | None = None,
-        rate_limit: dict[str, int] | None = None,
-        rate_limit_status: int | None = None,
-        rate_limit_code: int | None = None,
-        retry_after: str | None | EllipsisType = ...,  # ... leaves it as is; None: no Retry-After header
-        revoke_after: int | None | EllipsisType = ...,  # ... leaves it as is; None: never revoked
-        delay: float | None = None,
+        not_on_whatsapp: set[str] | EllipsisType = KEEP,
+        fail_permanently: dict[str, int] | EllipsisType = KEEP,
+        fail_transiently: dict[str, int] | EllipsisType = KEEP,
+        rate_limit: dict[str, int] | EllipsisType = KEEP,
+        rate_limit_status: int | EllipsisType = KEEP,
+        rate_limit_code: int | EllipsisType = KEEP,
+        retry_after: str | None | EllipsisType = KEEP,  # None: no Retry-After header
+        revoke_after: int | None | EllipsisType = KEEP,  # None: never revoked
+        delay: float | EllipsisType = KEEP,
     ) -> None:
-        with self._lock:
-            if not_on_whatsapp is not None:
-                self._not_on_whatsapp = set(not_on_whatsapp)
-            if fail_permanently is not None:
-                self._fail_permanently = dict(fail_permanently)
-            if fail_transiently is not None:
-                self._fail_transiently = dict(fail_transiently)
-            if rate_limit is not None:
-                self._rate_limit = dict(rate_limit)
-            if rate_limit_status is not None:
-                self.rate_limit_status = rate_limit_status
-            if rate_limit_code is not None:
-                self.rate_limit_code = rate_limit_code
-            if retry_after is not ...:
-                self.retry_after = retry_after
-            if revoke_after is not ...:
-                self.revoke_after = revoke_after
-            if delay is not None:
-                self.delay = delay
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Changes what is given; the rest stays as it is."""
+        self._set(_not_on_whatsapp=not_on_whatsapp, _fail_permanently=fail_permanently,
+                  _fail_transiently=fail_transiently, _rate_limit=rate_limit, rate_limit_status=rate_limit_status,
+                  rate_limit_code=rate_limit_code, retry_after=retry_after, revoke_after=revoke_after, delay=delay)
 
     def provider_config(self, **overrides: Any) -> dict[str, Any]:
         """A whatsapp_cloud provider config that reaches this peer (plain http, which needs allow_insecure_auth)."""
         return {"phone_number_id": self.phone_number_id, "access_token": self.access_token,
                 "base_url": self.base_url, "allow_insecure_auth": True, "timeout_s": 10.0, **overrides}
 
-    # -- what was received -------------------------------------------------------------------------
-
-    @property
-    def received(self) -> list[Received]:
-        with self._lock:
-            return list(self._received)
-
-    def received_by(self, number: str) -> list[Received]:
-        number = number.removeprefix("+")
-        return [r for r in self.received if r.to == number]
-
-    def attempts(self, number: str) -> int:
-        """Authenticated, well-formed requests to this number, accepted or not."""
-        with self._lock:
-            return self._attempts.get(number.removeprefix("+"), 0)
-
-    @property
-    def requests(self) -> int:
-        """Every request the peer answered or is answering, authenticated or not."""
-        with self._lock:
-            return self._requests
-
-    @property
-    def connections(self) -> int:
-        """TCP connections accepted (keep-alive: a client reusing its connections opens few)."""
-        with self._lock:
-            return self._connections_made
-
-    @property
-    def max_in_flight(self) -> int:
-        """The most requests taken and not yet answered at one moment."""
-        with self._lock:
-            return self._max_in_flight
-
-    def clear(self) -> None:
-        with self._lock:
-            self._received.clear()
-            self._attempts.clear()
-            self._requests = self._max_in_flight = self._connections_made = 0
-
-    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
-        """Wait (without blocking the event loop) until at least `count` messages were accepted."""
-        deadline = time.monotonic() + timeout
-        while len(received := self.received) < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the WhatsApp peer accepted {len(received)} of {count} messages in {timeout}s")
-            await asyncio.sleep(0.02)
-        return received
+    def _key(self, recipient: str) -> str:
+        return recipient.removeprefix("+")
 
     # -- called on the peer's threads --------------------------------------------------------------
-
-    def _begin(self) -> int:
-        with self._lock:
-            self._requests += 1
-            self._in_flight += 1
-            self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            return self._requests
-
-    def _end(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
 
     def _token(self, header: str | None, number: int) -> str | None:
         if not header or not header.startswith("Bearer "):
             return None
-        with self._lock:
-            if self.revoke_after is not None and number > self.revoke_after:
-                return None
+        if self._revoked(number):
+            return None
         token = header[7:]
         return token if token == self.access_token else None
 
-    def answer(self, path: str, headers: Any, raw: bytes, number: int) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """(status, JSON body, extra headers) for one request, as the Cloud API would answer it."""
+    def answer(self, path: str, headers: Any, raw: bytes, number: int) -> Answer:
+        """As the Cloud API would answer it."""
         token = self._token(headers.get("Authorization"), number)
         if token is None:
             return _unauthorized()
@@ -338,17 +205,15 @@ class WhatsappPeer:
         to, name, language, parameters, named, buttons = (checked.to, checked.template, checked.language,
                                                           checked.parameters, checked.named, checked.buttons)
         with self._lock:
-            self._attempts[to] = self._attempts.get(to, 0) + 1
+            self._attempt(to)
             if to in self._not_on_whatsapp:
                 return error(400, 131026)
             if to in self._fail_permanently:
                 return error(400, self._fail_permanently[to], what=f"refused for {to}")
-            if self._rate_limit.get(to, 0) > 0:
-                self._rate_limit[to] -= 1
+            if self._use_up(self._rate_limit, to):
                 status, payload, _ = error(self.rate_limit_status, self.rate_limit_code)
                 return status, payload, {"Retry-After": self.retry_after} if self.retry_after is not None else {}
-            if self._fail_transiently.get(to, 0) > 0:
-                self._fail_transiently[to] -= 1
+            if self._use_up(self._fail_transiently, to):
                 return error(500, 131000)
             wamid = "wamid.HBgL" + uuid.uuid4().hex.upper()
             self._received.append(Received(wamid=wamid, to=to, template=name, language=language,
@@ -357,7 +222,10 @@ class WhatsappPeer:
         return 200, {"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}],
                      "messages": [{"id": wamid, "message_status": "accepted"}]}, {}
 
-    def _check(self, body: Any) -> _Checked | tuple[int, dict[str, Any], dict[str, str]]:
+    def not_allowed(self) -> Answer:
+        return error(400, 100, what="this peer only takes POST .../messages")
+
+    def _check(self, body: Any) -> _Checked | Answer:
         """What a well-formed request asks for, or the error answer."""
         if not isinstance(body, dict) or body.get("messaging_product") != "whatsapp":
             return error(400, 100, what="messaging_product must be whatsapp")
@@ -418,58 +286,6 @@ class _Checked:
     buttons: dict[int, str]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    peer: WhatsappPeer
-    protocol_version = "HTTP/1.1"  # keep-alive, as Meta's API
-    timeout = 30  # an idle keep-alive connection ends its thread after this
-    # The head and the body of an answer go out as one write, at once: as two small writes, Nagle's
-    # algorithm and the client's delayed ACK would hold each answer ~40 ms.
-    wbufsize = 64 * 1024
-    disable_nagle_algorithm = True
-
-    def setup(self) -> None:
-        super().setup()
-        with self.peer._lock:
-            self.peer._connections.add(self.connection)
-            self.peer._connections_made += 1
-
-    def finish(self) -> None:
-        with self.peer._lock:
-            self.peer._connections.discard(self.connection)
-        super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _reply(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        number = self.peer._begin()
-        try:
-            status, body, headers = self.peer.answer(self.path, self.headers, raw, number)
-            if self.peer.delay:
-                time.sleep(self.peer.delay)
-        finally:
-            # Out of flight before the answer is written: the client can only start another request
-            # once it has this answer, so max_in_flight never counts one the client already let go.
-            self.peer._end()
-        self._reply(status, body, headers)
-
-    def do_GET(self) -> None:
-        self._reply(*error(400, 100, what="this peer only takes POST .../messages"))
-
-    do_PUT = do_DELETE = do_PATCH = do_GET
-
-
 @pytest.fixture
 def whatsapp_peer() -> Iterator[WhatsappPeer]:
     """A started peer with DEFAULT_TEMPLATES and no failures; reconfigure it with `whatsapp_peer.configure(...)`."""
@@ -483,35 +299,19 @@ def _template_arg(value: str) -> tuple[str, Template]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="a recording WhatsApp Cloud API peer: prints one JSON line per message")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8098)
+    parser = argument_parser("a recording WhatsApp Cloud API peer: prints one JSON line per message", 8098)
     parser.add_argument("--phone-number-id", default=PHONE_NUMBER_ID)
     parser.add_argument("--access-token", default=ACCESS_TOKEN)
     parser.add_argument("--template", action="append", type=_template_arg, default=[],
                         help="NAME=COUNT: a template with COUNT positional body parameters (repeatable); "
                              "adds to the defaults")
-    parser.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args()
     peer = WhatsappPeer(host=args.host, port=args.port, phone_number_id=args.phone_number_id,
                         access_token=args.access_token, templates={**DEFAULT_TEMPLATES, **dict(args.template)},
                         delay=args.delay).start()
-    config = {k: v for k, v in peer.provider_config().items() if k != "timeout_s"}
-    print(json.dumps({"listening": f"{peer.host}:{peer.port}", "provider_config": config,
-                      "templates": sorted(peer.templates)}), flush=True)
-    seen = 0
-    try:
-        while True:
-            received = peer.received
-            for r in received[seen:]:
-                print(json.dumps({"wamid": r.wamid, "to": r.to, "template": r.template, "language": r.language,
-                                  "parameters": r.parameters, "named": r.named, "buttons": r.buttons}), flush=True)
-            seen = len(received)
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        peer.stop()
+    serve(peer, lambda r: {"wamid": r.wamid, "to": r.to, "template": r.template, "language": r.language,
+                           "parameters": r.parameters, "named": r.named, "buttons": r.buttons},
+          templates=sorted(peer.templates))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Push notifications through Firebase Cloud Messaging's HTTP v1 API: one JSON POST per device token
-to {base_url}/v1/projects/{project_id}/messages:send, a job's messages sent concurrently on a client
-kept per account (http_client.py), the way twilio.py sends SMS.
+to {base_url}/v1/projects/{project_id}/messages:send, a job's messages sent concurrently
+(http_send.py) on a client kept per account (http_client.py), the way twilio.py sends SMS.
 
 FCM takes an OAuth2 access token, made from the tenant's service-account key: google-auth loads the
 key and signs the JWT assertion, but the exchange at the key's token_uri is ours, on the account's
@@ -18,17 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import math
 import re
-import ssl
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
@@ -38,6 +33,17 @@ from google.auth import jwt
 from google.oauth2 import service_account
 
 from shared.channels import http_client
+from shared.channels.http_send import (
+    ERROR_TEXT_CHARS,
+    TRANSPORT_ERRORS,
+    Answer,
+    HttpProvider,
+    Retry,
+    failed,
+    no_answer,
+    post,
+    retry_after_s,
+)
 from shared.channels.provider import (
     ADDRESS_DEAD,
     AUTH_FAILED,
@@ -45,21 +51,13 @@ from shared.channels.provider import (
     DEFERRED,
     INVALID_MESSAGE,
     OUTCOME_UNKNOWN,
-    REFUSED_PRIVATE_ADDRESS,
     REJECTED,
-    TIMEOUT,
-    TLS_FAILED,
     TLS_UNAVAILABLE,
-    UNREACHABLE,
-    WITHDRAWN,
-    Commit,
-    CommitFailed,
     OutgoingMessage,
     ProviderUnavailable,
     PushContent,
     SendResult,
 )
-from shared.platform import netguard
 from shared.platform.logging import get_logger
 
 DEFAULT_BASE_URL = "https://fcm.googleapis.com"
@@ -68,11 +66,6 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ASSERTION_LIFETIME_S = 3600  # Google refuses an assertion that lives longer
 REFRESH_MARGIN_S = 300.0  # a token is replaced this long before it expires (half its life if that is shorter)
 DEFAULT_CONCURRENCY, MAX_CONCURRENCY = 10, 100
-MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is cut to this (a further 429 then waits again)
-DEFAULT_RETRY_AFTER_S = 1.0
-MAX_RATE_LIMITED = 10  # 429s in a row one message takes within one send(); then it fails retryable
-ERROR_TEXT_CHARS = 300
-MAX_ANSWER_BYTES = 64 * 1024  # the URLs are the tenant's to set: an answer is not read without bound
 MAX_KEY_CHARS = 16 * 1024  # a 4096-bit key file is under 4 KiB
 MAX_DEVICE_TOKEN_CHARS = 4096
 PROJECT_ID_RE = r"[a-z0-9][a-z0-9.:-]{0,98}[a-z0-9]"  # goes into the URL's path: nothing else may (fullmatch)
@@ -185,22 +178,6 @@ class FcmConfig(msgspec.Struct, frozen=True, kw_only=True):
         return max(1, min(MAX_CONCURRENCY, self.concurrency))
 
 
-def retry_after_s(value: str | None) -> float:
-    """Retry-After (seconds, or an HTTP date) as a wait of at most MAX_RETRY_AFTER_S."""
-    if not value:
-        return DEFAULT_RETRY_AFTER_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
-        except (TypeError, ValueError):
-            return DEFAULT_RETRY_AFTER_S
-    if math.isnan(seconds):
-        return DEFAULT_RETRY_AFTER_S
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-
-
 def message_body(message: OutgoingMessage, content: PushContent) -> dict[str, Any]:
     """The send request's body. The click-through URL goes to data.url (for the app to open) and,
     when https, to webpush.fcm_options.link (FCM refuses any other link)."""
@@ -219,11 +196,7 @@ def message_body(message: OutgoingMessage, content: PushContent) -> dict[str, An
     return {"message": body}
 
 
-# -- answers and failures ----------------------------------------------------------------------------
-
-
-def _failed(message: OutgoingMessage, error: str, retryable: bool, failure: str) -> SendResult:
-    return SendResult(contact_id=message.contact_id, ok=False, error=error, retryable=retryable, failure=failure)
+# -- answers -----------------------------------------------------------------------------------------
 
 
 class _FcmError(NamedTuple):
@@ -233,80 +206,26 @@ class _FcmError(NamedTuple):
     about_token: bool  # an INVALID_ARGUMENT that blames the registration token
 
 
-class _Answer(NamedTuple):
-    """An HTTP answer, its body read up to MAX_ANSWER_BYTES."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.body)
-        except ValueError:  # not JSON, cut short, or not UTF-8
-            return None
-
-    def fcm_error(self) -> _FcmError:
-        """The google.rpc Status of an FCM error answer, read defensively (any server may answer)."""
-        body = self.json()
-        error = body.get("error") if isinstance(body, dict) else None
-        if not isinstance(error, dict):
-            raw = self.body[:ERROR_TEXT_CHARS].decode("utf-8", "replace")
-            return _FcmError(None, None, f"fcm {self.status}: {raw}" if raw else f"fcm {self.status}", False)
-        status = error.get("status") if isinstance(error.get("status"), str) else None
-        detail = str(error.get("message") or "")
-        code, about_token = None, "registration token" in detail.lower()
-        for d in error.get("details") if isinstance(error.get("details"), list) else ():
-            if not isinstance(d, dict):
-                continue
-            if d.get("@type") == _FCM_ERROR and isinstance(d.get("errorCode"), str):
-                code = d["errorCode"]
-            if d.get("@type") == _BAD_REQUEST and isinstance(d.get("fieldViolations"), list):
-                about_token |= any(isinstance(v, dict) and v.get("field") == "message.token"
-                                   for v in d["fieldViolations"])
-        text = f"fcm {self.status} {code or status or ''}".rstrip() + (f": {detail}" if detail else "")
-        return _FcmError(status, code, text[:ERROR_TEXT_CHARS], about_token)
-
-
-def _is_tls_error(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:  # httpx wraps httpcore's error, which wraps the ssl error
-        if isinstance(seen, ssl.SSLError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _no_answer(what: str, exc: BaseException, *, sent: bool) -> tuple[str, bool, str]:
-    """(error, retryable, failure) of a request that got no HTTP answer. `sent`: FCM may hold a
-    message once the request went out whole, so only a failure before that is retryable."""
-    text = f"{what} request failed: {type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS]
-    if isinstance(exc, netguard.PrivateAddressRefused):  # the name now resolves inside (a new connection)
-        return f"{what} host refused: {exc}", False, REFUSED_PRIVATE_ADDRESS
-    if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-        return text, True, TIMEOUT
-    if isinstance(exc, httpx.ConnectError):
-        return (text, False, TLS_FAILED) if _is_tls_error(exc) else (text, True, UNREACHABLE)
-    if isinstance(exc, (httpx.WriteError, httpx.WriteTimeout)):  # the request did not get out whole
-        return text, True, CONNECTION_LOST
-    if isinstance(exc, httpx.LocalProtocolError):  # refused by our own HTTP layer before sending
-        return text, False, INVALID_MESSAGE
-    if not sent:  # a token request: nothing reached FCM whatever happened to it
-        return text, True, TIMEOUT if isinstance(exc, (httpx.TimeoutException, TimeoutError)) else CONNECTION_LOST
-    return f"outcome unknown, not resent to avoid a duplicate: {text}", False, OUTCOME_UNKNOWN
-
-
-async def _exchange(client: httpx.AsyncClient, url: str, timeout_s: float, **request: Any) -> _Answer:
-    """One POST and its answer, read up to MAX_ANSWER_BYTES within timeout_s * 3: httpx's timeouts
-    bound each step, not the whole, and a server dripping its answer would hold a worker for ever."""
-    async with asyncio.timeout(timeout_s * 3):
-        async with client.stream("POST", url, timeout=timeout_s, **request) as response:
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) >= MAX_ANSWER_BYTES:  # answers are well under 1 KiB; the rest is not read
-                    break
-            return _Answer(response.status_code, response.headers, bytes(body[:MAX_ANSWER_BYTES]))
+def _fcm_error(answer: Answer) -> _FcmError:
+    """The google.rpc Status of an FCM error answer, read defensively (any server may answer)."""
+    body = answer.json()
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        raw = answer.excerpt()
+        return _FcmError(None, None, f"fcm {answer.status}: {raw}" if raw else f"fcm {answer.status}", False)
+    status = error.get("status") if isinstance(error.get("status"), str) else None
+    detail = str(error.get("message") or "")
+    code, about_token = None, "registration token" in detail.lower()
+    for d in error.get("details") if isinstance(error.get("details"), list) else ():
+        if not isinstance(d, dict):
+            continue
+        if d.get("@type") == _FCM_ERROR and isinstance(d.get("errorCode"), str):
+            code = d["errorCode"]
+        if d.get("@type") == _BAD_REQUEST and isinstance(d.get("fieldViolations"), list):
+            about_token |= any(isinstance(v, dict) and v.get("field") == "message.token"
+                               for v in d["fieldViolations"])
+    text = f"fcm {answer.status} {code or status or ''}".rstrip() + (f": {detail}" if detail else "")
+    return _FcmError(status, code, text[:ERROR_TEXT_CHARS], about_token)
 
 
 # -- access tokens -----------------------------------------------------------------------------------
@@ -369,11 +288,11 @@ class _Tokens:
             return text.replace(assertion, "[assertion]").replace(self._key.private_key, "[private_key]")
 
         try:
-            answer = await _exchange(client, self._key.token_uri, timeout_s,
-                                     data={"grant_type": JWT_BEARER, "assertion": assertion})
-        except (httpx.HTTPError, netguard.PrivateAddressRefused, TimeoutError) as exc:
+            answer = await post(client, self._key.token_uri, timeout_s,
+                                data={"grant_type": JWT_BEARER, "assertion": assertion})
+        except (*TRANSPORT_ERRORS, TimeoutError) as exc:
             # Not chained: an httpx error holds the request, and the request holds the assertion.
-            raise _TokenRefused(*_no_answer("fcm token", exc, sent=False)) from None
+            raise _TokenRefused(*no_answer("fcm token", exc, sent=False)) from None
         except Exception as exc:  # a message's result, never send() raising; nothing reached FCM
             log.error("fcm token request failed unexpectedly", error=type(exc).__name__)  # no traceback: locals
             raise _TokenRefused(f"fcm token request failed: {type(exc).__name__}", True, CONNECTION_LOST) from None
@@ -426,37 +345,32 @@ def _tokens_of(key: ServiceAccountKey, allow_private: bool) -> _Tokens:
 
 
 @dataclass(eq=False)
-class _Call:
-    """The shared state of one send(): commits go one at a time (a commit may use one database
-    connection), and the first commit that raises stops every message not yet committed."""
+class _Push:
+    """One message's request, across its attempts: its body, and the access token it goes with,
+    taken right before each attempt (a 401 replaces it, once)."""
 
-    commit: Commit | None
-    commit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    commit_error: Exception | None = None
+    payload: bytes
+    token: str = ""
+    refreshed: bool = False
 
 
 # -- the provider ------------------------------------------------------------------------------------
 
 
-class FcmProvider:
-    dedupes = False  # a resent request is a second notification
+class FcmProvider(HttpProvider[_Push]):
+    name = "fcm"
 
     def __init__(self, config: dict[str, Any], *, allow_private_networks: bool = False) -> None:
         self.config = msgspec.convert(config, FcmConfig)
-        # False: both hosts must resolve to public addresses only (shared/platform/netguard.py).
-        self.allow_private_networks = allow_private_networks
+        # Both hosts must resolve to public addresses only, unless private networks are allowed.
+        super().__init__(allow_private_networks=allow_private_networks)
         self._base = self.config.base_url.rstrip("/")
         self._project = self._url = ""  # known once open() read the key
-        self._shared: http_client.SharedClient | None = None
         self._tokens: _Tokens | None = None
-        # Set once the key, the token or the project is refused: the rest of the job fails at once
-        # instead of hammering Google with credentials it refuses.
-        self._auth_failure: str | None = None
 
     @property
-    def concurrency(self) -> int:
-        """Requests in flight at once (the worker hands it twice as many messages per call)."""
-        return self.config.bounded_concurrency
+    def _log_fields(self) -> dict[str, Any]:
+        return {"project": self._project}
 
     async def open(self) -> None:
         """Checks the key, the project and both hosts (a private one is refused), takes the
@@ -494,165 +408,90 @@ class FcmProvider:
             failure = TLS_UNAVAILABLE if urlsplit(url).scheme == "http" else REJECTED
             raise ProviderUnavailable(f"fcm {what} {problem}", retryable=False, failure=failure)
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            await netguard.resolve(host, port, allow_private=self.allow_private_networks, timeout=self.config.timeout_s)
-        except netguard.PrivateAddressRefused as exc:
-            log.warning("fcm host refused: not a public address", endpoint=what, host=host,
-                        address=str(exc.address) if exc.address else None, kind=exc.why)
-            raise ProviderUnavailable(f"fcm {what} host refused: {exc}", retryable=False,
-                                      failure=REFUSED_PRIVATE_ADDRESS) from None
-        except TimeoutError:
-            raise ProviderUnavailable(f"resolving fcm {what} host {host} timed out", failure=TIMEOUT) from None
-        except (OSError, UnicodeError) as exc:
-            raise ProviderUnavailable(f"cannot resolve fcm {what} host {host}: {exc}", failure=UNREACHABLE) from None
+        await self._resolve(parts.hostname or "", parts.port, parts.scheme, what=what, endpoint=what)
 
     def _client_key(self, key: ServiceAccountKey, project: str) -> tuple[Any, ...]:
         return ("fcm", self._base, project, _fingerprint(key), self.config.bounded_concurrency,
                 self.allow_private_networks)
 
-    def _make_client(self) -> http_client.SharedClient:
-        concurrency = self.config.bounded_concurrency
-        client = httpx.AsyncClient(
-            transport=http_client.guarded_transport(allow_private=self.allow_private_networks,
-                                                    max_connections=concurrency),
-            trust_env=False,  # a proxy from the environment would connect around the address check
-            headers={"User-Agent": "crier", "Accept": "application/json"},
-        )
-        return http_client.SharedClient(client=client, in_flight=asyncio.Semaphore(concurrency))
-
-    async def send(self, messages: list[OutgoingMessage], commit: Commit | None = None) -> list[SendResult]:
-        if not messages:
-            return []
-        try:
-            await self.open()
-        except ProviderUnavailable as exc:
-            return [_failed(m, str(exc), exc.retryable, exc.failure) for m in messages]
-        call = _Call(commit)
-        results: list[SendResult | None] = [None] * len(messages)
-        order = iter(range(len(messages)))
-
-        # As many workers as requests may be in flight, each taking the next message: they go out
-        # in order, and a big batch is not thousands of tasks.
-        async def worker() -> None:
-            for i in order:
-                results[i] = await self._send_one(messages[i], call)
-
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(self.config.bounded_concurrency, len(messages))):
-                group.create_task(worker())
-        if call.commit_error is not None:
-            raise CommitFailed(str(call.commit_error)) from call.commit_error
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
-
-    def _refusal(self, message: OutgoingMessage) -> SendResult | None:
-        """A message that cannot be sent as given, found before any request."""
+    def _request(self, message: OutgoingMessage) -> _Push | SendResult:
+        """The body of `message`'s send request, or its failure when it cannot be sent as given."""
         content = message.content
         if not isinstance(content, PushContent):
-            return _failed(message, "not a push: fcm sends PushContent", False, INVALID_MESSAGE)
+            return failed(message, "not a push: fcm sends PushContent", False, INVALID_MESSAGE)
         if not message.to or len(message.to) > MAX_DEVICE_TOKEN_CHARS or _MANGLED_TOKEN.search(message.to):
-            return _failed(message, "not an FCM registration token (empty, too long, or with blanks)", False,
-                           ADDRESS_DEAD)
+            return failed(message, "not an FCM registration token (empty, too long, or with blanks)", False,
+                          ADDRESS_DEAD)
         if not (content.title or content.body or content.image_url or content.data or content.url):
-            return _failed(message, "empty push: no title, body, image or data", False, INVALID_MESSAGE)
+            return failed(message, "empty push: no title, body, image or data", False, INVALID_MESSAGE)
+        return _Push(msgspec.json.encode(message_body(message, content)))
+
+    async def _ready(self, message: OutgoingMessage, push: _Push) -> SendResult | None:
+        """The access token, before the commit: a message is in flight only once it can go. Its
+        request, when there is one, takes the message's place among the requests in flight."""
+        assert self._tokens is not None
+        try:
+            push.token = await self._tokens.get(self._client, self.config.timeout_s)
+        except _TokenRefused as exc:
+            if exc.failure == AUTH_FAILED:
+                self._stop(exc.text)
+            return failed(message, exc.text, exc.retryable, exc.failure)
         return None
 
-    async def _send_one(self, message: OutgoingMessage, call: _Call) -> SendResult | None:
-        """The message's result; None once a commit raised (send() then raises)."""
-        if (refusal := self._refusal(message)) is not None:
-            return refusal
-        assert isinstance(message.content, PushContent)
-        shared, tokens = self._shared, self._tokens
-        assert shared is not None and tokens is not None
-        payload = msgspec.json.encode(message_body(message, message.content))
-        refreshed = False
-        for _ in range(MAX_RATE_LIMITED):
-            async with shared.in_flight:  # the token request, when there is one, takes this slot too
-                await shared.wait_if_paused()  # a 429 paused the account: nobody sends meanwhile
-                if call.commit_error is not None:
-                    return None
-                if self._auth_failure is not None:
-                    return _failed(message, f"not sent: {self._auth_failure}", False, AUTH_FAILED)
-                try:  # before the commit: a message is in flight only once it can go
-                    token = await tokens.get(shared.client, self.config.timeout_s)
-                except _TokenRefused as exc:
-                    if exc.failure == AUTH_FAILED:
-                        self._stop(exc.text)
-                    return _failed(message, exc.text, exc.retryable, exc.failure)
-                if call.commit is not None and (refusal := await self._commit(message, call)) is not True:
-                    return refusal
-                try:
-                    answer = await _exchange(shared.client, self._url, self.config.timeout_s, content=payload,
-                                             headers={"Authorization": f"Bearer {token}",
-                                                      "Content-Type": "application/json"})
-                except (httpx.HTTPError, netguard.PrivateAddressRefused, TimeoutError) as exc:
-                    return _failed(message, *_no_answer("fcm", exc, sent=True))
-                except Exception as exc:  # anything else after the commit: it may have gone out
-                    log.error("fcm request failed unexpectedly", error=type(exc).__name__)  # no traceback: locals
-                    return _failed(message, f"outcome unknown: {type(exc).__name__}", False, OUTCOME_UNKNOWN)
-            if answer.status == 401 and answer.fcm_error().code != "THIRD_PARTY_AUTH_ERROR":
-                # The token expired or was revoked early, and FCM sent nothing: the next request (this
-                # one's, or the next job's) takes a new token. This one tries once more with it.
-                tokens.discard(token)
-                if not refreshed:
-                    refreshed = True
-                    continue
-            if answer.status != 429:
-                return self._result(message, answer, shared, token)
-            # FCM sent nothing: wait as asked (the whole account waits) and send it again, which
-            # is not another attempt.
-            wait = retry_after_s(answer.headers.get("retry-after"))
-            log.info("fcm rate limited", project=self._project, retry_after_s=wait)
-            shared.pause(wait)
-        return _failed(message, f"fcm 429: rate limited {MAX_RATE_LIMITED} times in a row", True, DEFERRED)
+    async def _post(self, message: OutgoingMessage, push: _Push) -> Answer:
+        return await post(self._client, self._url, self.config.timeout_s, content=push.payload,
+                          headers={"Authorization": f"Bearer {push.token}", "Content-Type": "application/json"})
 
-    async def _commit(self, message: OutgoingMessage, call: _Call) -> SendResult | None | bool:
-        """True to send; otherwise what _send_one returns (WITHDRAWN, or None when the commit raised)."""
-        assert call.commit is not None
-        async with call.commit_lock:
-            if call.commit_error is not None:
-                return None
-            try:
-                go = await call.commit(message)
-            except Exception as exc:
-                call.commit_error = exc
-                return None
-        return True if go else _failed(message, "withdrawn before it was handed over", False, WITHDRAWN)
+    def _unexpected(self, message: OutgoingMessage, exc: Exception) -> SendResult:
+        log.error("fcm request failed unexpectedly", error=type(exc).__name__)  # no traceback: locals
+        return failed(message, f"outcome unknown: {type(exc).__name__}", False, OUTCOME_UNKNOWN)
+
+    def _outcome(self, message: OutgoingMessage, push: _Push, answer: Answer, times: int) -> SendResult | Retry:
+        assert self._tokens is not None
+        if answer.status == 401 and _fcm_error(answer).code != "THIRD_PARTY_AUTH_ERROR":
+            # The token expired or was revoked early, and FCM sent nothing: the next request (this
+            # one's, or the next job's) takes a new token. This one tries once more with it.
+            self._tokens.discard(push.token)
+            if not push.refreshed:
+                push.refreshed = True
+                return Retry(0.0, account=False)
+        if answer.status == 429:
+            return self._rate_limited(answer)
+        return self._push_result(message, answer, push.token)
 
     def _stop(self, text: str) -> None:
-        if self._auth_failure is None:
+        """The key, the token or the project is refused: the rest of the job fails at once instead
+        of hammering Google with credentials it refuses."""
+        if self._stopped is None:
             log.warning("fcm refused the credentials", base_url=self._base, error=text)
-        self._auth_failure = text
+        self._stopped = (AUTH_FAILED, text)
 
-    def _result(self, message: OutgoingMessage, answer: _Answer, shared: http_client.SharedClient,
-                token: str) -> SendResult:
+    def _push_result(self, message: OutgoingMessage, answer: Answer, token: str) -> SendResult:
         status = answer.status
         if 200 <= status < 300:
             body = answer.json()
             name = body.get("name") if isinstance(body, dict) and isinstance(body.get("name"), str) else None
             return SendResult(contact_id=message.contact_id, ok=True, provider_message_id=name)
-        error = answer.fcm_error()
+        error = _fcm_error(answer)
         text = error.text.replace(token, "[access_token]")  # a server may echo what it was sent
         if error.code in _DEAD_CODES:
-            return _failed(message, text, False, ADDRESS_DEAD)
+            return failed(message, text, False, ADDRESS_DEAD)
         if status in (401, 403) or error.code == "THIRD_PARTY_AUTH_ERROR":
             # The token again after a refresh, the project's permission, or the APNs / web push
             # credentials FCM holds for the app: none of the job's messages can go.
             self._stop(text)
-            return _failed(message, text, False, AUTH_FAILED)
+            return failed(message, text, False, AUTH_FAILED)
         if status == 400 or error.code == "INVALID_ARGUMENT" or error.status == "INVALID_ARGUMENT":
-            return _failed(message, text, False, ADDRESS_DEAD if error.about_token else INVALID_MESSAGE)
+            return failed(message, text, False, ADDRESS_DEAD if error.about_token else INVALID_MESSAGE)
         if status >= 500:  # UNAVAILABLE, INTERNAL: nothing was sent
             if retry_after := answer.headers.get("retry-after"):
-                shared.pause(retry_after_s(retry_after))  # the retry (and the account) waits at least that long
-            return _failed(message, text, True, DEFERRED)
+                assert self._shared is not None
+                self._shared.pause(retry_after_s(retry_after))  # the retry (and the account) waits at least that long
+            return failed(message, text, True, DEFERRED)
         # A 404 that is not UNREGISTERED (a wrong project or base URL) and the rest: not the token's fault.
-        return _failed(message, text, False, REJECTED)
+        return failed(message, text, False, REJECTED)
 
     async def close(self) -> None:
         """Gives the account's client back: its connections and the key's token stay for the next job."""
-        if self._shared is not None:
-            http_client.release(self._shared)
-            self._shared = self._tokens = None
+        await super().close()
+        self._tokens = None

@@ -91,6 +91,17 @@ def guarded_transport(*, allow_private: bool, max_connections: int) -> httpx.Asy
     return transport
 
 
+def shared_client(*, concurrency: int, allow_private: bool, **options: typing.Any) -> SharedClient:
+    """A new account client: `concurrency` connections at most, each through the address check, and
+    as many requests in flight; `options` are httpx.AsyncClient's (headers, auth ...)."""
+    client = httpx.AsyncClient(
+        transport=guarded_transport(allow_private=allow_private, max_connections=concurrency),
+        trust_env=False,  # a proxy from the environment would connect around the address check
+        **options,
+    )
+    return SharedClient(client=client, in_flight=asyncio.Semaphore(concurrency))
+
+
 @dataclass(eq=False)
 class SharedClient:
     """One account's client, shared by the jobs of this process that send through it: its

@@ -1,6 +1,6 @@
 """Webhooks: one signed JSON POST per message to the tenant's own URL, the Standard Webhooks way
-(https://www.standardwebhooks.com), a job's messages sent concurrently on a client kept per
-account (http_client.py), as the twilio provider does.
+(https://www.standardwebhooks.com), a job's messages sent concurrently (http_send.py) on a client
+kept per account (http_client.py), as the twilio provider does.
 
 The body is the Standard Webhooks envelope, not the bare payload:
 
@@ -17,52 +17,41 @@ with Twilio, a request that may have reached the receiver and got no answer is n
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import re
 import secrets
-import ssl
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import msgspec
 from standardwebhooks import Webhook
 
 from shared.channels import http_client
+from shared.channels.http_send import (
+    ERROR_TEXT_CHARS,
+    Answer,
+    HttpProvider,
+    failed,
+    post,
+)
 from shared.channels.provider import (
     AUTH_FAILED,
-    CONNECTION_LOST,
     DEFERRED,
     INVALID_MESSAGE,
-    OUTCOME_UNKNOWN,
-    REFUSED_PRIVATE_ADDRESS,
     REJECTED,
-    TIMEOUT,
-    TLS_FAILED,
-    UNREACHABLE,
-    WITHDRAWN,
-    Commit,
-    CommitFailed,
     OutgoingMessage,
     ProviderUnavailable,
     SendResult,
     WebhookContent,
 )
-from shared.channels.twilio import retry_after_s
-from shared.platform import netguard
 from shared.platform.logging import get_logger
 
 DEFAULT_CONCURRENCY, MAX_CONCURRENCY = 10, 100
 DEFAULT_TIMEOUT_S = 10.0
-MAX_RATE_LIMITED = 10  # 429s in a row one message takes within one send(); then it fails retryable
-ERROR_TEXT_CHARS = 300
-MAX_ANSWER_BYTES = 64 * 1024  # the URL is the tenant's: an answer is not read without bound
 EVENT_TYPE = "broadcast.message"
 USER_AGENT = "Crier-Webhooks/1.0"
 # A 410 says the endpoint is gone for good: like a refused login it ends the job, but the class
@@ -175,59 +164,10 @@ class WebhookConfig(msgspec.Struct, frozen=True, kw_only=True):
 # -- answers ------------------------------------------------------------------------------------------
 
 
-def _failed(message: OutgoingMessage, error: str, retryable: bool, failure: str) -> SendResult:
-    return SendResult(contact_id=message.contact_id, ok=False, error=error, retryable=retryable, failure=failure)
-
-
-class _Answer(NamedTuple):
-    """An HTTP answer, its body read up to MAX_ANSWER_BYTES."""
-
-    status: int
-    headers: httpx.Headers
-    body: bytes
-
-    def text(self) -> str:
-        detail = self.body[:ERROR_TEXT_CHARS].decode("utf-8", "replace").strip()
-        return f"webhook {self.status}: {detail}"[:ERROR_TEXT_CHARS] if detail else f"webhook {self.status}"
-
-
-def _is_tls_error(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:  # httpx wraps httpcore's error, which wraps the ssl error
-        if isinstance(seen, ssl.SSLError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _transport_failure(message: OutgoingMessage, exc: Exception) -> SendResult:
-    """A request that got no HTTP answer. Retryable only where the receiver cannot have had it whole."""
-    text = f"webhook request failed: {type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS]
-    if isinstance(exc, netguard.PrivateAddressRefused):  # the name now resolves inside (a new connection)
-        return _failed(message, f"webhook host refused: {exc}", False, REFUSED_PRIVATE_ADDRESS)
-    if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-        return _failed(message, text, True, TIMEOUT)
-    if isinstance(exc, httpx.ConnectError):
-        if _is_tls_error(exc):
-            return _failed(message, text, False, TLS_FAILED)
-        return _failed(message, text, True, UNREACHABLE)
-    if isinstance(exc, (httpx.WriteError, httpx.WriteTimeout)):
-        # The body did not get out whole: a receiver cannot verify (so cannot act on) a cut one.
-        return _failed(message, text, True, CONNECTION_LOST)
-    if isinstance(exc, httpx.LocalProtocolError):  # refused by our own HTTP layer before sending
-        return _failed(message, text, False, INVALID_MESSAGE)
-    # A read timeout or a connection closed after the request went out: the receiver may have it.
-    return _failed(message, f"outcome unknown, not resent to avoid a duplicate: {text}", False, OUTCOME_UNKNOWN)
-
-
-@dataclass(eq=False)
-class _Call:
-    """The shared state of one send(): commits go one at a time (a commit may use one database
-    connection), and the first commit that raises stops every message not yet committed."""
-
-    commit: Commit | None
-    commit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    commit_error: Exception | None = None
+def _text(answer: Answer) -> str:
+    """The answer for the ledger: its status and the start of its body (a receiver's own words)."""
+    detail = answer.excerpt().strip()
+    return f"webhook {answer.status}: {detail}"[:ERROR_TEXT_CHARS] if detail else f"webhook {answer.status}"
 
 
 _encode = msgspec.json.encode
@@ -240,32 +180,27 @@ def _timestamp(at: float) -> str:
 # -- the provider -------------------------------------------------------------------------------------
 
 
-class WebhookProvider:
+class WebhookProvider(HttpProvider[msgspec.Raw]):
     dedupes = False  # a receiver may dedupe by webhook-id, but nothing says it does
+    name = "webhook"
 
     def __init__(self, config: dict[str, Any], *, allow_private_networks: bool = False) -> None:
         self.config = msgspec.convert(config, WebhookConfig)
-        # False: the URL's host must resolve to public addresses only (shared/platform/netguard.py).
-        self.allow_private_networks = allow_private_networks
+        super().__init__(allow_private_networks=allow_private_networks)
         self._host = urlsplit(self.config.url).hostname or ""  # what logs name: a query may hold a token
-        self._shared: http_client.SharedClient | None = None
         self._signer: Webhook | None = None
-        # Set by a 401/403/410: the rest of the job fails at once instead of posting every message
-        # to an endpoint that refuses us or is gone.
-        self._stopped: tuple[str, str] | None = None  # (failure class, why)
         # Never in an error text, even if a receiver echoes them back in its answer.
         sensitive = {self.config.secret, self.config.secret.removeprefix(SECRET_PREFIX), *self.config.headers.values()}
         self._sensitive = sorted((v for v in sensitive if len(v) >= 4), key=len, reverse=True)  # longest first
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         for value in self._sensitive:
             text = text.replace(value, "***")
         return text
 
     @property
-    def concurrency(self) -> int:
-        """Requests in flight at once (the worker hands it this many messages per call)."""
-        return self.config.bounded_concurrency
+    def _log_fields(self) -> dict[str, Any]:
+        return {"host": self._host}
 
     async def open(self) -> None:
         """Checks the settings and the URL's host (a private one is refused) and takes the account's
@@ -281,22 +216,8 @@ class WebhookProvider:
             self._signer = Webhook(secret_bytes(c.secret))
         except ValueError as exc:
             raise ProviderUnavailable(f"webhook secret {exc}", retryable=False, failure=AUTH_FAILED) from None
-        try:
-            url = httpx.URL(c.url)
-        except httpx.InvalidURL as exc:
-            raise ProviderUnavailable(f"webhook url is not a URL: {exc}", retryable=False, failure=REJECTED) from None
-        port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            await netguard.resolve(url.host, port, allow_private=self.allow_private_networks, timeout=c.timeout_s)
-        except netguard.PrivateAddressRefused as exc:
-            log.warning("webhook host refused: not a public address", host=url.host,
-                        address=str(exc.address) if exc.address else None, kind=exc.why)
-            raise ProviderUnavailable(f"webhook host refused: {exc}", retryable=False,
-                                      failure=REFUSED_PRIVATE_ADDRESS) from exc
-        except TimeoutError as exc:
-            raise ProviderUnavailable(f"resolving webhook host {url.host} timed out", failure=TIMEOUT) from exc
-        except (OSError, UnicodeError) as exc:
-            raise ProviderUnavailable(f"cannot resolve webhook host {url.host}: {exc}", failure=UNREACHABLE) from exc
+        url = self._endpoint(c.url, "url")
+        await self._resolve(url.host, url.port, url.scheme)
         self._shared = http_client.acquire(self._client_key(), self._make_client)
 
     def _client_key(self) -> tuple[Any, ...]:
@@ -305,43 +226,22 @@ class WebhookProvider:
         return ("webhook", self.config.url, hashlib.sha256(self.config.secret.encode()).hexdigest(),
                 self.config.bounded_concurrency, self.allow_private_networks)
 
-    def _make_client(self) -> http_client.SharedClient:
-        concurrency = self.config.bounded_concurrency
-        client = httpx.AsyncClient(
-            transport=http_client.guarded_transport(allow_private=self.allow_private_networks,
-                                                    max_connections=concurrency),
-            trust_env=False,  # a proxy from the environment would connect around the address check
-            follow_redirects=False,  # a redirect could lead off the checked host: a 3xx is an answer
-            headers={"User-Agent": USER_AGENT},
-        )
-        return http_client.SharedClient(client=client, in_flight=asyncio.Semaphore(concurrency))
+    def _client_options(self) -> dict[str, Any]:
+        # No redirect is followed: it could lead off the checked host, so a 3xx is an answer.
+        return {"follow_redirects": False, "headers": {"User-Agent": USER_AGENT}}
 
-    async def send(self, messages: list[OutgoingMessage], commit: Commit | None = None) -> list[SendResult]:
-        if not messages:
-            return []
+    def _request(self, message: OutgoingMessage) -> msgspec.Raw | SendResult:
+        """The payload as JSON, once, before any commit: a payload that is not JSON is never handed over."""
+        if not isinstance(message.content, WebhookContent):
+            return failed(message, "not a webhook: the webhook provider sends WebhookContent", False, INVALID_MESSAGE)
+        if not _HEADER_VALUE.match(message.idempotency_key):
+            return failed(message, "the idempotency key cannot be a webhook-id header", False, INVALID_MESSAGE)
         try:
-            await self.open()
-        except ProviderUnavailable as exc:
-            return [_failed(m, str(exc), exc.retryable, exc.failure) for m in messages]
-        call = _Call(commit)
-        results: list[SendResult | None] = [None] * len(messages)
-        order = iter(range(len(messages)))
+            return msgspec.Raw(_encode(message.content.payload))
+        except (TypeError, ValueError, OverflowError) as exc:
+            return failed(message, f"the payload is not JSON: {exc}"[:ERROR_TEXT_CHARS], False, INVALID_MESSAGE)
 
-        # As many workers as requests may be in flight, each taking the next message: they go out
-        # in order, and a big batch is not thousands of tasks.
-        async def worker() -> None:
-            for i in order:
-                results[i] = await self._send_one(messages[i], call)
-
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(self.config.bounded_concurrency, len(messages))):
-                group.create_task(worker())
-        if call.commit_error is not None:
-            raise CommitFailed(str(call.commit_error)) from call.commit_error
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
-
-    def _request(self, message: OutgoingMessage, payload: msgspec.Raw) -> tuple[bytes, dict[str, str]]:
+    def _signed(self, message: OutgoingMessage, payload: msgspec.Raw) -> tuple[bytes, dict[str, str]]:
         """The body and headers of one attempt, signed now."""
         assert self._signer is not None
         now = time.time()
@@ -353,101 +253,27 @@ class WebhookProvider:
         return body, {**self.config.headers, "Content-Type": "application/json", "webhook-id": message.idempotency_key,
                       "webhook-timestamp": str(seconds), "webhook-signature": signature}
 
-    async def _send_one(self, message: OutgoingMessage, call: _Call) -> SendResult | None:
-        """The message's result; None once a commit raised (send() then raises)."""
-        if not isinstance(message.content, WebhookContent):
-            return _failed(message, "not a webhook: the webhook provider sends WebhookContent", False, INVALID_MESSAGE)
-        if not _HEADER_VALUE.match(message.idempotency_key):
-            return _failed(message, "the idempotency key cannot be a webhook-id header", False, INVALID_MESSAGE)
-        try:  # once, before any commit: a payload that is not JSON is never handed over
-            payload = msgspec.Raw(_encode(message.content.payload))
-        except (TypeError, ValueError, OverflowError) as exc:
-            return _failed(message, f"the payload is not JSON: {exc}"[:ERROR_TEXT_CHARS], False, INVALID_MESSAGE)
-        shared = self._shared
-        assert shared is not None
-        for _ in range(MAX_RATE_LIMITED):
-            async with shared.in_flight:
-                await shared.wait_if_paused()  # a 429 paused the account: nobody sends meanwhile
-                if call.commit_error is not None:
-                    return None
-                if self._stopped is not None:
-                    failure, why = self._stopped
-                    return _failed(message, f"not sent: {why}", False, failure)
-                if call.commit is not None and (refusal := await self._commit(message, call)) is not True:
-                    return refusal
-                body, headers = self._request(message, payload)  # signed after the commit: its time is the sending's
-                try:
-                    answer = await self._post(shared, body, headers)
-                except (httpx.HTTPError, netguard.PrivateAddressRefused) as exc:
-                    result = _transport_failure(message, exc)
-                    return msgspec.structs.replace(result, error=self._scrub(result.error or ""))
-                except TimeoutError:
-                    return _failed(message, f"outcome unknown, not resent to avoid a duplicate: no whole answer "
-                                            f"within {self._deadline_s:g} s", False, OUTCOME_UNKNOWN)
-                except Exception as exc:  # anything else after the commit: it may have gone out
-                    log.exception("webhook request failed unexpectedly", host=self._host)
-                    return _failed(message, self._scrub(f"outcome unknown: {type(exc).__name__}: {exc}")
-                                   [:ERROR_TEXT_CHARS], False, OUTCOME_UNKNOWN)
-            if answer.status != 429:
-                return self._result(message, answer)
-            # The receiver took nothing: wait as asked (the whole account waits) and send it again,
-            # which is not another attempt.
-            wait = retry_after_s(answer.headers.get("retry-after"))  # seconds or a date, at most 60 s
-            log.info("webhook rate limited", host=self._host, retry_after_s=wait)
-            shared.pause(wait)
-        return _failed(message, f"webhook 429: rate limited {MAX_RATE_LIMITED} times in a row", True, DEFERRED)
+    async def _post(self, message: OutgoingMessage, payload: msgspec.Raw) -> Answer:
+        body, headers = self._signed(message, payload)  # after the commit: its time is the sending's
+        return await post(self._client, self.config.url, self.config.timeout_s, content=body, headers=headers,
+                          follow_redirects=False)
 
-    async def _commit(self, message: OutgoingMessage, call: _Call) -> SendResult | None | bool:
-        """True to send; otherwise what _send_one returns (WITHDRAWN, or None when the commit raised)."""
-        assert call.commit is not None
-        async with call.commit_lock:
-            if call.commit_error is not None:
-                return None
-            try:
-                go = await call.commit(message)
-            except Exception as exc:
-                call.commit_error = exc
-                return None
-        return True if go else _failed(message, "withdrawn before it was handed over", False, WITHDRAWN)
-
-    @property
-    def _deadline_s(self) -> float:
-        # httpx's timeouts bound each step (connect, each read), not the whole: a receiver dripping
-        # its answer a byte at a time would hold a worker for ever without this.
-        return self.config.timeout_s * 3
-
-    async def _post(self, shared: http_client.SharedClient, body: bytes, headers: dict[str, str]) -> _Answer:
-        async with asyncio.timeout(self._deadline_s):
-            async with shared.client.stream("POST", self.config.url, content=body, headers=headers,
-                                            timeout=self.config.timeout_s, follow_redirects=False) as response:
-                received = bytearray()
-                async for chunk in response.aiter_bytes():
-                    received += chunk
-                    if len(received) >= MAX_ANSWER_BYTES:  # only the start is kept for the ledger
-                        break
-                return _Answer(response.status_code, response.headers, bytes(received[:MAX_ANSWER_BYTES]))
-
-    def _result(self, message: OutgoingMessage, answer: _Answer) -> SendResult:
+    def _result(self, message: OutgoingMessage, answer: Answer) -> SendResult:
         status = answer.status
         if 200 <= status < 300:
             return SendResult(contact_id=message.contact_id, ok=True, provider_message_id=message.idempotency_key)
-        text = self._scrub(answer.text())
+        text = self.scrub(_text(answer))
         if 300 <= status < 400:
-            return _failed(message, f"{text} (redirects are not followed: set the final URL)"[:ERROR_TEXT_CHARS],
-                           False, REJECTED)
+            return failed(message, f"{text} (redirects are not followed: set the final URL)"[:ERROR_TEXT_CHARS],
+                          False, REJECTED)
         if status in (401, 403, 410):
+            # The endpoint refuses us or is gone: the rest of the job is not posted to it.
             failure = GONE_FAILURE if status == 410 else AUTH_FAILED
             if self._stopped is None:
                 log.warning("webhook endpoint refused: the rest of the job is not sent", host=self._host,
                             status=status)
                 self._stopped = (failure, text)
-            return _failed(message, text, False, failure)
+            return failed(message, text, False, failure)
         if status in (408, 425) or status >= 500:  # the receiver timed out, is not ready, or failed: try later
-            return _failed(message, text, True, DEFERRED)
-        return _failed(message, text, False, REJECTED)
-
-    async def close(self) -> None:
-        """Gives the account's client back: its connections stay open for the next job."""
-        if self._shared is not None:
-            http_client.release(self._shared)
-            self._shared = None
+            return failed(message, text, True, DEFERRED)
+        return failed(message, text, False, REJECTED)
