@@ -17,6 +17,7 @@ import msgspec
 
 from sender_service import provider_pool
 from sender_service.provider_pool import FailingProviders
+from shared.broadcasts.decider import Tracking
 from shared.channels import accounts
 from shared.channels.provider import OutgoingMessage, Provider, ProviderUnavailable
 from shared.channels.ratelimit import Window, windows_of
@@ -26,7 +27,9 @@ from shared.kernel.limits import MAX_PROVIDER_WEIGHT
 from shared.platform.logging import get_logger
 from shared.platform.signing import KeyRing, Signer
 from shared.sending.jobs import Job, Recipient
-from shared.sending.render import ChannelRenderer
+from shared.sending.render import ChannelRenderer, LinkTracking, Tracker
+from shared.tracking import keys as tracking_keys
+from shared.tracking.urls import TrackingUrls
 
 PROVIDER_TTL_S = 5.0
 log = get_logger(__name__)
@@ -52,8 +55,10 @@ class JobContext:
 
     def __init__(
         self, job: Job, accounts: list[Account], signer: Signer, failing: FailingProviders | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self._accounts = accounts
+        self._tracker = tracker  # the run's signed click and open URLs, when it tracks any
         self._failing = failing or FailingProviders()
         self._use(0)
         # "broadcast:run:contact:channel", with the job's part formatted once (str(UUID) is not free).
@@ -123,7 +128,7 @@ class JobContext:
             contact_id=recipient.contact_id,
             to=recipient.address,
             idempotency_key=f"{self._key_prefix}{recipient.contact_id}{self._key_suffix}",
-            content=self.renderer.render(variables, recipient.locale),
+            content=self.renderer.render(variables, recipient.locale, tracker=self._tracker),
             unsubscribe_link=self._unsubscribe_link,
         )
 
@@ -144,7 +149,8 @@ class JobContextLoader:
     def __init__(self, *, allow_private_networks: bool = False, public_url: str = "http://127.0.0.1:8000") -> None:
         self.allow_private_networks = allow_private_networks  # the operator's setting, for the providers
         self.keys = KeyRing(base_url=public_url)  # unsubscribe links point at the API's public address
-        self._content: dict[tuple[uuid.UUID, int], Content] = {}
+        self._content: dict[tuple[uuid.UUID, int], tuple[Content, Tracking]] = {}
+        self._tracking_keys: dict[tuple[uuid.UUID, int, int, str], int] = {}
         self._renderers: dict[tuple[uuid.UUID, int, str, str], ChannelRenderer] = {}
         self._providers: dict[uuid.UUID, tuple[float, accounts.ProviderRow]] = {}
         self.failing = provider_pool.FailingProviders()  # of this process's pools
@@ -165,7 +171,24 @@ class JobContextLoader:
             weights = [_weight(rows[p]) for p in pool]
             accounts_ = [await self._account(con, job, version, rows[p])
                          for p in provider_pool.order(job.seq, pool, weights, self.failing.now())]
-        return JobContext(job, accounts_, await self.keys.signer(con), self.failing)
+        signer = await self.keys.signer(con)
+        renderer = accounts_[0].renderer
+        tracker = None
+        if renderer.tracking.any:
+            key = await self._tracking_key(con, job, version, renderer)
+            tracker = TrackingUrls(signer.tracking_links(key), signer.base_url)
+        return JobContext(job, accounts_, signer, self.failing, tracker)
+
+    async def _tracking_key(self, con: asyncpg.Connection, job: Job, version: int, renderer: ChannelRenderer) -> int:
+        """The tracking key of the run's content on the job's channel (made, with its links, once)."""
+        cache_key = (job.broadcast_id, job.run, version, job.channel)
+        key = self._tracking_keys.get(cache_key)
+        if key is None:
+            if len(self._tracking_keys) > 1024:
+                self._tracking_keys.clear()
+            key = self._tracking_keys[cache_key] = await tracking_keys.key_for(
+                con, job.tenant_id, job.broadcast_id, job.run, version, job.channel, renderer.links)
+        return key
 
     async def _account(
         self, con: asyncpg.Connection, job: Job, version: int, provider: accounts.ProviderRow
@@ -183,21 +206,23 @@ class JobContextLoader:
         key = (job.broadcast_id, version, job.channel, from_email)
         renderer = self._renderers.get(key)
         if renderer is None:
-            content = self._content.get((job.broadcast_id, version))
-            if content is None:
+            cached = self._content.get((job.broadcast_id, version))
+            if cached is None:
                 row = await con.fetchrow(
-                    "SELECT content, version, template_id, template_version FROM broadcasts WHERE id = $1",
+                    "SELECT content, version, template_id, template_version, tracking FROM broadcasts WHERE id = $1",
                     job.broadcast_id)
                 if row is None:
                     raise LookupError(f"broadcast {job.broadcast_id} has no view row yet")
-                content = await content_of(con, row)
                 if len(self._content) > 256:
                     self._content.clear()
-                self._content[(job.broadcast_id, row["version"])] = content
+                cached = self._content[(job.broadcast_id, row["version"])] = (
+                    await content_of(con, row), msgspec.convert(row["tracking"] or {}, Tracking))
+            content, tracks = cached
             if len(self._renderers) > 256:
                 self._renderers.clear()
             renderer = self._renderers[key] = ChannelRenderer(
-                content, job.channel, from_email=content.from_email or from_email)
+                content, job.channel, from_email=content.from_email or from_email,
+                tracking=LinkTracking(opens=tracks.opens, clicks=tracks.clicks, text_links=tracks.text_links))
         return renderer
 
     async def _provider(self, con: asyncpg.Connection, tenant_id: uuid.UUID, provider_id: uuid.UUID

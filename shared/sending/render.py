@@ -11,7 +11,7 @@ from __future__ import annotations
 import html as html_module
 from collections.abc import Callable, Mapping
 from email.utils import formataddr
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -30,6 +30,14 @@ from shared.content.html import html_to_text, inline_css, wrap_document
 from shared.content.locales import choose_locale
 from shared.content.templates import Budget, CompiledContent, Template, compile_template
 from shared.kernel.content import Content
+from shared.tracking.links import (
+    LINK_VARIABLE,
+    OPEN_VARIABLE,
+    LinkTable,
+    track_html,
+    track_text,
+    with_pixel,
+)
 
 # Fields of each channel that may have `_i18n` variants (the others are the same in every locale).
 _LOCALIZED: dict[str, tuple[str, ...]] = {
@@ -107,10 +115,41 @@ def email_text(content: Content, locale: str | None) -> str:
     return html_to_text(body)
 
 
+class LinkTracking:
+    """What a channel renderer tracks (shared/tracking/links.py), and (in the renderer's own copy)
+    the links of its fields, numbered in `links` as its variants compile (all at once and in order
+    when anything is tracked, so every process numbers them alike)."""
+
+    def __init__(self, *, opens: bool = False, clicks: bool = False, text_links: bool = False) -> None:
+        self.opens, self.clicks, self.text_links = opens, clicks, text_links
+        self.links = LinkTable()
+
+    @property
+    def any(self) -> bool:
+        return self.opens or self.clicks
+
+    def html(self, source: str) -> str:
+        return track_html(source, self.links) if self.clicks else source
+
+    def text(self, source: str) -> str:
+        return track_text(source, self.links) if self.clicks and self.text_links else source
+
+    def url(self, source: str | None) -> str | None:
+        """A field that is a link (a button's, a push's tap target): its variable if trackable."""
+        if source is None or not (self.clicks and self.text_links):
+            return source
+        number = self.links.number(source)
+        return source if number is None else "{{ " + LINK_VARIABLE.format(number) + " }}"
+
+
 class _Email:
-    def __init__(self, content: Content, locale: str | None, from_email: str) -> None:
-        self.compiled = CompiledContent.compile(_in(content, "subject", locale), email_html(content, locale),
-                                                email_text(content, locale))
+    def __init__(self, content: Content, locale: str | None, from_email: str, tracking: LinkTracking) -> None:
+        html = email_html(content, locale)
+        if html:
+            html = tracking.html(html)
+            html = with_pixel(html) if tracking.opens else html
+        self.compiled = CompiledContent.compile(_in(content, "subject", locale), html,
+                                                tracking.text(email_text(content, locale)))
         self.from_email = formataddr((content.from_name, from_email)) if content.from_name else from_email
         self.reply_to = content.reply_to
 
@@ -128,25 +167,28 @@ def _out(template: Template | None, variables: Mapping[str, Any], budget: Budget
 
 
 class _Sms:
-    def __init__(self, content: Content, locale: str | None, from_email: str) -> None:
+    def __init__(self, content: Content, locale: str | None, from_email: str, tracking: LinkTracking) -> None:
         assert content.sms is not None
-        self.body = compile_template(_in(content.sms, "body", locale), html=False, field="content.sms.body")
+        self.body = compile_template(tracking.text(_in(content.sms, "body", locale)), html=False,
+                                     field="content.sms.body")
 
     def render(self, variables: Mapping[str, Any], budget: Budget | None) -> Rendered:
         return SmsContent(body=self.body.render(variables, budget or Budget()))
 
 
 class _Telegram:
-    def __init__(self, content: Content, locale: str | None, from_email: str) -> None:
+    def __init__(self, content: Content, locale: str | None, from_email: str, tracking: LinkTracking) -> None:
         part = content.telegram
         assert part is not None
-        self.text = compile_template(_in(part, "text", locale), html=False, markdown=True,
-                                     field="content.telegram.text")
+        # The seeds' {click} macro and {{ click_url }}: the button's link, tracked like it.
+        click = tracking.url(part.action_url) or ""
+        text = _in(part, "text", locale).replace("{click}", "{{ click_url }}").replace("{{ click_url }}", click)
+        self.text = compile_template(tracking.text(text), html=False, markdown=True, field="content.telegram.text")
         self.media_url = _plain(part.media_url, "content.telegram.media_url")
         self.media_type = part.media_type
         label = _in(part, "action_label", locale)
         self.label = _plain(label if part.action_url else None, "content.telegram.action_label")
-        self.url = _plain(part.action_url if label else None, "content.telegram.action_url")
+        self.url = _plain(tracking.url(part.action_url) if label else None, "content.telegram.action_url")
 
     def render(self, variables: Mapping[str, Any], budget: Budget | None) -> Rendered:
         budget = budget or Budget()
@@ -157,7 +199,7 @@ class _Telegram:
 
 
 class _Whatsapp:
-    def __init__(self, content: Content, locale: str | None, from_email: str) -> None:
+    def __init__(self, content: Content, locale: str | None, from_email: str, tracking: LinkTracking) -> None:
         part = content.whatsapp
         assert part is not None
         self.template_name, self.language = part.template_name, _in(part, "language", locale)
@@ -171,13 +213,13 @@ class _Whatsapp:
 
 
 class _Push:
-    def __init__(self, content: Content, locale: str | None, from_email: str) -> None:
+    def __init__(self, content: Content, locale: str | None, from_email: str, tracking: LinkTracking) -> None:
         part = content.push
         assert part is not None
         self.title = compile_template(_in(part, "title", locale), html=False, field="content.push.title")
-        self.body = compile_template(_in(part, "body", locale), html=False, field="content.push.body")
+        self.body = compile_template(tracking.text(_in(part, "body", locale)), html=False, field="content.push.body")
         self.image_url = _plain(part.image_url, "content.push.image_url")
-        self.url = _plain(part.url, "content.push.url")
+        self.url = _plain(tracking.url(part.url), "content.push.url")
         self.data = {k: compile_template(v, html=False, field=f"content.push.data.{k}") for k, v in part.data.items()}
 
     def render(self, variables: Mapping[str, Any], budget: Budget | None) -> Rendered:
@@ -203,7 +245,7 @@ def _compile_json(value: Any, field: str) -> Callable[[Mapping[str, Any], Budget
 
 
 class _Webhook:
-    def __init__(self, content: Content, locale: str | None, from_email: str) -> None:
+    def __init__(self, content: Content, locale: str | None, from_email: str, tracking: LinkTracking) -> None:
         assert content.webhook is not None
         self.payload = _compile_json(content.webhook.payload, "content.webhook.payload")
 
@@ -220,15 +262,36 @@ class ChannelRenderer:
     default), compiled the first time one needs it. Raises TemplateError (compiling or rendering)
     naming the field; KeyError-free for a content without that channel only if `has(channel)`."""
 
-    def __init__(self, content: Content, channel: str, *, from_email: str = "crier@localhost") -> None:
+    def __init__(self, content: Content, channel: str, *, from_email: str = "crier@localhost",
+                 tracking: LinkTracking | None = None) -> None:
         if not content.has(channel):
             raise ValueError(f"the content has nothing for {channel}")
         self.content, self.channel, self.from_email = content, channel, from_email
+        given = tracking or LinkTracking()  # copied: the link table it fills is this renderer's own
+        self.tracking = LinkTracking(opens=given.opens, clicks=given.clicks, text_links=given.text_links)
         self.locales = locales_of(content, channel)
         self._kind = _KINDS[channel]
-        self._variants: dict[str | None, Any] = {None: self._kind(content, None, from_email)}
+        self._variants: dict[str | None, Any] = {}
+        self._links: dict[str | None, tuple[tuple[int, str, str], ...]] = {}  # per variant: (n, variable, url)
+        self._variant(None)
+        if self.tracking.any:  # every variant now, in order: the link numbers must not depend on who came first
+            self.check()
         self._chosen: dict[str | None, str | None] = {}
         self.uses_unsubscribe_url = "unsubscribe_url" in _sources(content, channel)
+
+    def _variant(self, key: str | None) -> Any:
+        table = self.tracking.links
+        table.touched.clear()
+        variant = self._variants[key] = self._kind(self.content, key, self.from_email, self.tracking)
+        if table.touched:  # the links this variant uses, filled per recipient
+            urls = table.by_number
+            self._links[key] = tuple((n, LINK_VARIABLE.format(n), urls[n]) for n in sorted(table.touched))
+        return variant
+
+    @property
+    def links(self) -> dict[int, str]:
+        """The tracked links, by number (empty when clicks are not tracked)."""
+        return self.tracking.links.by_number
 
     def locale_for(self, locale: str | None) -> str | None:
         """The variant a recipient with `locale` gets (None: the default)."""
@@ -240,19 +303,39 @@ class ChannelRenderer:
             chosen = self._chosen[locale] = choose_locale(locale, self.locales) if self.locales else None
             return chosen
 
-    def render(self, variables: Mapping[str, Any], locale: str | None, budget: Budget | None = None) -> Rendered:
-        """The message for a recipient whose locale is `locale` (budget: see CompiledContent.render)."""
+    def render(self, variables: dict[str, Any], locale: str | None, budget: Budget | None = None,
+               tracker: Tracker | None = None) -> Rendered:
+        """The message for a recipient whose locale is `locale` (budget: see CompiledContent.render).
+        With tracking, `variables` gets the recipient's link and pixel URLs from `tracker` (the
+        links as they are without one: a preview, a test send)."""
         key = self.locale_for(locale) if self.locales else None
         variant = self._variants.get(key)
         if variant is None:
-            variant = self._variants[key] = self._kind(self.content, key, self.from_email)
+            variant = self._variant(key)
+        if self.tracking.any:
+            links = self._links.get(key, ())
+            if tracker is None:
+                variables.update((variable, url) for _, variable, url in links)
+            else:
+                contact_id = variables["contact_id"]
+                variables.update((variable, tracker.click(contact_id, n)) for n, variable, _ in links)
+                if self.tracking.opens:
+                    variables[OPEN_VARIABLE] = tracker.open(contact_id)
         return variant.render(variables, budget)
 
     def check(self) -> None:
         """Compile every variant now (raises TemplateError): a save-time check."""
         for key in self.locales:
             if key not in self._variants:
-                self._variants[key] = self._kind(self.content, key, self.from_email)
+                self._variant(key)
+
+
+class Tracker(Protocol):
+    """A run's signed tracking URLs for its recipients (shared/tracking/urls.py)."""
+
+    def click(self, contact_id: int, link: int) -> str: ...
+
+    def open(self, contact_id: int) -> str: ...
 
 
 def _sources(content: Content, channel: str) -> str:
