@@ -287,6 +287,9 @@ async def _one_run(
             if content == "i18n":  # a template with three locales and a preheader
                 template = (await api.post("/v1/templates", json={"name": "i18n", "content": _I18N})).json()
                 body: dict = {"template_id": template["id"]}
+            elif content in ("links", "tracked"):  # three links; `tracked`: their clicks and opens tracked
+                body = {"content": {"subject": "Hello {{ first_name }}", "html": _HTML + _LINKS, "text": _TEXT},
+                        "track_opens": content == "tracked", "track_clicks": content == "tracked"}
             else:
                 body = {"content": {"subject": "Hello {{ first_name }}", "html": _HTML, "text": _TEXT}}
             broadcast = (
@@ -334,6 +337,8 @@ _HTML = (
     "that are now available to everyone on our platform.</p>" * 3
     + "<p>Your current plan: <b>{{ plan }}</b>.</p><p>This message was sent to {{ email }}.</p>"
 )
+_LINKS = ('<p><a href="https://shop.example.com/new">What is new</a> · <a href="https://shop.example.com/plans'
+          '?from=mail&amp;plan=pro">Your plan</a> · <a href="https://help.example.com/">Help</a></p>')
 _TEXT = "Hello {{ first_name }} {{ last_name }}, your plan is {{ plan }}. Sent to {{ email }}."
 _PRO = {"field": "attributes.plan", "op": "eq", "value": "pro"}
 # The contacts' locales: a quarter each gets the default, de (by fallback from de-DE), fr, pt-BR.

@@ -244,7 +244,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> None:
                           1 if args.senders is None else args.senders, args.latency_ms, args.concurrency)
         return
     audiences = ("list", "segment") if args.audience == "both" else (args.audience,)
-    contents = ("inline", "i18n") if args.content == "both" else (args.content,)
+    contents = {"both": ("inline", "i18n"), "tracking": ("links", "tracked")}.get(args.content, (args.content,))
     run_bench(1_000_000 if args.recipients is None else args.recipients, args.runs,
               2 if args.senders is None else args.senders, audiences, import_rows=args.import_rows, contents=contents)
 
@@ -330,8 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "memory); with --recipients 0, only that")
     bench.add_argument("--audience", choices=("list", "segment", "both"), default="list",
                        help="send to a list, to a segment of the same people, or both in turn (each beside the bare pipeline)")
-    bench.add_argument("--content", choices=("inline", "i18n", "both"), default="inline",
-                       help="the broadcast's own content, a template in three locales with a preheader, or both in turn")
+    bench.add_argument("--content", choices=("inline", "i18n", "both", "links", "tracked", "tracking"), default="inline",
+                       help="the broadcast's own content, a template in three locales with a preheader, or both in turn; "
+                            "`links`: the content with three links, `tracked`: the same with opens and clicks tracked, "
+                            "`tracking`: those two in turn")
     bench.set_defaults(fn=cmd_bench)
     return parser
 
