@@ -29,7 +29,6 @@ from shared.platform.signing import KeyRing, Signer
 from shared.sending.jobs import Job, Recipient
 from shared.sending.render import ChannelRenderer, LinkTracking, Tracker
 from shared.tracking import keys as tracking_keys
-from shared.tracking.urls import TrackingUrls
 
 PROVIDER_TTL_S = 5.0
 log = get_logger(__name__)
@@ -176,7 +175,7 @@ class JobContextLoader:
         tracker = None
         if renderer.tracking.any:
             key = await self._tracking_key(con, job, version, renderer)
-            tracker = TrackingUrls(signer.tracking_links(key), signer.base_url)
+            tracker = signer.tracking_links(key, urls=True)
         return JobContext(job, accounts_, signer, self.failing, tracker)
 
     async def _tracking_key(self, con: asyncpg.Connection, job: Job, version: int, renderer: ChannelRenderer) -> int:

@@ -119,23 +119,25 @@ class Signer:
         return UnsubscribeLinks(_b64encode(prefix).decode(), f"{self.base_url}/u/", inner, self._outer)
 
 
-    def tracking_links(self, key: int) -> TrackingLinks:
-        """The click and open codes of one tracking key's recipients (see TrackingLinks)."""
+    def tracking_links(self, key: int, *, urls: bool = False) -> TrackingLinks:
+        """The click and open codes of one tracking key's recipients (see TrackingLinks); with
+        `urls`, their whole URLs: `{base_url}/r/{code}` and `{base_url}/o/{code}`."""
         if not 1 <= key <= MAX_TRACKING_KEY:
             raise ValueError(f"tracking key must be 1 to {MAX_TRACKING_KEY}, not {key}")
         heads = {}
-        for purpose in (PURPOSE_CLICK, PURPOSE_OPEN):
+        for purpose, path in ((PURPOSE_CLICK, "/r/"), (PURPOSE_OPEN, "/o/")):
             prefix = bytes((purpose,)) + self.kid.to_bytes(2, "big") + key.to_bytes(6, "big")
             inner = self._inner.copy()
             inner.update(prefix)
-            heads[purpose] = (_b64encode(prefix).decode(), inner)
+            heads[purpose] = ((self.base_url + path if urls else "") + _b64encode(prefix).decode(), inner)
         return TrackingLinks(heads, self._outer)
 
 
 class TrackingLinks:
-    """Click and open codes that share their tracking key. The 9 bytes before the contact are three
-    base64 groups, made once, and fed once into a copy of the MAC's inner state, as UnsubscribeLinks
-    does: a code then costs the contact, the link and their MAC (about 1 µs)."""
+    """Click and open codes (or URLs) that share their tracking key. The 9 bytes before the contact
+    are three base64 groups, made once (with the URL before them), and fed once into a copy of the
+    MAC's inner state, as UnsubscribeLinks does: a code then costs the contact, the link and their
+    MAC (about 1 µs, two SHA-256 compressions of it)."""
 
     __slots__ = ("_heads", "_outer")
 

@@ -33,6 +33,7 @@ from shared.kernel.content import Content
 from shared.tracking.links import (
     LINK_VARIABLE,
     OPEN_VARIABLE,
+    UNTRACKED_PIXEL,
     LinkTable,
     track_html,
     track_text,
@@ -316,9 +317,12 @@ class ChannelRenderer:
             links = self._links.get(key, ())
             if tracker is None:
                 variables.update((variable, url) for _, variable, url in links)
+                if self.tracking.opens:
+                    variables[OPEN_VARIABLE] = UNTRACKED_PIXEL
             else:
-                contact_id = variables["contact_id"]
-                variables.update((variable, tracker.click(contact_id, n)) for n, variable, _ in links)
+                contact_id, click = variables["contact_id"], tracker.click
+                for n, variable, _ in links:
+                    variables[variable] = click(contact_id, n)
                 if self.tracking.opens:
                     variables[OPEN_VARIABLE] = tracker.open(contact_id)
         return variant.render(variables, budget)
@@ -331,7 +335,7 @@ class ChannelRenderer:
 
 
 class Tracker(Protocol):
-    """A run's signed tracking URLs for its recipients (shared/tracking/urls.py)."""
+    """A run's signed tracking URLs for its recipients (signing.Signer.tracking_links(urls=True))."""
 
     def click(self, contact_id: int, link: int) -> str: ...
 
