@@ -24,10 +24,14 @@ from api_service.routes.health import healthz, readyz
 from api_service.routes.imports import ImportController
 from api_service.routes.lists import ListController
 from api_service.routes.media import MediaController, media_file, media_file_head
+from api_service.routes.messages import MessageController
 from api_service.routes.providers import ProviderController
+from api_service.routes.receipts import take_receipts, verify_receipt_endpoint
 from api_service.routes.segments import SegmentController
+from api_service.routes.stats import StatsController
 from api_service.routes.suppressions import SuppressionController
 from api_service.routes.templates import TemplateController
+from api_service.routes.tracking import click, click_head, pixel
 from api_service.routes.unsubscribe import unsubscribe, unsubscribe_page
 from api_service.services import Services
 from shared.background import start_background_tasks, stop_background_tasks
@@ -62,7 +66,8 @@ def create_app(settings: Settings) -> Litestar:
     app = Litestar(
         route_handlers=[healthz, readyz, BroadcastController, ContactController, ListController, ProviderController, SegmentController,
                         SuppressionController, unsubscribe_page, unsubscribe, ImportController,
-                        MediaController, media_file, media_file_head, TemplateController],
+                        MediaController, media_file, media_file_head, TemplateController, MessageController,
+                        click, click_head, pixel, StatsController, take_receipts, verify_receipt_endpoint],
         lifespan=[lifespan],
         # The failed-auth gate, auth, the rate limiter (it needs the token), then idempotency (keys are
         # per token; a 401, 403 or 429 is never stored)

@@ -13,7 +13,9 @@ from shared.tenants import store as tenants
 from shared.tenants.store import Principal
 
 # /u/: unsubscribe links, whose signed code is the credential (api_service/routes/unsubscribe.py)
-PUBLIC_PATHS = ["/healthz", "/readyz", "/schema", "/u/", "/m/"]  # /u/: unsubscribe pages; /m/: media the providers fetch
+# /r/ and /o/: tracked links and the open pixel (api_service/routes/tracking.py), the code the same
+# /v1/receipts/: providers' status callbacks, signed their way (api_service/routes/receipts.py)
+PUBLIC_PATHS = ["/healthz", "/readyz", "/schema", "/u/", "/m/", "/r/", "/o/", "/v1/receipts/"]  # /m/: media the providers fetch
 
 
 class BearerTokenMiddleware(AbstractAuthenticationMiddleware):

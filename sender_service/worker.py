@@ -61,6 +61,7 @@ from shared.sending.jobs import (
     decode_job,
     decode_recipients,
 )
+from shared.tracking.receipt_statuses import HANDED_OVER
 
 log = get_logger(__name__)
 UNKNOWN_OUTCOME = ("outcome unknown: the sender stopped after handing the message over and before the answer; "
@@ -668,13 +669,14 @@ class JobProcessor:
             job.broadcast_id, job.run, job.seq, *ledger.arguments(job.channel),
         )
         counts = await con.fetchrow(
-            """SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+            # Sent: also what receipts made of a sent message meanwhile (an earlier group's `delivered`).
+            """SELECT count(*) FILTER (WHERE status = ANY($5::text[])) AS sent,
                       count(*) FILTER (WHERE status = 'failed') AS failed,
                       count(*) FILTER (WHERE status = 'unknown') AS unknown,
                       count(*) FILTER (WHERE status = 'suppressed') AS suppressed
                FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = ANY($3::bigint[])
                  AND channel = $4""",
-            job.broadcast_id, job.run, [r.contact_id for r in recipients], job.channel,
+            job.broadcast_id, job.run, [r.contact_id for r in recipients], job.channel, list(HANDED_OVER),
         )
         sent, failed, unknown, suppressed = counts["sent"], counts["failed"], counts["unknown"], counts["suppressed"]
         await _mark_done(con, job, sent, failed, unknown, suppressed, batch_status)

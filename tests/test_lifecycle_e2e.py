@@ -16,12 +16,15 @@ import nats
 from api_service import idempotency
 from api_service.app import MAX_BODY, create_app
 from api_service.idempotency import fingerprint_of
+from shared.broadcasts.counters import ENGAGEMENT
 from shared.platform import db
 from shared.platform.bus import Names
 from shared.tenants import store as tenants
 from tests.smtp_peer import SmtpPeer
 from tests.stack import Api, api_for, sender_in_process, served
 from tests.test_send_e2e import audience, smtp_broadcast
+
+NO_ENGAGEMENT = dict.fromkeys(ENGAGEMENT, 0)  # nothing opened, clicked, received back
 
 FINISHED = {"completed", "partially_failed", "failed", "cancelled"}
 
@@ -84,7 +87,7 @@ async def test_pause_keeps_unsent_messages_and_resume_sends_each_exactly_once(se
             done = await api.wait_for_status(broadcast_id, FINISHED, timeout=120)
 
     assert done["status"] == "completed"
-    assert done["counters"] == {"total": n, "queued": 0, "sent": n, "failed": 0, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0}
+    assert done["counters"] == {"total": n, "queued": 0, "sent": n, "failed": 0, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
     assert len(once_each(peer)) == n
 
 
@@ -106,7 +109,7 @@ async def test_a_resume_right_after_a_pause_leaves_the_batch_in_flight_to_its_wo
 
     # Then nobody was failed as "unknown" by a second attempt of that batch, nor sent twice
     assert done["status"] == "completed", (done["counters"], [(m["contact_id"], m["attempts"], m["error"]) for m in failed["items"]])
-    assert done["counters"] == {"total": n, "queued": 0, "sent": n, "failed": 0, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0}
+    assert done["counters"] == {"total": n, "queued": 0, "sent": n, "failed": 0, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
     assert len(once_each(peer)) == n
 
 

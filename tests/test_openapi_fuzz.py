@@ -80,8 +80,9 @@ async def test_every_error_is_documented_as_problem_details_with_retry_after_whe
     for path, method, op in operations:
         where = f"{method.upper()} {path}"
         errors = {status: r for status, r in op["responses"].items() if int(status) >= 400}
-        # /u/: tests/test_suppressions.py; /m/: tests/test_media.py
-        if path in ("/healthz", "/readyz") or path.startswith(("/u/", "/m/")):
+        # /u/: tests/test_suppressions.py; /m/: tests/test_media.py; /r/, /o/: tests/test_tracking_endpoints.py;
+        # /v1/receipts/: tests/test_receipts.py (signed by the provider: no token, no Idempotency-Key)
+        if path in ("/healthz", "/readyz") or path.startswith(("/u/", "/m/", "/r/", "/o/", "/v1/receipts/")):
             assert op["security"] == [], where  # no token needed
             continue
         assert {"401", "429", "503"} <= set(errors), where
@@ -137,8 +138,8 @@ async def test_a_405_allows_exactly_the_methods_the_document_has(settings):
             assert response.status_code == 405, (path, response.text)
             assert response.headers["content-type"].startswith("application/problem+json")
             allowed = {m.strip() for m in response.headers["allow"].split(",")}
-            # A media file also answers HEAD (left out of the document, as HEAD usually is).
-            head = {"HEAD"} if path.startswith("/m/") else set()
+            # A media file and a tracked link also answer HEAD (left out of the document, as HEAD usually is).
+            head = {"HEAD"} if path.startswith(("/m/", "/r/")) else set()
             assert allowed == {m.upper() for m in item if m in METHODS} | {"OPTIONS"} | head, path
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
+from shared.broadcasts.counters import ENGAGEMENT
 from tests.smtp_peer import SmtpPeer
 from tests.stack import Api, api_for, sender_in_process
 from tests.test_send_e2e import audience, smtp_broadcast
+
+NO_ENGAGEMENT = dict.fromkeys(ENGAGEMENT, 0)  # nothing opened, clicked, received back
 
 ENDED = {"completed", "partially_failed", "failed", "cancelled"}
 EVERYONE = {f"person{i}@example.com" for i in range(20)}
@@ -43,7 +46,7 @@ async def test_a_retry_of_the_failed_sends_exactly_them_once_and_the_broadcast_e
             first = await api.wait_for_status(broadcast_id, ENDED)
             assert first["status"] == "partially_failed"
             assert first["status_reason"] == "3 of 20 recipients failed"
-            assert first["counters"] == {"total": 20, "queued": 0, "sent": 17, "failed": 3, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0}
+            assert first["counters"] == {"total": 20, "queued": 0, "sent": 17, "failed": 3, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
             # (statuses other than failed and unknown, or none, are refused naming the field)
             for body in ({"statuses": []}, {"statuses": ["sent"]}, {"statuses": "failed"}, {"status": ["failed"]}):
                 fields = [e["field"] for e in problem_of(await retry(api, broadcast_id, body), 422)["errors"]]
@@ -71,7 +74,7 @@ async def test_a_retry_of_the_failed_sends_exactly_them_once_and_the_broadcast_e
     assert sorted(m["address"] for m in retried) == sorted(dead) and {m["status"] for m in retried} == {"sent"}
     # and the broadcast counts them as sent, once: the retry's total does not add to the first run's
     assert done["status"] == "completed" and done["status_reason"] is None and done["run"] == 2
-    assert done["counters"] == {"total": 20, "queued": 0, "sent": 20, "failed": 0, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0}
+    assert done["counters"] == {"total": 20, "queued": 0, "sent": 20, "failed": 0, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
     started, snapshotted, completed = history[-3:]
     assert (started["type"], started["data"]["retry_of"], started["data"]["retry_statuses"],
             started["data"]["top_up"], started["data"]["audience_size"]) == ("BroadcastStarted", 1, ["failed"], False, 3)
@@ -104,7 +107,7 @@ async def test_unknown_outcomes_are_counted_apart_and_retried_only_when_asked_fo
 
     assert first["status"] == "partially_failed"
     assert first["status_reason"] == "2 of 20 recipients failed; outcome unknown for 2"
-    assert first["counters"] == {"total": 20, "queued": 0, "sent": 16, "failed": 2, "unknown": 2, "suppressed": 0, "dropped": 0, "skipped": 0}
+    assert first["counters"] == {"total": 20, "queued": 0, "sent": 16, "failed": 2, "unknown": 2, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
     assert {m["address"] for m in unknown} == lost and all(m["error"].startswith("outcome unknown") for m in unknown)
     assert remaining == 2  # the two refused, not the two unknown
     # Then the retry went to the refused and the unknown ones who still exist, each once
@@ -116,7 +119,7 @@ async def test_unknown_outcomes_are_counted_apart_and_retried_only_when_asked_fo
     assert set(per_address) == EVERYONE - {gone} and set(per_address.values()) == {1}
     # and the deleted one stays failed in the first run, the others count as sent now
     assert done["status"] == "completed" and done["status_reason"] is None
-    assert done["counters"] == {"total": 20, "queued": 0, "sent": 19, "failed": 1, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0}
+    assert done["counters"] == {"total": 20, "queued": 0, "sent": 19, "failed": 1, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
 
 
 async def test_a_retry_without_a_body_takes_the_failed_only(settings):
@@ -135,7 +138,7 @@ async def test_a_retry_without_a_body_takes_the_failed_only(settings):
     assert accepted.json() == {"status": "queued", "queued": 1, "run": 2, "retry_of": 1, "statuses": ["failed"]}
     assert peer.attempts("person2@example.com") == 2 and peer.attempts("person4@example.com") == 1
     assert done["status"] == "failed" and done["status_reason"] == "every recipient failed"
-    assert done["counters"] == {"total": 6, "queued": 0, "sent": 4, "failed": 1, "unknown": 1, "suppressed": 0, "dropped": 0, "skipped": 0}
+    assert done["counters"] == {"total": 6, "queued": 0, "sent": 4, "failed": 1, "unknown": 1, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
     # The latest run (the retry) has no unknown recipient: person4's is in run 1, out of a retry's reach now
     assert unknown_left["code"] == "nothing_to_retry"
 

@@ -10,8 +10,11 @@ import asyncpg
 import msgspec
 
 from sender_service.worker import UNKNOWN_OUTCOME
+from shared.broadcasts.counters import ENGAGEMENT
 from tests.smtp_peer import SmtpPeer
 from tests.stack import Api, api_for, sender_in_process, sender_process
+
+NO_ENGAGEMENT = dict.fromkeys(ENGAGEMENT, 0)  # nothing opened, clicked, received back
 
 
 def contacts(n: int, start: int = 0) -> list[dict]:
@@ -72,7 +75,7 @@ async def test_a_broadcast_reaches_every_address_exactly_once_with_its_own_varia
             history = [e["type"] for e in (await api.get(f"/v1/broadcasts/{broadcast_id}/events"))["items"]]
 
     assert done["status"] == "completed"
-    assert done["counters"] == {"total": n, "queued": 0, "sent": n, "failed": 0, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0}
+    assert done["counters"] == {"total": n, "queued": 0, "sent": n, "failed": 0, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
     per_address = Counter(a for r in peer.received for a in r.rcpt_tos)
     assert len(per_address) == n and set(per_address.values()) == {1}
     for r in peer.received[:50]:  # each got its own variables, escaped in HTML only
@@ -116,7 +119,7 @@ async def test_failing_recipients_are_retried_then_failed_and_the_broadcast_part
             sent = (await api.get(f"/v1/broadcasts/{broadcast_id}/messages", params={"status": "sent"}))["items"]
 
     assert done["status"] == "partially_failed"
-    assert done["counters"] == {"total": 20, "queued": 0, "sent": 17, "failed": 3, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0}
+    assert done["counters"] == {"total": 20, "queued": 0, "sent": 17, "failed": 3, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
     assert {m["address"] for m in failed} == dead | {"person9@example.com"}
     by_address = {m["address"]: m for m in failed + sent}
     assert by_address[flaky]["status"] == "sent" and by_address[flaky]["attempts"] == 2
@@ -152,7 +155,7 @@ async def test_a_recipient_whose_template_fails_is_failed_and_the_rest_of_its_ba
 
     # Then those 3 failed with the template's reason, the rest of their batches were sent
     assert done["status"] == "partially_failed"
-    assert done["counters"] == {"total": 30, "queued": 0, "sent": 27, "failed": 3, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0}
+    assert done["counters"] == {"total": 30, "queued": 0, "sent": 27, "failed": 3, "unknown": 0, "suppressed": 0, "dropped": 0, "skipped": 0, **NO_ENGAGEMENT}
     failed = sorted(m["address"] for m in messages if m["status"] == "failed")
     assert failed == ["d13@example.com", "d23@example.com", "d3@example.com"]
     for m in messages:

@@ -21,6 +21,8 @@ SHIPPED = [
     "025_provider_breakers.sql",
     "026_provider_pools.sql",
     "027_tracking.sql",
+    "028_receipts.sql",
+    "029_messages_reads.sql",
 ]
 
 

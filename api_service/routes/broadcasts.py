@@ -12,7 +12,7 @@ import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.openapi.spec import Operation, RequestBody
-from litestar.params import FromPath, JSONBody, Parameter
+from litestar.params import FromPath, JSONBody, Parameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from api_service.auth import require_write
@@ -39,7 +39,7 @@ from api_service.schemas.broadcasts import (
     TestSendIn,
     TestSent,
 )
-from api_service.schemas.common import Page
+from api_service.schemas.common import NO_NUL, Page
 from shared.audience.fields import e164, email_problem, normal_email
 from shared.audience.recipients import Kind
 from shared.broadcasts import decider as b
@@ -49,7 +49,7 @@ from shared.broadcasts.counters import Counters, counters_of, shown
 from shared.broadcasts.handlers import Actor
 from shared.kernel.audience import Audience
 from shared.kernel.errors import Invalid
-from shared.kernel.limits import MAX_OFFSET
+from shared.kernel.limits import MAX_NAME_CHARS, MAX_OFFSET, PATTERN_REASONS
 from shared.platform import eventstore
 from shared.tenants.store import Principal
 
@@ -57,6 +57,22 @@ Limit = Annotated[int, Parameter(ge=1, le=500, description="page size")]
 Offset = Annotated[int, Parameter(ge=0, le=MAX_OFFSET, description="items to skip")]  # a bigint in SQL
 WRONG_STATUS = problem_response("the broadcast's status does not allow it (`current_status` says which it is)")
 StatusFilter = Annotated[b.Status | None, Parameter(description="only broadcasts in this status")]
+# Its limits are checked by the handler, so that a 422 names `filter[search]` (Litestar's would name
+# the Python parameter), and shown in the OpenAPI document as they are checked.
+BroadcastSearch = Annotated[str | None, QueryParameter(
+    name="filter[search]", schema_extra={"maxLength": MAX_NAME_CHARS, "pattern": NO_NUL},
+    description="only broadcasts whose name contains this, in any case")]
+BroadcastSort = Annotated[Literal["created_at", "-created_at", "name", "-name", "status", "-status"], QueryParameter(
+    description="the order: a field, descending with a leading `-` (ties by id)")]
+
+
+def search_of(search: str | None) -> str | None:
+    """The name search, checked (an empty one is no search)."""
+    if search and len(search) > MAX_NAME_CHARS:
+        raise Invalid("filter[search]", f"at most {MAX_NAME_CHARS} characters")
+    if search and "\x00" in search:
+        raise Invalid("filter[search]", PATTERN_REASONS[NO_NUL])
+    return search or None
 MessageStatus = Literal["queued", "sending", "sent", "failed", "unknown", "suppressed", "dropped", "skipped"]
 MessageStatusFilter = Annotated[MessageStatus | None, Parameter(
     description="only records in this status: queued, sending, sent, failed, unknown (handed to the provider, "
@@ -219,13 +235,20 @@ class BroadcastController(Controller):
         then = schedule_command(data, command.at, min_interval_s) if wants_schedule(data) else None
         return to_response(await handlers.create(services.pool, actor_of(request), command, then, refs))
 
-    @get("/", summary="List broadcasts")
+    @get("/", summary="List broadcasts: by status, a name search, in a sort order",
+         description=(
+             "`filter[search]`: only broadcasts whose name contains it, in any case (`%`, `_` and `\\` are "
+             "themselves, not wildcards). `sort`: `created_at`, `name` (in any case) or `status` (by its name, "
+             "then by `created_at`), `-` before it for descending; default `-created_at`, the newest first. "
+             "Ties go by id, in the same direction, so pages never overlap or skip."))
     async def list_broadcasts(
-        self, request: Request, state: State, status: StatusFilter = None, limit: Limit = 50, offset: Offset = 0
+        self, request: Request, state: State, status: StatusFilter = None, search: BroadcastSearch = None,
+        sort: BroadcastSort = "-created_at", limit: Limit = 50, offset: Offset = 0,
     ) -> Page[Broadcast]:
         async with state.services.pool.acquire() as con:
             rows, total = await view.page(
-                con, request.user.tenant_id, status.value if status else None, limit, offset
+                con, request.user.tenant_id, status.value if status else None, limit, offset,
+                search=search_of(search), sort=sort,
             )
         items = await with_counters(state.services.pool, rows)
         return Page(items=items, total=total, limit=limit, offset=offset)

@@ -6,7 +6,8 @@ Yahoo send it) or the page's form; its body is not read, any body does. It suppr
 and its address on the code's channel (reason `unsubscribed`, with the broadcast) and answers 200,
 never a redirect; again is the same. A code that does not verify (changed, cut short, a key unknown
 or retired) is a 404 that changes nothing. A contact deleted since: 200, nothing written (nothing
-is known to suppress).
+is known to suppress). The first unsubscribe of a contact counts in the broadcast's engagement
+counters (`unsubscribed`, shared/tracking/unsubscribes.py says which run), in the same transaction.
 
 Rate limit: an address that sent more than `auth_failures_per_minute` bad codes in a burst gets
 429s (then one attempt per 60/N s). Only failures count: mailbox providers send one-click POSTs for
@@ -38,10 +39,10 @@ from litestar.plugins.problem_details import ProblemDetailsException
 
 from api_service.openapi import PROBLEM_JSON, problem_response
 from api_service.problems import problem
-from shared.audience import suppressions
 from shared.channels.registry import ADDRESS_SQL
 from shared.platform import signing
 from shared.platform.settings import Settings
+from shared.tracking import unsubscribes
 
 PATH = "/u/{code:str}"
 _STATE_KEY = "crier_unsubscribe"
@@ -204,7 +205,7 @@ async def unsubscribe(request: Request, state: State, code: FromPath[str]) -> Re
     if isinstance(verified, Response):
         return verified
     async with state.services.pool.acquire() as con:
-        await suppressions.unsubscribe(
+        await unsubscribes.unsubscribe(
             con, verified.tenant_id, verified.broadcast_id, verified.contact_id, verified.channel,
             ADDRESS_SQL.get(verified.channel),
         )

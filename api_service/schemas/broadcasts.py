@@ -201,7 +201,8 @@ class BroadcastPatch(Input, kw_only=True):
 
 class Counters(msgspec.Struct, kw_only=True):
     """Each recipient counted once, by its latest outcome (a retry moves its recipients out of
-    `failed`/`unknown`); total = queued + sent + failed + unknown + suppressed + dropped."""
+    `failed`/`unknown`); total = queued + sent + failed + unknown + suppressed + dropped. Then what
+    happened after sending (opens, clicks, receipts, unsubscribes)."""
 
     total: int = 0
     queued: int = 0
@@ -217,6 +218,22 @@ class Counters(msgspec.Struct, kw_only=True):
     # a multi-channel broadcast: (recipient, channel) pairs left out for want of an address on the
     # channel (ledger status `skipped`, error `no_address`); not part of `total`
     skipped: int = 0
+    # What happened after sending, summed over the runs and channels: messages, each counted once
+    # (`opened`: how many messages were opened), except `opens`, `proxy_opens` and `clicks`, which
+    # count every time.
+    delivered: int = 0  # the provider's receipt says delivered
+    read: int = 0  # a read receipt (WhatsApp, RCS)
+    opened: int = 0  # emails whose open pixel a person's mail client fetched
+    opens: int = 0
+    # emails whose pixel a mail privacy proxy fetched (Apple Mail Privacy Protection on delivery, the
+    # Gmail and Yahoo image proxies): counted apart, since it is no sign anyone read them
+    proxy_opened: int = 0
+    proxy_opens: int = 0
+    clicked: int = 0  # messages with at least one tracked link clicked
+    clicks: int = 0
+    bounced: int = 0  # the provider's receipt says bounced (after it took the message: not `failed`)
+    complained: int = 0  # marked as spam (a complaint receipt)
+    unsubscribed: int = 0  # contacts whose first unsubscribe came through this broadcast's link
 
 
 class ScheduleOut(msgspec.Struct, kw_only=True):
@@ -251,6 +268,8 @@ class Broadcast(msgspec.Struct, kw_only=True):
     counters: Counters
     run: int
     scheduled_at: datetime | None
+    started_at: datetime | None  # when the latest run started (null: never sent)
+    sent_at: datetime | None  # when the latest run finished (null while it runs, if it was called off, or never sent)
     next_run_at: datetime | None  # a recurring broadcast's next occurrence
     recurring: bool
     schedule: ScheduleOut | None

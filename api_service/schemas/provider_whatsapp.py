@@ -42,6 +42,13 @@ PhoneNumberId = Annotated[str, Meta(pattern=f"^{PHONE_NUMBER_ID_RE}$", descripti
 AccessToken = Annotated[str, Meta(min_length=1, max_length=2048, pattern=r"^[\x21-\x7e]+$", description=(
     "a Meta access token with whatsapp_business_messaging permission (a System User token); never returned"))]
 ApiVersion = Annotated[str, Meta(pattern=f"^{API_VERSION_RE}$", description="the Graph API version, e.g. v21.0")]
+# Both write-only and sealed at rest (accounts.SECRET_FIELDS); printable ASCII without spaces.
+AppSecret = Annotated[str, Meta(min_length=8, max_length=256, pattern=r"^[\x21-\x7e]+$", description=(
+    "the Meta app's App Secret: verifies the X-Hub-Signature-256 of its status webhooks to "
+    "/v1/receipts/{id} (no receipts without it); never returned"))]
+VerifyToken = Annotated[str, Meta(min_length=8, max_length=256, pattern=r"^[\x21-\x7e]+$", description=(
+    "the Verify Token given to Meta for the webhook: GET /v1/receipts/{id} answers Meta's subscription "
+    "handshake with it; never returned"))]
 WhatsappConcurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY, description=(
     "requests in flight at once for this phone number, per sender process"))]
 
@@ -54,6 +61,8 @@ class WhatsappProviderCreate(Input, tag_field="kind", tag=KIND, kw_only=True):
     channel: WhatsappChannel = "whatsapp"
     phone_number_id: PhoneNumberId
     access_token: AccessToken
+    app_secret: AppSecret | None = None
+    verify_token: VerifyToken | None = None
     api_version: ApiVersion = DEFAULT_API_VERSION
     base_url: Annotated[_providers.HttpUrl, Meta(description="Meta's Graph API, or a stand-in for it")] = DEFAULT_BASE_URL
     allow_insecure_auth: _providers.InsecureHttp = False
@@ -73,6 +82,8 @@ class WhatsappProvider(msgspec.Struct, tag_field="kind", tag=KIND, kw_only=True)
     channel: str
     phone_number_id: str
     access_token_set: bool  # the token itself is never returned
+    app_secret_set: bool
+    verify_token_set: bool
     api_version: str
     base_url: str
     allow_insecure_auth: bool
@@ -91,11 +102,12 @@ class WhatsappProvider(msgspec.Struct, tag_field="kind", tag=KIND, kw_only=True)
 _COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")
 # What the row's `config` keeps: everything that is not a column.
 CONFIG_FIELDS: tuple[str, ...] = tuple(f for f in WhatsappProviderCreate.__struct_fields__ if f not in _COLUMNS)
-SECRET_FIELDS: tuple[str, ...] = ("access_token",)
+SECRET_FIELDS: tuple[str, ...] = ("access_token", "app_secret", "verify_token")
 # The fields ProviderPatch does not have yet, with their types (it has base_url, allow_insecure_auth,
 # concurrency and timeout_s already, with the same bounds).
 PATCH_FIELDS: dict[str, Any] = {"phone_number_id": PhoneNumberId, "access_token": AccessToken,
-                                "api_version": ApiVersion}
+                                "api_version": ApiVersion, "app_secret": AppSecret | None,
+                                "verify_token": VerifyToken | None}
 
 
 def check_whatsapp(data: WhatsappProviderCreate) -> None:
@@ -115,6 +127,8 @@ def whatsapp_response(common: dict[str, Any], config: dict[str, Any]) -> Whatsap
         **common,
         phone_number_id=config["phone_number_id"],
         access_token_set=bool(config.get("access_token")),
+        app_secret_set=bool(config.get("app_secret")),
+        verify_token_set=bool(config.get("verify_token")),
         api_version=config.get("api_version") or DEFAULT_API_VERSION,
         base_url=config.get("base_url") or DEFAULT_BASE_URL,
         allow_insecure_auth=bool(config.get("allow_insecure_auth", False)),

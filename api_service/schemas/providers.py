@@ -57,6 +57,7 @@ from shared.channels.accounts import (
 )
 from shared.channels.twilio import DEFAULT_BASE_URL as TWILIO_BASE_URL
 from shared.channels.twilio import DEFAULT_CONCURRENCY as TWILIO_CONCURRENCY
+from shared.channels.webhook import secret_bytes
 from shared.kernel.errors import Invalid
 from shared.platform import netguard
 
@@ -71,6 +72,10 @@ InsecureAuth = Annotated[bool, Meta(description=(
 ))]
 
 SMTP_PORT, SMTPS_PORT = 587, 465
+ReceiptSecret = Annotated[provider_webhook.WebhookSecret, Meta(description=(
+    "signs an email relay's delivery receipts to /v1/receipts/{id} the Standard Webhooks way: whsec_ and "
+    "base64 of 24 to 64 random bytes (`echo whsec_$(openssl rand -base64 32)`), the same on the relay; "
+    "no receipts without it. Write-only"))]
 
 SmsChannel = Literal["sms"]
 
@@ -100,6 +105,7 @@ class SmtpProviderCreate(Input, tag_field="kind", tag="smtp", kw_only=True):
     timeout_s: TimeoutS = 30.0
     from_email: Address
     allow_insecure_auth: InsecureAuth = False
+    receipt_secret: ReceiptSecret | None = None
     batch_size: BatchSize = DEFAULT_BATCH_SIZE
     batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
     max_retries: MaxRetries = DEFAULT_MAX_RETRIES
@@ -186,6 +192,7 @@ class ProviderPatch(Input, kw_only=True):
     timeout_s: TimeoutS | UnsetType = UNSET
     from_email: Address | None | UnsetType = UNSET
     allow_insecure_auth: InsecureAuth | UnsetType = UNSET
+    receipt_secret: ReceiptSecret | None | UnsetType = UNSET
     account_sid: AccountSid | UnsetType = UNSET
     auth_token: Secret | None | UnsetType = UNSET
     api_key_sid: ApiKeySid | None | UnsetType = UNSET
@@ -205,6 +212,8 @@ class ProviderPatch(Input, kw_only=True):
     phone_number_id: provider_whatsapp.PhoneNumberId | UnsetType = UNSET
     access_token: provider_whatsapp.AccessToken | UnsetType = UNSET
     api_version: provider_whatsapp.ApiVersion | UnsetType = UNSET
+    app_secret: provider_whatsapp.AppSecret | None | UnsetType = UNSET
+    verify_token: provider_whatsapp.VerifyToken | None | UnsetType = UNSET
     bot_token: provider_telegram.BotToken | UnsetType = UNSET
     link_previews: provider_telegram.LinkPreviews | UnsetType = UNSET
     service_account_key: provider_fcm.ServiceAccountKeyText | UnsetType = UNSET
@@ -223,6 +232,7 @@ class SmtpProvider(msgspec.Struct, tag_field="kind", tag="smtp", kw_only=True):
     port: int
     username: str | None
     password_set: bool  # the password itself is never returned
+    receipt_secret_set: bool
     starttls: bool
     implicit_tls: bool
     tls_verify: bool
@@ -324,6 +334,11 @@ def _check_smtp(data: SmtpProviderCreate) -> None:
         raise Invalid("username", "required when a password is set")
     if data.username is not None and data.password is None:
         raise Invalid("password", "required when a username is set")
+    if data.receipt_secret is not None:
+        try:
+            secret_bytes(data.receipt_secret)
+        except ValueError as exc:
+            raise Invalid("receipt_secret", str(exc)) from None
     if data.username is not None and data.starttls is False and not data.implicit_tls and not data.allow_insecure_auth:
         raise Invalid("starttls", "a login is only sent over TLS: leave starttls on, use implicit_tls, or set "
                                   "allow_insecure_auth to true to send the password in clear")
@@ -458,6 +473,7 @@ def _kind_response(row: ProviderRow) -> Provider:
             port=c.get("port") or (SMTPS_PORT if implicit_tls else SMTP_PORT),
             username=c.get("username"),
             password_set=bool(c.get("password")),
+            receipt_secret_set=bool(c.get("receipt_secret")),
             starttls=bool(c["starttls"]) if c.get("starttls") is not None else not implicit_tls,
             implicit_tls=implicit_tls,
             tls_verify=bool(c.get("tls_verify", True)),

@@ -12,6 +12,10 @@ times a second.)
 
 It only folds. Finishing a run whose batches are all counted is run completion's job
 (shared.broadcasts.completion), which the projector calls in the same transaction.
+
+What happened after sending (opens, clicks, receipts, unsubscribes) is not folded from events: it
+is counted in `engagement_counters` per run and channel as it comes (shared/tracking), and read
+here beside the folded counters, in the same query.
 """
 from __future__ import annotations
 
@@ -26,14 +30,35 @@ from shared.platform import codec
 from shared.platform.eventstore import RecordedEvent
 from shared.sending import batch as bt
 
+# What happened after sending, summed from engagement_counters (written as opens, clicks, receipts
+# and unsubscribes come: shared/tracking): `opened`, `clicked` ... count messages, `opens`, `clicks`
+# ... every time.
+ENGAGEMENT = ("delivered", "read", "opened", "opens", "proxy_opened", "proxy_opens", "clicked", "clicks", "bounced",
+              "complained", "unsubscribed")
 
-class Counters(msgspec.Struct, frozen=True):
+
+class Counters(msgspec.Struct, frozen=True, kw_only=True):
     total: int = 0
     sent: int = 0
     failed: int = 0
     unknown: int = 0  # handed to the provider, no answer: may have arrived; not resent unless retried
     suppressed: int = 0  # suppressed after the snapshot, before their batch: not sent
     skipped: int = 0  # a multi-channel run's (recipient, channel) pairs without an address: not in total
+    delivered: int = 0
+    read: int = 0
+    opened: int = 0
+    opens: int = 0
+    proxy_opened: int = 0
+    proxy_opens: int = 0
+    clicked: int = 0
+    clicks: int = 0
+    bounced: int = 0
+    complained: int = 0
+    unsubscribed: int = 0
+
+    def engaged(self) -> int:
+        """All the engagement figures together: they only grow, so this says which of two reads is later."""
+        return sum(getattr(self, name) for name in ENGAGEMENT)
 
 
 class CountersView:
@@ -82,27 +107,39 @@ class CountersView:
         await con.execute("TRUNCATE broadcast_counters")
 
 
+_SENDING = ("total", "sent", "failed", "unknown", "suppressed", "skipped")
+# One query for any number of broadcasts: each table's runs summed per broadcast (both read by their
+# primary key's broadcast_id prefix), joined.
+_COUNTERS = f"""
+WITH sending AS (
+    SELECT broadcast_id, sum(total - retried_failed - retried_unknown)::bigint AS total,
+           sum(sent)::bigint AS sent, sum(failed - retried_failed)::bigint AS failed,
+           sum(unknown - retried_unknown)::bigint AS unknown, sum(suppressed)::bigint AS suppressed,
+           sum(skipped)::bigint AS skipped
+    FROM broadcast_counters WHERE broadcast_id = ANY($1::uuid[]) GROUP BY broadcast_id
+), engagement AS (
+    SELECT broadcast_id, {", ".join(f"sum({name})::bigint AS {name}" for name in ENGAGEMENT)}
+    FROM engagement_counters WHERE broadcast_id = ANY($1::uuid[]) GROUP BY broadcast_id
+)
+SELECT broadcast_id, {", ".join(f"coalesce({name}, 0) AS {name}" for name in _SENDING + ENGAGEMENT)}
+FROM sending FULL JOIN engagement USING (broadcast_id)
+"""
+
+
 async def counters_of(con: asyncpg.Connection, broadcast_ids: list[uuid.UUID]) -> dict[uuid.UUID, Counters]:
     """Counters summed over a broadcast's runs (a top-up adds to them), a retry's recipients taken
-    out of the run it retried (see the module's docstring)."""
-    rows = await con.fetch(
-        """SELECT broadcast_id, sum(total - retried_failed - retried_unknown)::bigint AS total,
-                  sum(sent)::bigint AS sent, sum(failed - retried_failed)::bigint AS failed,
-                  sum(unknown - retried_unknown)::bigint AS unknown, sum(suppressed)::bigint AS suppressed,
-                  sum(skipped)::bigint AS skipped
-           FROM broadcast_counters WHERE broadcast_id = ANY($1::uuid[]) GROUP BY broadcast_id""",
-        broadcast_ids,
-    )
-    return {r["broadcast_id"]: Counters(r["total"], r["sent"], r["failed"], r["unknown"], r["suppressed"], r["skipped"])
-            for r in rows}
+    out of the run it retried (see the module's docstring), and the engagement figures summed over
+    its runs and channels: one query however many broadcasts."""
+    rows = await con.fetch(_COUNTERS, broadcast_ids)
+    return {r["broadcast_id"]: Counters(**{name: r[name] for name in _SENDING + ENGAGEMENT}) for r in rows}
 
 
 def shown(counters: Counters | None, status: str) -> dict[str, int]:
     """Counters as users see them: while a run is active its unsent messages are `queued`; once it
-    was cancelled or stopped they are `dropped`."""
+    was cancelled or stopped they are `dropped`. The engagement figures as they are."""
     c = counters or Counters()
     unsent = max(c.total - c.sent - c.failed - c.unknown - c.suppressed, 0)
     active = status in ACTIVE
     return {"total": c.total, "queued": unsent if active else 0, "sent": c.sent, "failed": c.failed,
             "unknown": c.unknown, "suppressed": c.suppressed, "dropped": 0 if active else unsent,
-            "skipped": c.skipped}
+            "skipped": c.skipped, **{name: getattr(c, name) for name in ENGAGEMENT}}

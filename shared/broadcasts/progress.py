@@ -18,6 +18,10 @@ that died between its commit and its publish), so each stream also reads Postgre
 A message and a read may cross: a message published before a stream's read can arrive after it.
 Each snapshot therefore carries a stamp (in the `Crier-Progress-Stamp` header, outside the
 payload subscribers read) and a stream never goes back to an older state.
+
+Opens, clicks, receipts and unsubscribes change the counters without an event: nothing publishes
+them, and a stream shows them at its next re-read (or with the next published snapshot, while a
+run sends). The stamp counts them too, so such a re-read is news and goes out.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from shared.broadcasts import decider as b
-from shared.broadcasts.counters import CountersView, counters_of, shown
+from shared.broadcasts.counters import Counters, CountersView, counters_of, shown
 from shared.broadcasts.status import ACTIVE, ENDED
 from shared.platform import codec
 from shared.platform.bus import Names
@@ -52,18 +56,21 @@ _REMEMBERED = 10_000  # broadcasts whose last published snapshot the feed rememb
 
 class Stamp(msgspec.Struct, frozen=True, array_like=True):
     """Which state a snapshot shows: the broadcast's stream version (status and run, from the inline
-    view) and how far the counters are folded (the counters projection's checkpoint). Both only
-    grow and every change of a snapshot moves one, so of two reads the later one is never behind
-    in either: a stamp ahead in any part is a later state."""
+    view), how far the counters are folded (the counters projection's checkpoint) and the sum of its
+    engagement figures (opens, clicks, receipts, unsubscribes: written outside the event log, and
+    only ever added to). All only grow and every change of a snapshot moves one, so of two reads
+    the later one is never behind in any: a stamp ahead in any part is a later state. (`engaged`
+    last and 0 when left out: a stamp from a process without it still reads.)"""
 
     version: int
     folded_transaction: int
     folded_position: int
+    engaged: int = 0
 
     def after(self, other: Stamp | None) -> bool:
         return other is None or self.version > other.version or (
             (self.folded_transaction, self.folded_position) > (other.folded_transaction, other.folded_position)
-        )
+        ) or self.engaged > other.engaged
 
 
 class Progress(msgspec.Struct, frozen=True):
@@ -99,7 +106,8 @@ async def read(
         r["id"]: Found(r["tenant_id"], Progress(
             {"broadcast_id": str(r["id"]), "status": r["status"], "run": r["run"],
              "counters": shown(counters.get(r["id"]), r["status"])},
-            Stamp(r["version"], r["folded_transaction"], r["folded_position"]),
+            Stamp(r["version"], r["folded_transaction"], r["folded_position"],
+                  (counters.get(r["id"]) or Counters()).engaged()),
         ))
         for r in rows
     }

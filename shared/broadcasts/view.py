@@ -72,12 +72,14 @@ class BroadcastsView:
             case b.BroadcastStarted():
                 await self._set_status(con, broadcast_id, event, b.Status.QUEUED, decoded.at, run=decoded.run)
                 # A one-off schedule is used up; a recurring one stays (its next time is set at the run's end).
+                # The run has not finished: sent_at is the previous run's no more.
                 await con.execute(
                     """UPDATE broadcasts SET scheduled_at = NULL, resumes = 0, template_version = $2,
                            schedule = CASE WHEN schedule ? 'recurrence' AND schedule->'recurrence' <> 'null'
-                                           THEN schedule END
+                                           THEN schedule END,
+                           started_at = $3, sent_at = NULL
                        WHERE id = $1""",
-                    broadcast_id, decoded.template_version,
+                    broadcast_id, decoded.template_version, decoded.at,
                 )
             case b.BroadcastScheduled():
                 await self._set_status(con, broadcast_id, event, b.Status.SCHEDULED, decoded.at)
@@ -112,12 +114,15 @@ class BroadcastsView:
                 await self._set_status(con, broadcast_id, event, b.Status.SENDING, decoded.at)
             case b.BroadcastCompleted():
                 await self._set_status(con, broadcast_id, event, b.Status.COMPLETED, decoded.at)
+                await self._sent(con, broadcast_id, decoded.at)
             case b.BroadcastPartiallyFailed():
                 # Events stored before it had a reason: the same words from their counts.
                 reason = decoded.reason or b.shortfall(decoded.total, decoded.failed, decoded.unknown)
                 await self._set_status(con, broadcast_id, event, b.Status.PARTIALLY_FAILED, decoded.at, reason=reason)
+                await self._sent(con, broadcast_id, decoded.at)
             case b.BroadcastFailed():
                 await self._set_status(con, broadcast_id, event, b.Status.FAILED, decoded.at, reason=decoded.reason)
+                await self._sent(con, broadcast_id, decoded.at)
             case b.BroadcastDeleted():
                 await con.execute(
                     "UPDATE broadcasts SET deleted = true, version = $2, updated_at = $3 WHERE id = $1",
@@ -137,6 +142,11 @@ class BroadcastsView:
                WHERE id = $1""",
             broadcast_id, status.value, event.position, at, run, reason,
         )
+
+    @staticmethod
+    async def _sent(con: asyncpg.Connection, broadcast_id: str, at: datetime) -> None:
+        """The latest run finished (the decider finishes only the latest run, and only once)."""
+        await con.execute("UPDATE broadcasts SET sent_at = $2 WHERE id = $1", broadcast_id, at)
 
     @staticmethod
     async def _unschedule(con: asyncpg.Connection, broadcast_id: str) -> None:
@@ -171,6 +181,8 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
     template_version: int = 0  # of the latest run
     provider_ids: list[uuid.UUID] = []  # the first channel's pool, when more than one provider
     tracking: dict | None = None  # {opens, clicks, text_links} as set (b.Tracking); null: nothing tracked
+    started_at: datetime | None = None  # when the latest run started
+    sent_at: datetime | None = None  # when the latest run finished (null while it runs, or called off)
 
     @property
     def tracks(self) -> b.Tracking:
@@ -200,7 +212,7 @@ class BroadcastRow(msgspec.Struct, frozen=True, kw_only=True):
 _ROW = (
     "id, tenant_id, name, channel, status, list_id, provider_id, content, run, reset_run, resumes, scheduled_at, "
     "schedule, version, created_at, updated_at, status_reason, audience, routing, template_id, template_version, "
-    "provider_ids, tracking"
+    "provider_ids, tracking, started_at, sent_at"
 )
 
 
@@ -212,17 +224,48 @@ async def get(con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: uuid.
     return BroadcastRow(**dict(row)) if row else None
 
 
+# The list's orders by `sort` (a leading `-`: descending). Each walks one of 029's indexes, either
+# way, and stops at the page; ties go by id in the same direction, so equal keys never shuffle
+# between pages. Status sorts by its name, newest last within one (oldest last with `-status`).
+SORTS = {
+    "created_at": "created_at, id",
+    "-created_at": "created_at DESC, id DESC",
+    "name": "lower(name), id",
+    "-name": "lower(name) DESC, id DESC",
+    "status": "status, created_at, id",
+    "-status": "status DESC, created_at DESC, id DESC",
+}
+DEFAULT_SORT = "-created_at"
+
+
+def contains(search: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') matching lower(x) that holds `search` in any case, its own % _
+    and \\ taken literally."""
+    escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
 async def page(
-    con: asyncpg.Connection, tenant_id: uuid.UUID, status: str | None, limit: int, offset: int
+    con: asyncpg.Connection, tenant_id: uuid.UUID, status: str | None, limit: int, offset: int, *,
+    search: str | None = None, sort: str = DEFAULT_SORT,
 ) -> tuple[list[BroadcastRow], int]:
-    where = "tenant_id = $1 AND NOT deleted AND ($2::text IS NULL OR status = $2)"
-    total = await con.fetchval(f"SELECT count(*) FROM broadcasts WHERE {where}", tenant_id, status)
+    """A page of the tenant's live broadcasts in `sort` order (SORTS), of those in `status` whose name
+    holds `search` in any case, and how many there are."""
+    # Only the conditions given, so that each combination gets a plan of its own (a prepared
+    # `$2 IS NULL OR ...` may be planned once for any value, and then uses neither index).
+    where, args = ["tenant_id = $1", "NOT deleted"], [tenant_id]
+    if status is not None:
+        args.append(status)
+        where.append(f"status = ${len(args)}")
+    if search is not None:
+        args.append(contains(search))
+        where.append(f"lower(name) LIKE ${len(args)} ESCAPE '\\'")
+    condition = " AND ".join(where)
+    total = await con.fetchval(f"SELECT count(*) FROM broadcasts WHERE {condition}", *args)
     rows = await con.fetch(
-        f"SELECT {_ROW} FROM broadcasts WHERE {where} ORDER BY created_at DESC, id LIMIT $3 OFFSET $4",
-        tenant_id,
-        status,
-        limit,
-        offset,
+        f"""SELECT {_ROW} FROM broadcasts WHERE {condition} ORDER BY {SORTS[sort]}
+            LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}""",
+        *args, limit, offset,
     )
     return [BroadcastRow(**dict(r)) for r in rows], total
 

@@ -34,9 +34,9 @@ _UPDATABLE = frozenset({"name", "config", "batch_size", "batch_delay_ms", "max_r
 # these are sealed and opened. A webhook's static header values are usually the receiver's
 # credential (Authorization, X-Api-Key): the whole dict is sealed.
 SECRET_FIELDS: dict[str, tuple[str, ...]] = {
-    "smtp": ("password",),
+    "smtp": ("password", "receipt_secret"),
     "twilio": ("auth_token", "api_key_secret"),
-    "whatsapp_cloud": ("access_token",),
+    "whatsapp_cloud": ("access_token", "app_secret", "verify_token"),
     "telegram_bot": ("bot_token",),
     "fcm": ("service_account_key",),
     "webhook": ("secret", "headers"),
@@ -164,6 +164,13 @@ async def get(
         ),
         box,
     )
+
+
+async def find(con: asyncpg.Connection, provider_id: uuid.UUID, *, box: SecretBox | None = None) -> ProviderRow | None:
+    """A live provider by its id alone, whatever its tenant: only for a public endpoint whose URL
+    names the provider, and so its tenant (delivery receipts, shared/tracking/receipts.py), never
+    with a tenant's token (that is `get`). Raises ProviderSecretsUnreadable as `get` does."""
+    return _row(await con.fetchrow(f"SELECT {_ROW} FROM providers WHERE id = $1 AND NOT deleted", provider_id), box)
 
 
 async def page(

@@ -29,6 +29,7 @@ from shared.audience.suppressions import suppressed_sql
 from shared.channels.registry import address_sql
 from shared.kernel.audience import Audience
 from shared.sending.jobs import reachable
+from shared.tracking.receipt_statuses import HANDED_OVER
 
 
 class MissingSegment(Exception):
@@ -47,9 +48,13 @@ class Reached:
     runs: list[int]
 
 
+_REACHED = ", ".join(f"'{s}'" for s in (*HANDED_OVER, "sending", "unknown"))
+
+
 def reached_sql(member: str, broadcast: str, runs: str) -> str:
-    """SQL: the contact id `member` has a `sent`, `sending` or `unknown` message in runs `runs` (a
-    placeholder of int[]) of broadcast `broadcast`. Not only `sent`: a message claimed by a run that was
+    """SQL: the contact id `member` has a `sent` (or, by its receipts, `delivered`, `read`, `bounced`,
+    `complained`: HANDED_OVER), `sending` or `unknown` message in runs `runs` (a placeholder of
+    int[]) of broadcast `broadcast`. Not only `sent`: a message claimed by a run that was
     just cancelled may still be on its way, one whose outcome is unknown after a crash may have
     arrived, and sending it again would be the worse mistake (a retry sends `unknown` ones again
     when asked to).
@@ -62,7 +67,7 @@ def reached_sql(member: str, broadcast: str, runs: str) -> str:
     return (
         f"EXISTS (SELECT 1 FROM messages x WHERE x.broadcast_id = {broadcast} "
         f"AND x.run = ANY({runs}) AND x.contact_id = {member} "
-        f"AND x.status IN ('sent', 'sending', 'unknown') OFFSET 0)"
+        f"AND x.status IN ({_REACHED}) OFFSET 0)"
     )
 
 

@@ -232,16 +232,27 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> None:
     if not settings.secret_key:
         os.environ["CRIER_SECRET_KEY"] = Fernet.generate_key().decode()
 
+    if args.clicks:  # GET /r/{code} on one API process (shared/tooling/bench_clicks.py)
+        from shared.tooling.bench_clicks import run_click_bench
+
+        if args.channel or args.audience != "list" or args.content != "inline" or args.import_rows:
+            sys.exit("crier: --clicks runs alone (not with --channel, --audience, --content or --import-rows)")
+        if args.clicks_n < 1 or (args.concurrency is not None and args.concurrency < 1):
+            sys.exit("crier: --clicks-n and --concurrency must be at least 1")
+        run_click_bench(args.clicks_n, args.runs, 2_000 if args.recipients is None else args.recipients,
+                        50 if args.concurrency is None else args.concurrency)
+        return
     if args.channel:  # an HTTP channel against a local stand-in for its provider (shared/tooling/bench_channels.py)
         from shared.tooling.bench_channels import CHANNELS, run_channel_bench
 
         if args.audience != "list" or args.content != "inline" or args.import_rows:
             sys.exit("crier: --audience, --content and --import-rows are for the email bench, not with --channel")
-        if args.latency_ms < 0 or args.concurrency < 1:
+        concurrency = 10 if args.concurrency is None else args.concurrency
+        if args.latency_ms < 0 or concurrency < 1:
             sys.exit("crier: --latency-ms must be 0 or more and --concurrency at least 1")
         channels = tuple(CHANNELS) if args.channel == "all" else (args.channel,)
         run_channel_bench(channels, 10_000 if args.recipients is None else args.recipients, args.runs,
-                          1 if args.senders is None else args.senders, args.latency_ms, args.concurrency)
+                          1 if args.senders is None else args.senders, args.latency_ms, concurrency)
         return
     audiences = ("list", "segment") if args.audience == "both" else (args.audience,)
     contents = {"both": ("inline", "i18n"), "tracking": ("links", "tracked")}.get(args.content, (args.content,))
@@ -314,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.set_defaults(fn=cmd_rebuild)
     bench = sub.add_parser("bench", help="import, list, send through the null provider (or, with --channel, an HTTP "
                                          "provider against a local stand-in); print the rates")
-    bench.add_argument("--recipients", type=int, default=None, help="default: 1,000,000; 10,000 with --channel")
+    bench.add_argument("--recipients", type=int, default=None,
+                       help="default: 1,000,000; 10,000 with --channel; 2,000 with --clicks")
     bench.add_argument("--runs", type=int, default=1)
     bench.add_argument("--senders", type=int, default=None, help="sender processes (default: 2; 1 with --channel)")
     bench.add_argument("--channel", choices=("sms", "whatsapp", "telegram", "push", "webhook", "all"),
@@ -323,8 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "null provider; `all`: each in turn")
     bench.add_argument("--latency-ms", type=float, default=50.0,
                        help="with --channel: how long the stand-in takes to answer each request")
-    bench.add_argument("--concurrency", type=int, default=10,
-                       help="with --channel: the provider's requests in flight per sender process")
+    bench.add_argument("--concurrency", type=int, default=None,
+                       help="with --channel: the provider's requests in flight per sender process (default 10); "
+                            "with --clicks: connections clicking at once (default 50)")
+    bench.add_argument("--clicks", action="store_true",
+                       help="instead: the click endpoint (GET /r/{code}) on one API process, every click checked "
+                            "recorded (shared/tooling/bench_clicks.py)")
+    bench.add_argument("--clicks-n", type=int, default=20_000, metavar="N", help="with --clicks: how many clicks")
     bench.add_argument("--import-rows", type=int, default=0, metavar="N",
                        help="first stream a CSV of N contacts to POST /v1/contacts/imports (time, CPU, the API's peak "
                             "memory); with --recipients 0, only that")

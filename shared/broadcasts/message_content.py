@@ -1,0 +1,107 @@
+"""A ledger message as its recipient got it, rendered again: nothing per recipient is stored, so it
+is made the way the sender made it, from the content the message was made from and the contact.
+
+The content: a template broadcast's is the template version its run started with (recorded in the
+run's BroadcastStarted, kept in template_versions for good). Inline content is the broadcast's as
+of the message: its events folded up to the run's start and on to the last one recorded before the
+message was (both times are Postgres's). An edit lands only while the run is paused and reaches the
+rest of the run (the decider's rule), so this is the content the sender rendered the message from,
+where "as of the run's start" would be wrong for the messages after such an edit.
+
+The recipient's data is the contact's as it is now: a run does not keep its recipients' data, so
+an attribute changed since is shown changed, and an erased contact cannot be rendered at all. The
+sender is the run's provider for the channel as it is now (the first of a pool). Tracked links and
+the open pixel are not rendered (the links are shown as written).
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from shared.broadcasts import decider as b
+from shared.broadcasts.ledger import LedgerMessage
+from shared.broadcasts.previews import _render, _renderers
+from shared.kernel.content import Content
+from shared.platform import codec, eventstore, signing
+from shared.sending.jobs import decode_recipient, recipient_json
+
+
+class Rendered(msgspec.Struct, frozen=True, kw_only=True):
+    content: dict[str, Any] | None  # as the channel's provider got it (EmailContent, SmsContent ... as JSON)
+    error: str | None = None  # why there is no content
+    template_version: int = 0  # the template's version it was made from (0: inline content)
+    locale: str | None = None  # the content's variant the recipient got (None: the default)
+
+
+async def render(con: asyncpg.Connection, tenant_id: uuid.UUID, message: LedgerMessage, public_url: str) -> Rendered:
+    """`message` (the tenant's) rendered again for its contact, with its own unsubscribe link under
+    `public_url`; or why it cannot be."""
+    if message.status == "skipped":
+        return Rendered(content=None, error="nothing was sent: the contact had no address on this channel")
+    started, state = await _as_of(con, message)
+    if started is None:
+        return Rendered(content=None, error="the run's start is not in the broadcast's history")
+    content, version = await _content(con, tenant_id, state, started)
+    if content is None:
+        return Rendered(content=None, error=f"template {state.template_id} version {version} is gone")
+    recipient_text = await con.fetchval(
+        f"SELECT ({recipient_json(message.channel, may_lack_address=True)})::text FROM contacts c "
+        "WHERE c.tenant_id = $1 AND c.id = $2",
+        tenant_id, message.contact_id)
+    if recipient_text is None:
+        return Rendered(content=None, error="the contact was erased: its data is gone, so its message cannot be made again",
+                        template_version=version)
+    recipient = decode_recipient(recipient_text)
+    renderer = _renderers(content, (message.channel,), await _from_email(con, tenant_id, started, message.channel))[
+        message.channel]
+    variables = recipient.variables()
+    if not isinstance(renderer, str) and renderer.uses_unsubscribe_url:
+        signer = await signing.load_signer(con, public_url)
+        variables["unsubscribe_url"] = signer.unsubscribe_links(tenant_id, message.broadcast_id, message.channel).url(
+            message.contact_id)
+    rendered, error = _render(renderer, recipient, variables, None)
+    return Rendered(content=msgspec.to_builtins(rendered) if rendered is not None else None, error=error,
+                    template_version=version,
+                    locale=None if isinstance(renderer, str) else renderer.locale_for(recipient.locale))
+
+
+async def _as_of(con: asyncpg.Connection, message: LedgerMessage) -> tuple[b.BroadcastStarted | None, b.State]:
+    """The run's BroadcastStarted, and the broadcast's state when the message was recorded (never
+    before the run's start)."""
+    state, started = b.INITIAL, None
+    for event in await eventstore.read_stream(con, b.stream_name(message.broadcast_id)):
+        if started is not None and event.created_at > message.recorded_at:
+            break
+        decoded = codec.from_recorded(event, b.Event)
+        state = b.evolve(state, decoded)
+        if isinstance(decoded, b.BroadcastStarted) and decoded.run == message.run:
+            started = decoded
+    return started, state
+
+
+async def _content(
+    con: asyncpg.Connection, tenant_id: uuid.UUID, state: b.State, started: b.BroadcastStarted,
+) -> tuple[Content | None, int]:
+    """The content, and the template version (0: inline), as the sender reads them: the broadcast's
+    template at the version its run started with (sender_service/job_context.py, content_of)."""
+    if state.template_id is None:
+        assert state.content is not None
+        return state.content, 0
+    stored = await con.fetchval(
+        """SELECT v.content FROM template_versions v JOIN templates t ON t.id = v.template_id
+           WHERE v.template_id = $1 AND v.version = $2 AND t.tenant_id = $3""",
+        state.template_id, started.template_version, tenant_id)
+    return (msgspec.convert(stored, Content) if stored is not None else None), started.template_version
+
+
+async def _from_email(
+    con: asyncpg.Connection, tenant_id: uuid.UUID, started: b.BroadcastStarted, channel: str,
+) -> dict[str, str]:
+    """The run's provider's from_email on `channel` (read as it is now, deleted or not; no secret opened)."""
+    found = await con.fetchval(
+        "SELECT config->>'from_email' FROM providers WHERE id = $1 AND tenant_id = $2",
+        started.provider_of(channel), tenant_id)
+    return {channel: found} if found else {}
