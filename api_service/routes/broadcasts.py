@@ -73,11 +73,13 @@ def search_of(search: str | None) -> str | None:
     if search and "\x00" in search:
         raise Invalid("filter[search]", PATTERN_REASONS[NO_NUL])
     return search or None
-MessageStatus = Literal["queued", "sending", "sent", "failed", "unknown", "suppressed", "dropped", "skipped"]
-MessageStatusFilter = Annotated[MessageStatus | None, Parameter(
+MessageStatus = Literal["queued", "sending", "sent", "failed", "unknown", "suppressed", "dropped", "skipped",
+                        "delivered", "read", "bounced", "complained"]
+MessageStatusFilter = Annotated[MessageStatus | None, QueryParameter(
     description="only records in this status: queued, sending, sent, failed, unknown (handed to the provider, "
-                "no answer), suppressed (after the snapshot, before its batch was sent), dropped, or skipped "
-                "(a multi-channel broadcast's channel the recipient has no address on: error `no_address`)")]
+                "no answer), suppressed (after the snapshot, before its batch was sent), dropped, skipped "
+                "(a multi-channel broadcast's channel the recipient has no address on: error `no_address`), or "
+                "what a provider's receipt said since: delivered, read, bounced, complained")]
 
 
 @dataclass
