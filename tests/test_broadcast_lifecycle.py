@@ -2,8 +2,10 @@
 whole transition table written out, then the details of each kind of transition."""
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 import pytest
 
 from shared.broadcasts import decider as b
@@ -276,3 +278,14 @@ def test_stop_repeated_is_a_no_op():
 def test_reset_repeated_is_a_no_op():
     given(*HISTORY[b.Status.COMPLETED], b.BroadcastReset(through_run=1, at=T2)).when(b.ResetBroadcast(at=T2)).then()
 
+
+
+def test_a_paused_run_keeps_its_template():
+    # Given a template broadcast whose run is paused
+    template = uuid.UUID(int=50)
+    created = msgspec.structs.replace(CREATED, content=b.Content(), template_id=template)
+    started = msgspec.structs.replace(STARTED, template_id=template, template_version=3)
+    paused = b.BroadcastPaused(run=1, at=T1)
+    # When another template, or inline content, is asked for, it is refused naming the field
+    for edit in (b.EditBroadcast(template_id=uuid.UUID(int=51), at=T1), b.EditBroadcast(template_id=None, at=T1)):
+        given(created, started, paused).when(edit).then_raises(Invalid, field="template_id")

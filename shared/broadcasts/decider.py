@@ -699,6 +699,10 @@ def decide(command: Command, state: State) -> list[Event]:
                 if content != state.content:
                     _check_content_size(content)
                     changed["content"] = content
+            if "template_id" in changed and state.status is Status.PAUSED:
+                # The paused run renders the template version it started with (BroadcastStarted);
+                # another template (or inline content instead) has no such version to go on with.
+                raise Invalid("template_id", "cannot change while the run is paused: stop or cancel it first")
             if not changed:
                 return []  # nothing new: a retried or empty edit
             return [BroadcastEdited(**changed, at=command.at)]
