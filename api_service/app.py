@@ -20,6 +20,7 @@ from api_service.problems import (
 from api_service.ratelimit import rate_limited
 from api_service.routes.broadcasts import BroadcastController
 from api_service.routes.contacts import ContactController
+from api_service.routes.dashboard import DashboardController
 from api_service.routes.health import healthz, readyz
 from api_service.routes.imports import ImportController
 from api_service.routes.lists import ListController
@@ -67,7 +68,7 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[healthz, readyz, BroadcastController, ContactController, ListController, ProviderController, SegmentController,
                         SuppressionController, unsubscribe_page, unsubscribe, ImportController,
                         MediaController, media_file, media_file_head, TemplateController, MessageController,
-                        click, click_head, pixel, StatsController, take_receipts, verify_receipt_endpoint],
+                        click, click_head, pixel, StatsController, take_receipts, verify_receipt_endpoint, DashboardController],
         lifespan=[lifespan],
         # The failed-auth gate, auth, the rate limiter (it needs the token), then idempotency (keys are
         # per token; a 401, 403 or 429 is never stored)

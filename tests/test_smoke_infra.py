@@ -23,6 +23,7 @@ SHIPPED = [
     "027_tracking.sql",
     "028_receipts.sql",
     "029_messages_reads.sql",
+    "030_dashboard.sql",
 ]
 
 

@@ -108,22 +108,29 @@ class CountersView:
 
 
 _SENDING = ("total", "sent", "failed", "unknown", "suppressed", "skipped")
-# One query for any number of broadcasts: each table's runs summed per broadcast (both read by their
-# primary key's broadcast_id prefix), joined.
-_COUNTERS = f"""
+
+
+def _per_broadcast(selected: str) -> str:
+    """A query of each selected broadcast's counters: its runs summed per table (both read by their
+    primary key's broadcast_id prefix), joined. `selected` is a condition on broadcast_id."""
+    return f"""
 WITH sending AS (
     SELECT broadcast_id, sum(total - retried_failed - retried_unknown)::bigint AS total,
            sum(sent)::bigint AS sent, sum(failed - retried_failed)::bigint AS failed,
            sum(unknown - retried_unknown)::bigint AS unknown, sum(suppressed)::bigint AS suppressed,
            sum(skipped)::bigint AS skipped
-    FROM broadcast_counters WHERE broadcast_id = ANY($1::uuid[]) GROUP BY broadcast_id
+    FROM broadcast_counters WHERE {selected} GROUP BY broadcast_id
 ), engagement AS (
     SELECT broadcast_id, {", ".join(f"sum({name})::bigint AS {name}" for name in ENGAGEMENT)}
-    FROM engagement_counters WHERE broadcast_id = ANY($1::uuid[]) GROUP BY broadcast_id
+    FROM engagement_counters WHERE {selected} GROUP BY broadcast_id
 )
 SELECT broadcast_id, {", ".join(f"coalesce({name}, 0) AS {name}" for name in _SENDING + ENGAGEMENT)}
 FROM sending FULL JOIN engagement USING (broadcast_id)
 """
+
+
+# One query for any number of broadcasts.
+_COUNTERS = _per_broadcast("broadcast_id = ANY($1::uuid[])")
 
 
 async def counters_of(con: asyncpg.Connection, broadcast_ids: list[uuid.UUID]) -> dict[uuid.UUID, Counters]:
@@ -132,6 +139,23 @@ async def counters_of(con: asyncpg.Connection, broadcast_ids: list[uuid.UUID]) -
     its runs and channels: one query however many broadcasts."""
     rows = await con.fetch(_COUNTERS, broadcast_ids)
     return {r["broadcast_id"]: Counters(**{name: r[name] for name in _SENDING + ENGAGEMENT}) for r in rows}
+
+
+async def counters_by_status(con: asyncpg.Connection, broadcasts: str, *args: object) -> dict[str, Counters]:
+    """The counters of the broadcasts the query `broadcasts` (with `args`) selects, as `id, status`:
+    each broadcast's as counters_of has them, summed per status in Postgres (for any number of
+    broadcasts, a row per status). shown() of a status's sum is the sum of its broadcasts' shown():
+    their unsent messages are all queued or all dropped, and never fewer than none (no run's folds
+    count more outcomes than it has recipients, a retry's included). The ids as an array, as
+    counters_of passes them: each table probed by its primary key (measured, a window of 7,500
+    broadcasts: 28 ms, against 42 ms for the hash join the planner picks for `IN (SELECT ...)`)."""
+    names = _SENDING + ENGAGEMENT
+    rows = await con.fetch(
+        f"""WITH selected AS MATERIALIZED ({broadcasts})
+            SELECT s.status, {", ".join(f"sum(c.{name})::bigint AS {name}" for name in names)}
+            FROM ({_per_broadcast("broadcast_id = ANY(ARRAY(SELECT id FROM selected))")}) c
+            JOIN selected s ON s.id = c.broadcast_id GROUP BY s.status""", *args)
+    return {r["status"]: Counters(**{name: r[name] for name in names}) for r in rows}
 
 
 def shown(counters: Counters | None, status: str) -> dict[str, int]:
