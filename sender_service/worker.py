@@ -12,6 +12,7 @@ is back; the job is kept alive meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
@@ -459,6 +460,11 @@ class JobProcessor:
         handed over are withdrawn and left for the next attempt."""
         claimed: set[int] = set()
         by_id = {r.contact_id: r for r in group}
+        # The account's rate limit, taken per message right before its request goes out (after its
+        # claim: the claim's round trip between slot and request made sends late enough to put 21
+        # in a second of a 20/s account). Taken per group, the group's requests all went at its last
+        # slot, and groups of several jobs together.
+        pace, spent = self._limit(ctx), list[ratelimit.RateLimited]()
 
         async def claim(message: OutgoingMessage) -> bool:
             if stop.is_set() and message.contact_id not in claimed:
@@ -478,12 +484,26 @@ class JobProcessor:
                 )):
                     return False
                 claimed.add(cid)
+                if pace is not None:
+                    try:
+                        await pace(1)
+                    except ratelimit.RateLimited as exc:  # the budget is spent: not sent, not claimed
+                        spent.append(exc)
+                        await ledger.once(lambda con: con.execute(
+                            """DELETE FROM messages WHERE broadcast_id = $1 AND run = $2 AND contact_id = $3
+                                 AND channel = $4 AND status = 'sending'""",
+                            job.broadcast_id, job.run, cid, job.channel))
+                        claimed.discard(cid)
+                        return False
+            elif pace is not None:  # a retry goes out again: it takes a slot too, or goes anyway once
+                with contextlib.suppress(ratelimit.RateLimited):  # claimed, it cannot be withdrawn now
+                    await pace(1)
             return True
 
         messages, results = self._render(ctx, [r for r in group if r.contact_id not in suppressed])
         results.update((cid, _suppressed(cid)) for cid in by_id if cid in suppressed)
         try:
-            sent, attempts = await self._send_with_retries(ctx, messages, claim, self._limit(ctx), by_id)
+            sent, attempts = await self._send_with_retries(ctx, messages, claim, None, by_id)
         except CommitFailed as exc:  # Postgres went away at a claim: nothing more was handed over
             raise exc.__cause__ or exc
         results.update(sent)
@@ -536,6 +556,8 @@ class JobProcessor:
             await ledger.durably(lambda con: _bury(con, job, dead), "dead addresses")
         if opened:
             raise _HeldByBreaker()
+        if spent:  # the rest goes once the account has budget again: the job is handed back
+            raise spent[0]
         again = [by_id[cid] for cid in later]
         if len(claimed) + len(refused) + len(later) == len(group):
             return True, again
