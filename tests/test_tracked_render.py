@@ -19,11 +19,8 @@ from tests.test_send_e2e import audience
 class FakeCodes:
     """Stands in for a run's signed URLs: shows which contact and link each URL was made for."""
 
-    def click(self, contact_id: int, link: int) -> str:
-        return f"https://t.test/r/{contact_id}-{link}"
-
-    def open(self, contact_id: int) -> str:
-        return f"https://t.test/o/{contact_id}"
+    def codes(self, contact_id: int, links: list[int]) -> list[str]:
+        return [f"https://t.test/r/{contact_id}-{n}" if n else f"https://t.test/o/{contact_id}" for n in links]
 
 
 ALL = LinkTracking(opens=True, clicks=True, text_links=True)

@@ -34,9 +34,13 @@ def test_a_click_code_names_its_key_contact_and_link_and_an_open_code_link_zero(
     assert tracking_kid(click) == 7
 
 
-def test_the_mac_is_rfc_2104_hmac_sha256_of_the_code_truncated_to_128_bits():
+def test_the_mac_is_a_slice_of_rfc_2104_hmac_sha512_over_the_message_and_its_block_of_four_links():
     raw = base64.urlsafe_b64decode(LINKS.click(2**48 - 1, 65535))
-    assert raw[-16:] == hmac.digest(SECRET, raw[:-16], "sha256")[:16]
+    digest = hmac.digest(SECRET, b"\x02" + raw[1:15] + (65535 // 4).to_bytes(2, "big"), "sha512")
+    assert raw[-16:] == digest[48:64]  # link 65535 is the 4th of its block
+    together = LINKS.codes(9, [0, 1, 2, 3, 4])
+    assert together == [LINKS.open(9), *(LINKS.click(9, n) for n in range(1, 5))]
+    assert [read_tracking(c, SECRET).link for c in together] == [0, 1, 2, 3, 4]
 
 
 def test_a_code_under_another_key_or_of_another_kind_is_nothing():

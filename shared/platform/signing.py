@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -52,12 +52,23 @@ _CODE = re.compile(rf"[A-Za-z0-9_-]{{{UNSUBSCRIBE_CODE_CHARS}}}")
 # A tracking code (click or open): purpose (1) + kid (2) + tracking key (6) + contact (6) + link (2)
 # + mac (16) = 33 bytes, 44 characters. The tracking key names a run's content on one channel
 # (shared/tracking: tenant, broadcast, run, content version, channel), so the code stays short for
-# SMS; a contact id fits 48 bits, a link number 16.
+# SMS; a contact id fits 48 bits, a link number 16; an open is link 0.
+#
+# Its MAC: one HMAC-SHA512 covers four links of a message, `link` 4b to 4b + 3 (its "block" b): the
+# MAC of link n is the (n mod 4)-th 16 bytes of HMAC-SHA512(key, TRACKING_DOMAIN | kid | tracking key
+# | contact | n div 4). Each is a 128-bit slice of a PRF's output over an input that names the
+# message and the block, so a code for another message, block or slot cannot be made from the codes
+# one has (a recipient can only trade its link 2's code for its link 3's, which it already got).
+# The point is the price: a message with an open pixel and three links costs one HMAC, not four
+# (signing was 4.4 of the 7.2 µs a tracked message took to render; a tracked 1M send 1.45x).
 _TRACKING_BYTES = 17 + MAC_BYTES
 TRACKING_CODE_CHARS = _TRACKING_BYTES * 4 // 3
 _TRACKING_CODE = re.compile(rf"[A-Za-z0-9_-]{{{TRACKING_CODE_CHARS}}}")
 MAX_TRACKING_KEY = 2**48 - 1
 MAX_TRACKED_CONTACT = 2**48 - 1
+TRACKING_DOMAIN = b"\x02"  # first byte of every tracking MAC's input: not an unsubscribe code's (b"\x01")
+_SLOTS = 4  # links per HMAC-SHA512 (64 bytes: four 16-byte MACs)
+_BLOCK_512 = 128
 _b64encode = base64.urlsafe_b64encode
 _BLOCK = 64  # SHA-256's block size: HMAC pads the key to it
 
@@ -90,7 +101,7 @@ class Signer:
     two SHA-256 compressions on copies of those states: 0.6 µs against hmac.digest's 1.7 µs, which
     hashes the pads again each time (equal to hmac.digest, tested; verifying uses hmac itself)."""
 
-    __slots__ = ("kid", "base_url", "_inner", "_outer")
+    __slots__ = ("kid", "base_url", "_inner", "_outer", "_secret")
 
     def __init__(self, kid: int, secret: bytes, base_url: str = "") -> None:
         if not 1 <= kid <= MAX_KID:
@@ -99,6 +110,7 @@ class Signer:
         key = (hashlib.sha256(secret).digest() if len(secret) > _BLOCK else secret).ljust(_BLOCK, b"\0")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        self._secret = secret  # for the tracking MAC's own states (HMAC-SHA512)
 
     def unsubscribe_code(self, tenant_id: uuid.UUID, broadcast_id: uuid.UUID, contact_id: int, channel: str) -> str:
         """The code of an unsubscribe link: 80 URL-safe characters."""
@@ -124,41 +136,70 @@ class Signer:
         `urls`, their whole URLs: `{base_url}/r/{code}` and `{base_url}/o/{code}`."""
         if not 1 <= key <= MAX_TRACKING_KEY:
             raise ValueError(f"tracking key must be 1 to {MAX_TRACKING_KEY}, not {key}")
-        heads = {}
-        for purpose, path in ((PURPOSE_CLICK, "/r/"), (PURPOSE_OPEN, "/o/")):
-            prefix = bytes((purpose,)) + self.kid.to_bytes(2, "big") + key.to_bytes(6, "big")
-            inner = self._inner.copy()
-            inner.update(prefix)
-            heads[purpose] = ((self.base_url + path if urls else "") + _b64encode(prefix).decode(), inner)
-        return TrackingLinks(heads, self._outer)
+        secret = hashlib.sha512(self._secret).digest() if len(self._secret) > _BLOCK_512 else self._secret
+        padded = secret.ljust(_BLOCK_512, b"\0")
+        head = self.kid.to_bytes(2, "big") + key.to_bytes(6, "big")
+        inner = hashlib.sha512(bytes(b ^ 0x36 for b in padded))
+        inner.update(TRACKING_DOMAIN + head)
+        outer = hashlib.sha512(bytes(b ^ 0x5C for b in padded))
+        click, opened = (_b64encode(bytes((purpose,)) + head).decode() for purpose in (PURPOSE_CLICK, PURPOSE_OPEN))
+        if urls:
+            click, opened = f"{self.base_url}/r/{click}", f"{self.base_url}/o/{opened}"
+        return TrackingLinks(click, opened, inner, outer)
 
 
 class TrackingLinks:
-    """Click and open codes (or URLs) that share their tracking key. The 9 bytes before the contact
-    are three base64 groups, made once (with the URL before them), and fed once into a copy of the
-    MAC's inner state, as UnsubscribeLinks does: a code then costs the contact, the link and their
-    MAC (about 1 µs, two SHA-256 compressions of it)."""
+    """Click and open codes (or URLs) that share their tracking key. A code's bytes fall in three
+    parts of whole base64 groups: the 9 before the contact (made once, with the URL before them),
+    the contact's 6 (once per message) and each link's 18 (its number and MAC), so a message's codes
+    are encoded in two calls whatever their number. `codes` makes all of a message's at once: one
+    HMAC-SHA512 per four links (see the MAC above); the MAC's inner state has the domain, kid and
+    key in it already. About 1.5 µs for an email with three links and its pixel."""
 
-    __slots__ = ("_heads", "_outer")
+    __slots__ = ("_click", "_open", "_inner", "_outer", "_plans")
 
-    def __init__(self, heads: dict[int, tuple[str, Any]], outer: Any) -> None:
-        self._heads, self._outer = heads, outer
+    def __init__(self, click_head: str, open_head: str, inner: Any, outer: Any) -> None:
+        self._click, self._open, self._inner, self._outer = click_head, open_head, inner, outer
+        self._plans: dict[tuple[int, ...], tuple[tuple[bytes, ...], tuple[tuple[int, bytes, int], ...],
+                                                 tuple[str, ...]]] = {}
 
-    def _code(self, purpose: int, contact_id: int, link: int) -> str:
-        head, inner = self._heads[purpose]
-        tail = contact_id.to_bytes(6, "big") + link.to_bytes(2, "big")
-        inner = inner.copy()
-        inner.update(tail)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return head + _b64encode(tail + outer.digest()[:MAC_BYTES]).decode()
+    def _plan(self, links: tuple[int, ...]) -> tuple[tuple[bytes, ...], tuple[tuple[int, bytes, int], ...],
+                                                     tuple[str, ...]]:
+        """For a message's links: the blocks to MAC, each link's (block index, number bytes, MAC
+        offset), and each link's head (a message's links are the same for every recipient)."""
+        blocks = tuple(dict.fromkeys((link >> 2).to_bytes(2, "big") for link in links))
+        pieces = tuple((blocks.index((link >> 2).to_bytes(2, "big")), link.to_bytes(2, "big"), (link & 3) * MAC_BYTES)
+                       for link in links)
+        heads = tuple(self._click if link else self._open for link in links)
+        if len(self._plans) < 64:
+            self._plans[links] = (blocks, pieces, heads)
+        return blocks, pieces, heads
+
+    def codes(self, contact_id: int, links: Sequence[int]) -> list[str]:
+        """The codes (or URLs) of `links` of the message to `contact_id`, in that order; link 0 is
+        the open pixel's."""
+        links = tuple(links)
+        blocks, pieces, heads = self._plans.get(links) or self._plan(links)
+        contact = contact_id.to_bytes(6, "big")
+        macs = []
+        for block in blocks:
+            inner = self._inner.copy()
+            inner.update(contact + block)
+            outer = self._outer.copy()
+            outer.update(inner.digest())
+            macs.append(outer.digest())
+        person = _b64encode(contact).decode()
+        tails = _b64encode(b"".join([number + macs[b][at:at + MAC_BYTES] for b, number, at in pieces])).decode()
+        return [head + person + tails[i * 24:i * 24 + 24] for i, head in enumerate(heads)]
 
     def click(self, contact_id: int, link: int) -> str:
         """The code of link `link` (1 and up) in the message to `contact_id`."""
-        return self._code(PURPOSE_CLICK, contact_id, link)
+        if link < 1:
+            raise ValueError("links are numbered from 1 (0 is the open pixel)")
+        return self.codes(contact_id, (link,))[0]
 
     def open(self, contact_id: int) -> str:
-        return self._code(PURPOSE_OPEN, contact_id, 0)
+        return self.codes(contact_id, (0,))[0]
 
 
 class UnsubscribeLinks:
@@ -232,14 +273,15 @@ def read_tracking(code: str, secret: bytes) -> Tracked | None:
     if len(code) != TRACKING_CODE_CHARS or not _TRACKING_CODE.fullmatch(code):
         return None
     raw = base64.urlsafe_b64decode(code)
-    payload, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
-    if not hmac.compare_digest(mac, hmac.digest(secret, payload, "sha256")[:MAC_BYTES]):
-        return None
-    purpose, link = payload[0], int.from_bytes(payload[15:17], "big")
+    purpose, head, contact, link = raw[0], raw[1:9], raw[9:15], int.from_bytes(raw[15:17], "big")
     if purpose not in (PURPOSE_CLICK, PURPOSE_OPEN) or (purpose == PURPOSE_OPEN) != (link == 0):
         return None
-    return Tracked(purpose=purpose, kid=int.from_bytes(payload[1:3], "big"), key=int.from_bytes(payload[3:9], "big"),
-                   contact_id=int.from_bytes(payload[9:15], "big"), link=link)
+    digest = hmac.digest(secret, TRACKING_DOMAIN + head + contact + (link >> 2).to_bytes(2, "big"), "sha512")
+    at = (link & 3) * MAC_BYTES
+    if not hmac.compare_digest(raw[17:], digest[at:at + MAC_BYTES]):
+        return None
+    return Tracked(purpose=purpose, kid=int.from_bytes(head[:2], "big"), key=int.from_bytes(head[2:], "big"),
+                   contact_id=int.from_bytes(contact, "big"), link=link)
 
 
 # -- keys (a Postgres adapter) ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ and a missing text part derived from it; what is left per recipient is the Liqui
 from __future__ import annotations
 
 import html as html_module
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from email.utils import formataddr
 from typing import Any, Protocol
 
@@ -273,7 +273,10 @@ class ChannelRenderer:
         self.locales = locales_of(content, channel)
         self._kind = _KINDS[channel]
         self._variants: dict[str | None, Any] = {}
-        self._links: dict[str | None, tuple[tuple[int, str, str], ...]] = {}  # per variant: (n, variable, url)
+        # Per variant: its link variables with their URLs (for a render without a tracker), and the
+        # numbers a tracker signs for it, in the variables' order (0: the open pixel).
+        self._links: dict[str | None, tuple[tuple[str, str], ...]] = {}
+        self._signed: dict[str | None, tuple[tuple[int, ...], tuple[str, ...]]] = {}
         self._variant(None)
         if self.tracking.any:  # every variant now, in order: the link numbers must not depend on who came first
             self.check()
@@ -284,9 +287,12 @@ class ChannelRenderer:
         table = self.tracking.links
         table.touched.clear()
         variant = self._variants[key] = self._kind(self.content, key, self.from_email, self.tracking)
-        if table.touched:  # the links this variant uses, filled per recipient
-            urls = table.by_number
-            self._links[key] = tuple((n, LINK_VARIABLE.format(n), urls[n]) for n in sorted(table.touched))
+        urls, numbers = table.by_number, sorted(table.touched)  # the links this variant uses, filled per recipient
+        self._links[key] = tuple((LINK_VARIABLE.format(n), urls[n]) for n in numbers)
+        if self.tracking.opens and self.channel == "email":
+            numbers.insert(0, 0)
+        self._signed[key] = (tuple(numbers), tuple(OPEN_VARIABLE if n == 0 else LINK_VARIABLE.format(n)
+                                                   for n in numbers))
         return variant
 
     @property
@@ -314,17 +320,13 @@ class ChannelRenderer:
         if variant is None:
             variant = self._variant(key)
         if self.tracking.any:
-            links = self._links.get(key, ())
             if tracker is None:
-                variables.update((variable, url) for _, variable, url in links)
-                if self.tracking.opens:
-                    variables[OPEN_VARIABLE] = UNTRACKED_PIXEL
+                variables.update(self._links[key])
+                variables[OPEN_VARIABLE] = UNTRACKED_PIXEL
             else:
-                contact_id, click = variables["contact_id"], tracker.click
-                for n, variable, _ in links:
-                    variables[variable] = click(contact_id, n)
-                if self.tracking.opens:
-                    variables[OPEN_VARIABLE] = tracker.open(contact_id)
+                numbers, names = self._signed[key]
+                if numbers:
+                    variables.update(zip(names, tracker.codes(variables["contact_id"], numbers)))
         return variant.render(variables, budget)
 
     def check(self) -> None:
@@ -337,9 +339,9 @@ class ChannelRenderer:
 class Tracker(Protocol):
     """A run's signed tracking URLs for its recipients (signing.Signer.tracking_links(urls=True))."""
 
-    def click(self, contact_id: int, link: int) -> str: ...
-
-    def open(self, contact_id: int) -> str: ...
+    def codes(self, contact_id: int, links: Sequence[int]) -> list[str]:
+        """The URLs of `links` (0: the open pixel) of the message to `contact_id`, in that order."""
+        ...
 
 
 def _sources(content: Content, channel: str) -> str:
