@@ -154,43 +154,46 @@ class TrackingLinks:
     the contact's 6 (once per message) and each link's 18 (its number and MAC), so a message's codes
     are encoded in two calls whatever their number. `codes` makes all of a message's at once: one
     HMAC-SHA512 per four links (see the MAC above); the MAC's inner state has the domain, kid and
-    key in it already. About 1.5 µs for an email with three links and its pixel."""
+    key in it already. About 2 µs for an email with three links and its pixel."""
 
-    __slots__ = ("_click", "_open", "_inner", "_outer", "_plans")
+    __slots__ = ("_click", "_open", "_inner", "_outer", "_makers")
 
     def __init__(self, click_head: str, open_head: str, inner: Any, outer: Any) -> None:
         self._click, self._open, self._inner, self._outer = click_head, open_head, inner, outer
-        self._plans: dict[tuple[int, ...], tuple[tuple[bytes, ...], tuple[tuple[int, bytes, int], ...],
-                                                 tuple[str, ...]]] = {}
-
-    def _plan(self, links: tuple[int, ...]) -> tuple[tuple[bytes, ...], tuple[tuple[int, bytes, int], ...],
-                                                     tuple[str, ...]]:
-        """For a message's links: the blocks to MAC, each link's (block index, number bytes, MAC
-        offset), and each link's head (a message's links are the same for every recipient)."""
-        blocks = tuple(dict.fromkeys((link >> 2).to_bytes(2, "big") for link in links))
-        pieces = tuple((blocks.index((link >> 2).to_bytes(2, "big")), link.to_bytes(2, "big"), (link & 3) * MAC_BYTES)
-                       for link in links)
-        heads = tuple(self._click if link else self._open for link in links)
-        if len(self._plans) < 64:
-            self._plans[links] = (blocks, pieces, heads)
-        return blocks, pieces, heads
+        self._makers: dict[tuple[int, ...], Any] = {}
 
     def codes(self, contact_id: int, links: Sequence[int]) -> list[str]:
         """The codes (or URLs) of `links` of the message to `contact_id`, in that order; link 0 is
         the open pixel's."""
         links = tuple(links)
-        blocks, pieces, heads = self._plans.get(links) or self._plan(links)
-        contact = contact_id.to_bytes(6, "big")
-        macs = []
-        for block in blocks:
-            inner = self._inner.copy()
-            inner.update(contact + block)
-            outer = self._outer.copy()
-            outer.update(inner.digest())
-            macs.append(outer.digest())
-        person = _b64encode(contact).decode()
-        tails = _b64encode(b"".join([number + macs[b][at:at + MAC_BYTES] for b, number, at in pieces])).decode()
-        return [head + person + tails[i * 24:i * 24 + 24] for i, head in enumerate(heads)]
+        make = self._makers.get(links)
+        if make is None:
+            make = self._maker(links)
+            if len(self._makers) < 64:  # a run's messages share a handful of link sets (one per variant)
+                self._makers[links] = make
+        return make(contact_id)
+
+    def _maker(self, links: tuple[int, ...]) -> Any:
+        """A function of the contact id making the codes of `links`, written out for those links (as
+        the templates' fast path is): a loop over them cost 3.1 µs for a pixel and three links, the
+        function written for them 2.2 µs."""
+        blocks = list(dict.fromkeys(link >> 2 for link in links))
+        namespace: dict[str, Any] = {"inner": self._inner, "outer": self._outer, "b64": _b64encode}
+        lines = ["def make(contact_id):", "    contact = contact_id.to_bytes(6, 'big')"]
+        for b, block in enumerate(blocks):
+            namespace[f"B{b}"] = block.to_bytes(2, "big")
+            lines += [f"    i = inner.copy(); i.update(contact + B{b}); o = outer.copy(); o.update(i.digest())",
+                      f"    d{b} = o.digest()"]
+        pieces = []
+        for n, link in enumerate(links):
+            namespace[f"N{n}"] = link.to_bytes(2, "big")
+            at = (link & 3) * MAC_BYTES
+            pieces += [f"N{n}", f"d{blocks.index(link >> 2)}[{at}:{at + MAC_BYTES}]"]
+            namespace[f"H{n}"] = self._click if link else self._open
+        lines += [f"    t = b64(b''.join(({', '.join(pieces)},))).decode()", "    p = b64(contact).decode()",
+                  "    return [" + ", ".join(f"H{n} + p + t[{24 * n}:{24 * n + 24}]" for n in range(len(links))) + "]"]
+        exec("\n".join(lines), namespace)  # noqa: S102 - our own source, of numbers only
+        return namespace["make"]
 
     def click(self, contact_id: int, link: int) -> str:
         """The code of link `link` (1 and up) in the message to `contact_id`."""
