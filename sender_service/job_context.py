@@ -25,7 +25,7 @@ from shared.channels.registry import build_provider
 from shared.kernel.content import Content
 from shared.kernel.limits import MAX_PROVIDER_WEIGHT
 from shared.platform.logging import get_logger
-from shared.platform.signing import KeyRing, Signer
+from shared.platform.signing import KeyRing, Signer, TrackingLinks
 from shared.sending.jobs import Job, Recipient
 from shared.sending.render import ChannelRenderer, LinkTracking, Tracker
 from shared.tracking import keys as tracking_keys
@@ -150,6 +150,7 @@ class JobContextLoader:
         self.keys = KeyRing(base_url=public_url)  # unsubscribe links point at the API's public address
         self._content: dict[tuple[uuid.UUID, int], tuple[Content, Tracking]] = {}
         self._tracking_keys: dict[tuple[uuid.UUID, int, int, str], int] = {}
+        self._trackers: dict[tuple[int, int], TrackingLinks] = {}
         self._renderers: dict[tuple[uuid.UUID, int, str, str], ChannelRenderer] = {}
         self._providers: dict[uuid.UUID, tuple[float, accounts.ProviderRow]] = {}
         self.failing = provider_pool.FailingProviders()  # of this process's pools
@@ -175,7 +176,11 @@ class JobContextLoader:
         tracker = None
         if renderer.tracking.any:
             key = await self._tracking_key(con, job, version, renderer)
-            tracker = signer.tracking_links(key, urls=True)
+            tracker = self._trackers.get((signer.kid, key))
+            if tracker is None:  # kept across jobs: it holds the functions written for its link sets
+                if len(self._trackers) > 1024:
+                    self._trackers.clear()
+                tracker = self._trackers[(signer.kid, key)] = signer.tracking_links(key, urls=True)
         return JobContext(job, accounts_, signer, self.failing, tracker)
 
     async def _tracking_key(self, con: asyncpg.Connection, job: Job, version: int, renderer: ChannelRenderer) -> int:

@@ -377,24 +377,20 @@ class KeyRing:
         kid = max(self._secrets)
         return Signer(kid, self._secrets[kid], self.base_url)
 
-    async def verify_unsubscribe(self, source: asyncpg.Pool | asyncpg.Connection, code: str) -> Unsubscribe | None:
-        """The code's fields if its MAC verifies under a key this process knows, else None."""
-        kid = unsubscribe_kid(code)
+    async def _secret(self, source: asyncpg.Pool | asyncpg.Connection, kid: int | None) -> bytes | None:
+        """The secret of `kid` if this process knows it (after a reload if need be), else None."""
         if kid is None:
             return None
         if kid not in self._secrets:
             await self._reload_for(source, kid, self.reload_every_s)
-            if kid not in self._secrets:
-                return None
-        return read_unsubscribe(code, self._secrets[kid])
+        return self._secrets.get(kid)
+
+    async def verify_unsubscribe(self, source: asyncpg.Pool | asyncpg.Connection, code: str) -> Unsubscribe | None:
+        """The code's fields if its MAC verifies under a key this process knows, else None."""
+        secret = await self._secret(source, unsubscribe_kid(code))
+        return None if secret is None else read_unsubscribe(code, secret)
 
     async def verify_tracking(self, source: asyncpg.Pool | asyncpg.Connection, code: str) -> Tracked | None:
         """A click or open code's fields if its MAC verifies under a key this process knows, else None."""
-        kid = tracking_kid(code)
-        if kid is None:
-            return None
-        if kid not in self._secrets:
-            await self._reload_for(source, kid, self.reload_every_s)
-            if kid not in self._secrets:
-                return None
-        return read_tracking(code, self._secrets[kid])
+        secret = await self._secret(source, tracking_kid(code))
+        return None if secret is None else read_tracking(code, secret)
