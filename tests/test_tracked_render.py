@@ -120,6 +120,8 @@ async def test_a_tracked_email_broadcast_carries_signed_links_that_name_each_rec
             assert (made["track_opens"], made["track_clicks"], made["track_text_links"]) == (True, True, False)
             await api.post(f"/v1/broadcasts/{made['id']}/send", expect=202)
             done = await api.wait_for_status(made["id"], {"completed", "partially_failed", "failed"}, timeout=60)
+            one = (await api.get(f"/v1/messages?broadcast_id={made['id']}&limit=1"))["items"][0]
+            again = await api.get(f"/v1/messages/{one['id']}")
     assert done["status"] == "completed"
     con = await asyncpg.connect(settings.database_url)
     try:
@@ -146,3 +148,10 @@ async def test_a_tracked_email_broadcast_carries_signed_links_that_name_each_rec
         key = keys[0]["key"]
         assert found == [("r", PURPOSE_CLICK, key, contact_id, 1), ("r", PURPOSE_CLICK, key, contact_id, 2),
                          ("o", PURPOSE_OPEN, key, contact_id, 0)]
+    # A message shown again (GET /v1/messages/{id}) carries its recipient's tracked links and pixel too
+    urls = re.findall(r'(?:href|src)="([^"]+)"', again["content"]["html"])
+    shown = [read_tracking(url.rsplit("/", 1)[1], secret) for url in [urls[0], urls[1], urls[3]]
+             for secret in secrets.values()]
+    assert [(t.purpose, t.contact_id, t.link) for t in shown if t is not None] == [
+        (PURPOSE_CLICK, one["contact_id"], 1), (PURPOSE_CLICK, one["contact_id"], 2),
+        (PURPOSE_OPEN, one["contact_id"], 0)]

@@ -10,8 +10,10 @@ where "as of the run's start" would be wrong for the messages after such an edit
 
 The recipient's data is the contact's as it is now: a run does not keep its recipients' data, so
 an attribute changed since is shown changed, and an erased contact cannot be rendered at all. The
-sender is the run's provider for the channel as it is now (the first of a pool). Tracked links and
-the open pixel are not rendered (the links are shown as written).
+sender is the run's provider for the channel as it is now (the first of a pool). A tracked
+message's links and pixel are signed again under the run's tracking key for that content (the
+latest made by the time of the message) with today's signing key: the codes may differ from the
+ones sent (another kid), and go to the same places.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from shared.broadcasts.previews import _render, _renderers
 from shared.kernel.content import Content
 from shared.platform import codec, eventstore, signing
 from shared.sending.jobs import decode_recipient, recipient_json
+from shared.sending.render import LinkTracking
 
 
 class Rendered(msgspec.Struct, frozen=True, kw_only=True):
@@ -41,7 +44,7 @@ async def render(con: asyncpg.Connection, tenant_id: uuid.UUID, message: LedgerM
     `public_url`; or why it cannot be."""
     if message.status == "skipped":
         return Rendered(content=None, error="nothing was sent: the contact had no address on this channel")
-    started, state = await _as_of(con, message)
+    started, state, version_at = await _as_of(con, message)
     if started is None:
         return Rendered(content=None, error="the run's start is not in the broadcast's history")
     content, version = await _content(con, tenant_id, state, started)
@@ -55,31 +58,43 @@ async def render(con: asyncpg.Connection, tenant_id: uuid.UUID, message: LedgerM
         return Rendered(content=None, error="the contact was erased: its data is gone, so its message cannot be made again",
                         template_version=version)
     recipient = decode_recipient(recipient_text)
-    renderer = _renderers(content, (message.channel,), await _from_email(con, tenant_id, started, message.channel))[
+    tracks = state.tracking
+    renderer = _renderers(content, (message.channel,), await _from_email(con, tenant_id, started, message.channel),
+                          LinkTracking(opens=tracks.opens, clicks=tracks.clicks, text_links=tracks.text_links))[
         message.channel]
     variables = recipient.variables()
+    signer = await signing.load_signer(con, public_url)
     if not isinstance(renderer, str) and renderer.uses_unsubscribe_url:
-        signer = await signing.load_signer(con, public_url)
         variables["unsubscribe_url"] = signer.unsubscribe_links(tenant_id, message.broadcast_id, message.channel).url(
             message.contact_id)
-    rendered, error = _render(renderer, recipient, variables, None)
+    tracker = None
+    if tracks.opens or tracks.clicks:
+        key = await con.fetchval(
+            """SELECT key FROM tracking_keys WHERE broadcast_id = $1 AND run = $2 AND channel = $3 AND version <= $4
+               ORDER BY version DESC LIMIT 1""",
+            message.broadcast_id, message.run, message.channel, version_at)
+        tracker = signer.tracking_links(key, urls=True) if key is not None else None
+    rendered, error = _render(renderer, recipient, variables, None, tracker)
     return Rendered(content=msgspec.to_builtins(rendered) if rendered is not None else None, error=error,
                     template_version=version,
                     locale=None if isinstance(renderer, str) else renderer.locale_for(recipient.locale))
 
 
-async def _as_of(con: asyncpg.Connection, message: LedgerMessage) -> tuple[b.BroadcastStarted | None, b.State]:
+async def _as_of(
+    con: asyncpg.Connection, message: LedgerMessage,
+) -> tuple[b.BroadcastStarted | None, b.State, int]:
     """The run's BroadcastStarted, and the broadcast's state when the message was recorded (never
-    before the run's start)."""
-    state, started = b.INITIAL, None
+    before the run's start), with its version then (the position of its last event, as the view
+    keeps it)."""
+    state, started, version = b.INITIAL, None, 0
     for event in await eventstore.read_stream(con, b.stream_name(message.broadcast_id)):
         if started is not None and event.created_at > message.recorded_at:
             break
         decoded = codec.from_recorded(event, b.Event)
-        state = b.evolve(state, decoded)
+        state, version = b.evolve(state, decoded), event.position
         if isinstance(decoded, b.BroadcastStarted) and decoded.run == message.run:
             started = decoded
-    return started, state
+    return started, state, version
 
 
 async def _content(

@@ -40,7 +40,7 @@ from shared.platform.signing import Signer
 from shared.sending import audience, snapshot
 from shared.sending.channel_policy import choose_channels
 from shared.sending.jobs import Recipient, decode_recipient, recipient_json
-from shared.sending.render import ChannelRenderer
+from shared.sending.render import ChannelRenderer, LinkTracking, Tracker
 
 log = get_logger(__name__)
 
@@ -79,7 +79,9 @@ async def content_now(con: asyncpg.Connection, row: view.BroadcastRow) -> Conten
     return msgspec.convert(stored, Content)
 
 
-def _renderers(content: Content, channels: tuple[str, ...], from_email: dict[str, str]) -> dict[str, ChannelRenderer | str]:
+def _renderers(
+    content: Content, channels: tuple[str, ...], from_email: dict[str, str], tracking: LinkTracking | None = None,
+) -> dict[str, ChannelRenderer | str]:
     """A renderer per channel, or why there is none (the content has nothing for it, or does not compile)."""
     out: dict[str, ChannelRenderer | str] = {}
     for channel in channels:
@@ -88,7 +90,8 @@ def _renderers(content: Content, channels: tuple[str, ...], from_email: dict[str
             continue
         try:
             out[channel] = ChannelRenderer(content, channel,
-                                           from_email=content.from_email or from_email.get(channel, "crier@localhost"))
+                                           from_email=content.from_email or from_email.get(channel, "crier@localhost"),
+                                           tracking=tracking)
         except TemplateError as exc:
             out[channel] = str(exc)
     return out
@@ -96,6 +99,7 @@ def _renderers(content: Content, channels: tuple[str, ...], from_email: dict[str
 
 def _render(
     renderer: ChannelRenderer | str, recipient: Recipient, variables: dict[str, Any], preview: Budget | None,
+    tracker: Tracker | None = None,
 ) -> tuple[RenderedContent | None, str | None]:
     if isinstance(renderer, str):
         return None, renderer
@@ -103,7 +107,7 @@ def _render(
         return None, "not rendered: the preview's budget of two messages' work is used up"
     budget = Budget()  # a message's limits, as in the send
     try:
-        return renderer.render(variables, recipient.locale, budget), None
+        return renderer.render(variables, recipient.locale, budget, tracker), None
     except TemplateError as exc:  # shown, as the send would fail this recipient
         return None, f"not rendered: {exc}"
     finally:
