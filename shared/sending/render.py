@@ -9,7 +9,7 @@ and a missing text part derived from it; what is left per recipient is the Liqui
 from __future__ import annotations
 
 import html as html_module
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from email.utils import formataddr
 from typing import Any, Protocol
 
@@ -326,7 +326,7 @@ class ChannelRenderer:
             else:
                 numbers, names = self._signed[key]
                 if numbers:
-                    variables.update(zip(names, tracker.codes(variables["contact_id"], numbers)))
+                    tracker.fill(variables, variables["contact_id"], numbers, names)
         return variant.render(variables, budget)
 
     def check(self) -> None:
@@ -339,8 +339,8 @@ class ChannelRenderer:
 class Tracker(Protocol):
     """A run's signed tracking URLs for its recipients (signing.Signer.tracking_links(urls=True))."""
 
-    def codes(self, contact_id: int, links: Sequence[int]) -> list[str]:
-        """The URLs of `links` (0: the open pixel) of the message to `contact_id`, in that order."""
+    def fill(self, into: dict[Any, str], contact_id: int, links: tuple[int, ...], names: tuple[Any, ...]) -> None:
+        """`into[names[i]]` = the URL of `links[i]` (0: the open pixel) of the message to `contact_id`."""
         ...
 
 
