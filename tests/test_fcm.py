@@ -402,8 +402,8 @@ def test_a_create_body_takes_the_key_file_as_text_with_defaults():
     check_fcm(data)
     assert (data.channel, data.project_id, data.concurrency) == ("push", None, 10)
     assert data.base_url == "https://fcm.googleapis.com"
-    assert CONFIG_FIELDS == ("service_account_key", "project_id", "base_url", "allow_insecure_auth", "concurrency",
-                             "timeout_s", "rate_limits", "on_unknown", "weight")
+    assert CONFIG_FIELDS == ("rate_limits", "on_unknown", "weight", "service_account_key", "project_id", "base_url",
+                             "allow_insecure_auth", "concurrency", "timeout_s")
     assert refused_field(peer, allow_insecure_auth=True) is None
     assert refused_field(peer, project_id="other-project", allow_insecure_auth=True) is None
 

@@ -414,8 +414,8 @@ def test_a_telegram_provider_has_defaults_and_keeps_its_config_apart():
     data = create()
     assert (data.channel, data.base_url, data.concurrency, data.allow_insecure_auth, data.link_previews) == (
         "telegram", "https://api.telegram.org", 10, False, True)
-    assert schema.CONFIG_FIELDS == ("bot_token", "base_url", "allow_insecure_auth", "concurrency", "timeout_s",
-                                    "link_previews", "rate_limits", "on_unknown", "weight")
+    assert schema.CONFIG_FIELDS == ("rate_limits", "on_unknown", "weight", "bot_token", "base_url",
+                                    "allow_insecure_auth", "concurrency", "timeout_s", "link_previews")
     assert schema.SECRET_FIELDS == ("bot_token",) and set(schema.PATCH_FIELDS) == {"bot_token", "link_previews"}
     assert schema.ENDPOINT_FIELD == "base_url" and schema.endpoint_host({}) == "api.telegram.org"
     assert schema.endpoint_host({"base_url": "https://tg.example.com:8443/x"}) == "tg.example.com"

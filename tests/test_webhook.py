@@ -351,7 +351,8 @@ def test_valid_settings_and_their_defaults():
     data = create(headers={"Authorization": "Bearer x", "X-Tenant": "7"})
     assert (data.channel, data.concurrency, data.timeout_s, data.allow_insecure) == ("webhook", 10, 10.0, False)
     assert create(url="http://hooks.example.com/h", allow_insecure=True).url.startswith("http://")
-    assert CONFIG_FIELDS == ("url", "secret", "headers", "allow_insecure", "concurrency", "timeout_s", "rate_limits", "on_unknown", "weight")
+    assert CONFIG_FIELDS == ("rate_limits", "on_unknown", "weight", "url", "secret", "headers", "allow_insecure",
+                             "concurrency", "timeout_s")
     assert set(SECRET_FIELDS) <= set(CONFIG_FIELDS) and set(PATCH_FIELDS) == set(CONFIG_FIELDS) - {"rate_limits", "on_unknown", "weight"}  # every kind's
 
 

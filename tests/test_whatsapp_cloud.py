@@ -382,8 +382,8 @@ def test_a_create_takes_the_defaults_and_splits_config_from_columns():
     check_whatsapp(data)
     assert (data.channel, data.api_version, data.base_url, data.concurrency, data.allow_insecure_auth) == (
         "whatsapp", "v21.0", "https://graph.facebook.com", 10, False)
-    assert CONFIG_FIELDS == ("phone_number_id", "access_token", "app_secret", "verify_token", "api_version", "base_url",
-                             "allow_insecure_auth", "concurrency", "timeout_s", "rate_limits", "on_unknown", "weight")
+    assert CONFIG_FIELDS == ("rate_limits", "on_unknown", "weight", "phone_number_id", "access_token", "app_secret",
+                             "verify_token", "api_version", "base_url", "allow_insecure_auth", "concurrency", "timeout_s")
     assert SECRET_FIELDS == ("access_token", "app_secret", "verify_token") and set(PATCH_FIELDS) <= set(CONFIG_FIELDS)
     # The stored config is what the provider is built from
     config = {f: getattr(data, f) for f in CONFIG_FIELDS}

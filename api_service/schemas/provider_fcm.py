@@ -7,29 +7,20 @@ The key is taken as the key file's JSON text, a string: like every other secret 
 given, one max_length bounds it, and a PATCH compares plain values. (`jq -n --rawfile key key.json
 '{"service_account_key": $key, ...}'` makes the body from the downloaded file.)
 
-The shared field types (batch size, timeouts, URLs ...) live in providers.py, which imports this
-module to add the kind to its union: a cycle. So providers.py is imported at the bottom, as a module,
-and its names are used only in annotations (strings until msgspec resolves them at first use) and in
-function bodies. Either module may then be imported first, wherever providers.py imports this one.
-"""
+The field types and settings every kind shares (batch size, timeouts, URLs, SendingSettings)
+live in provider_fields.py."""
 from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import msgspec
 from msgspec import Meta
 
-from api_service.schemas.common import NO_NUL, Input, Name
+import api_service.schemas.provider_fields as _providers
+from api_service.schemas.common import NO_NUL, Name
 from shared.channels import fcm
-from shared.channels.accounts import (
-    DEFAULT_BATCH_DELAY_MS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_RETRIES,
-)
 from shared.kernel.errors import Invalid
 
 KIND = "fcm"
@@ -42,7 +33,7 @@ ProjectId = Annotated[str, Meta(pattern=f"^{fcm.PROJECT_ID_RE}$", description=(
     "the Firebase project to send as (its project ID); default: the key's project_id"))]
 
 
-class FcmProviderCreate(Input, tag_field="kind", tag=KIND, kw_only=True):
+class FcmProviderCreate(_providers.SendingSettings, tag_field="kind", tag=KIND, kw_only=True):
     """Push notifications through Firebase Cloud Messaging's HTTP v1 API: one HTTPS request per device
     token, `concurrency` at once, authorised by an OAuth2 token made from a service account's key
     (the account needs permission to send, e.g. the Firebase Cloud Messaging API Admin role). A
@@ -56,15 +47,9 @@ class FcmProviderCreate(Input, tag_field="kind", tag=KIND, kw_only=True):
     allow_insecure_auth: _providers.InsecureHttp = False
     concurrency: _providers.Concurrency = fcm.DEFAULT_CONCURRENCY
     timeout_s: _providers.TimeoutS = 30.0
-    batch_size: _providers.BatchSize = DEFAULT_BATCH_SIZE
-    batch_delay_ms: _providers.BatchDelayMs = DEFAULT_BATCH_DELAY_MS
-    max_retries: _providers.MaxRetries = DEFAULT_MAX_RETRIES
-    rate_limits: _providers.RateLimits = None
-    on_unknown: _providers.OnUnknown = "mark_unknown"
-    weight: _providers.Weight = 1
 
 
-class FcmProvider(msgspec.Struct, tag_field="kind", tag=KIND, kw_only=True):
+class FcmProvider(_providers.SendingShown, tag_field="kind", tag=KIND, kw_only=True):
     id: uuid.UUID
     name: str
     channel: str
@@ -76,14 +61,6 @@ class FcmProvider(msgspec.Struct, tag_field="kind", tag=KIND, kw_only=True):
     allow_insecure_auth: bool
     concurrency: int
     timeout_s: float
-    batch_size: int
-    batch_delay_ms: int
-    max_retries: int
-    created_at: datetime
-    updated_at: datetime
-    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
-    on_unknown: str = "mark_unknown"
-    weight: int = 1
 
 
 _COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")
@@ -146,6 +123,3 @@ def fcm_response(common: dict[str, Any], config: dict[str, Any]) -> FcmProvider:
     )
 
 
-# Last, and as a module, for the cycle with providers.py (see the module's docstring): when providers.py
-# is imported first, it is still half-run here, and its names are looked up only later.
-import api_service.schemas.provider_fields as _providers  # noqa: E402

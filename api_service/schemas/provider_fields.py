@@ -3,12 +3,19 @@ and the provider_<kind>.py modules), in a module of their own so those import it
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import msgspec
 from msgspec import Meta
 
-from api_service.schemas.common import NO_NUL
+from api_service.schemas.common import NO_NUL, Input
+from shared.channels.accounts import (
+    DEFAULT_BATCH_DELAY_MS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_RETRIES,
+)
 from shared.channels.ratelimit import parse_windows
 from shared.channels.twilio import MAX_CONCURRENCY as TWILIO_MAX_CONCURRENCY
 from shared.kernel.errors import Invalid
@@ -41,6 +48,32 @@ Weight = Annotated[int, Meta(ge=1, le=MAX_PROVIDER_WEIGHT, description=(
 OnUnknown = Annotated[Literal["mark_unknown", "resend"], Meta(description=(
     "a message a sender that died had handed over, without hearing back: `mark_unknown` (never resent by "
     "itself; a retry asking for `unknown` sends it) or `resend` (sent again: the recipient may get it twice)"))]
+
+class SendingSettings(Input, kw_only=True):
+    """What every kind's create body takes besides its own fields (each kind's struct inherits it,
+    so a setting every account has is declared once): batches, retries, rate limits, the fate of a
+    message a dead sender left in flight, and the share of a broadcast's load."""
+
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE
+    batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
+    max_retries: MaxRetries = DEFAULT_MAX_RETRIES
+    rate_limits: RateLimits = None
+    on_unknown: OnUnknown = "mark_unknown"
+    weight: Weight = 1
+
+
+class SendingShown(msgspec.Struct, kw_only=True):
+    """What every kind's response shows besides its own fields (SendingSettings as stored)."""
+
+    batch_size: int
+    batch_delay_ms: int
+    max_retries: int
+    created_at: datetime
+    updated_at: datetime
+    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
+    on_unknown: str = "mark_unknown"
+    weight: int = 1
+
 
 _URL_HOST = re.compile(r"^[A-Za-z0-9._:-]+$")  # what urlsplit leaves of a name or an address (no brackets)
 

@@ -2,27 +2,18 @@
 leaves), its cross-field rules, and what providers.py needs to store and patch it (CONFIG_FIELDS,
 SECRET_FIELDS, PATCH_FIELDS, ENDPOINT_FIELD).
 
-The shared field types (pacing, timeouts, URLs) live in providers.py, which imports this module to
-add the kind to its union: a cycle. So, as the other kinds' modules do, providers.py is imported at
-the bottom, as a module, and its names are used only in annotations (strings until msgspec resolves
-them at first use) and in function bodies: either module may be imported first.
-"""
+The field types and settings every kind shares (batch size, timeouts, URLs, SendingSettings)
+live in provider_fields.py."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import msgspec
 from msgspec import Meta
 
-from api_service.schemas.common import Input, Name
-from shared.channels.accounts import (
-    DEFAULT_BATCH_DELAY_MS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_RETRIES,
-)
+import api_service.schemas.provider_fields as _providers
+from api_service.schemas.common import Name
 from shared.channels.telegram_bot import (
     DEFAULT_BASE_URL,
     DEFAULT_CONCURRENCY,
@@ -41,7 +32,7 @@ TelegramConcurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY, description=
 LinkPreviews = Annotated[bool, Meta(description="whether a link in a text message gets a preview")]
 
 
-class TelegramProviderCreate(Input, tag_field="kind", tag="telegram_bot", kw_only=True):
+class TelegramProviderCreate(_providers.SendingSettings, tag_field="kind", tag="telegram_bot", kw_only=True):
     """Telegram through a bot (the Bot API): one HTTPS request per message, `concurrency` at once.
     A contact's address is its chat id. A photo or video takes a caption of at most 1024
     characters: a longer text with media fails as invalid_message, it is not split in two messages."""
@@ -55,19 +46,13 @@ class TelegramProviderCreate(Input, tag_field="kind", tag="telegram_bot", kw_onl
     concurrency: TelegramConcurrency = DEFAULT_CONCURRENCY
     timeout_s: _providers.TimeoutS = 30.0
     link_previews: LinkPreviews = True
-    batch_size: _providers.BatchSize = DEFAULT_BATCH_SIZE
-    batch_delay_ms: _providers.BatchDelayMs = DEFAULT_BATCH_DELAY_MS
-    max_retries: _providers.MaxRetries = DEFAULT_MAX_RETRIES
-    rate_limits: _providers.RateLimits = None
-    on_unknown: _providers.OnUnknown = "mark_unknown"
-    weight: _providers.Weight = 1
 
     def __repr__(self) -> str:  # a logged or raised repr must not carry the token
         shown = (f"{f}={'<secret>' if f in SECRET_FIELDS else repr(getattr(self, f))}" for f in self.__struct_fields__)
         return f"TelegramProviderCreate({', '.join(shown)})"
 
 
-class TelegramProvider(msgspec.Struct, tag_field="kind", tag="telegram_bot", kw_only=True):
+class TelegramProvider(_providers.SendingShown, tag_field="kind", tag="telegram_bot", kw_only=True):
     id: uuid.UUID
     name: str
     channel: str
@@ -78,14 +63,6 @@ class TelegramProvider(msgspec.Struct, tag_field="kind", tag="telegram_bot", kw_
     concurrency: int
     timeout_s: float
     link_previews: bool
-    batch_size: int
-    batch_delay_ms: int
-    max_retries: int
-    created_at: datetime
-    updated_at: datetime
-    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
-    on_unknown: str = "mark_unknown"
-    weight: int = 1
 
 
 _COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")
@@ -133,6 +110,3 @@ def telegram_response(common: dict[str, Any], config: dict[str, Any]) -> Telegra
     )
 
 
-# Last, and as a module, for the cycle with providers.py (see the module's docstring): when providers.py
-# is imported first, it is still half-run here, and its names are looked up only later.
-import api_service.schemas.provider_fields as _providers  # noqa: E402

@@ -9,28 +9,19 @@ an exception to the write-only rule that a lost answer turns into a lost secret.
 values are write-only too (they are usually a credential: Authorization, X-Api-Key): only their
 names come back.
 
-The pacing types (batch size, delay, retries) live in providers.py, which imports this module to
-add the kind to its union: a cycle. So, as provider_fcm.py does, providers.py is imported at the
-bottom, as a module, and its names are used only in annotations (strings until msgspec resolves
-them at first use): either module may be imported first. Every other type here is this module's own.
-"""
+The field types and settings every kind shares (batch size, timeouts, URLs, SendingSettings)
+live in provider_fields.py."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import msgspec
 from msgspec import Meta
 
-from api_service.schemas.common import Input, Name
+import api_service.schemas.provider_fields as _providers
+from api_service.schemas.common import Name
 from shared.channels import webhook
-from shared.channels.accounts import (
-    DEFAULT_BATCH_DELAY_MS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_RETRIES,
-)
 from shared.kernel.errors import Invalid
 
 WebhookChannel = Literal["webhook"]
@@ -58,7 +49,7 @@ InsecureHttp = Annotated[bool, Meta(description=(
     "contact's payload is readable by anyone on the path"))]
 
 
-class WebhookProviderCreate(Input, tag_field="kind", tag="webhook", kw_only=True):
+class WebhookProviderCreate(_providers.SendingSettings, tag_field="kind", tag="webhook", kw_only=True):
     """A JSON POST per message to your URL, signed the Standard Webhooks way (webhook-id,
     webhook-timestamp, webhook-signature): `{"type": "broadcast.message", "timestamp", "data":
     {"contact_id", "payload"}}`. webhook-id is the same on every attempt of a message: drop repeats."""
@@ -71,19 +62,13 @@ class WebhookProviderCreate(Input, tag_field="kind", tag="webhook", kw_only=True
     allow_insecure: InsecureHttp = False
     concurrency: WebhookConcurrency = webhook.DEFAULT_CONCURRENCY
     timeout_s: WebhookTimeoutS = webhook.DEFAULT_TIMEOUT_S
-    batch_size: _providers.BatchSize = DEFAULT_BATCH_SIZE
-    batch_delay_ms: _providers.BatchDelayMs = DEFAULT_BATCH_DELAY_MS
-    max_retries: _providers.MaxRetries = DEFAULT_MAX_RETRIES
-    rate_limits: _providers.RateLimits = None
-    on_unknown: _providers.OnUnknown = "mark_unknown"
-    weight: _providers.Weight = 1
 
     def __repr__(self) -> str:  # a logged or raised repr must not carry the secret
         shown = (f"{f}={'<secret>' if f in SECRET_FIELDS else repr(getattr(self, f))}" for f in self.__struct_fields__)
         return f"WebhookProviderCreate({', '.join(shown)})"
 
 
-class WebhookProvider(msgspec.Struct, tag_field="kind", tag="webhook", kw_only=True):
+class WebhookProvider(_providers.SendingShown, tag_field="kind", tag="webhook", kw_only=True):
     id: uuid.UUID
     name: str
     channel: str
@@ -93,14 +78,6 @@ class WebhookProvider(msgspec.Struct, tag_field="kind", tag="webhook", kw_only=T
     allow_insecure: bool
     concurrency: int
     timeout_s: float
-    batch_size: int
-    batch_delay_ms: int
-    max_retries: int
-    created_at: datetime
-    updated_at: datetime
-    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
-    on_unknown: str = "mark_unknown"
-    weight: int = 1
 
 
 _COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")
@@ -154,6 +131,3 @@ def webhook_response(common: dict[str, Any], c: dict[str, Any]) -> WebhookProvid
     )
 
 
-# Last, and as a module, for the cycle with providers.py (see the module's docstring): when providers.py
-# is imported first, it is still half-run here, and its names are looked up only later.
-import api_service.schemas.provider_fields as _providers  # noqa: E402

@@ -2,27 +2,18 @@
 never leaves), the checks the struct types cannot make, and what providers.py needs to store and
 patch it (CONFIG_FIELDS, SECRET_FIELDS, PATCH_FIELDS).
 
-The shared field types (batch size, timeouts, URLs ...) live in providers.py, which imports this
-module to add the kind to its union: a cycle. So providers.py is imported at the bottom, as a module,
-and its names are used only in annotations (strings until msgspec resolves them at first use) and in
-function bodies. Either module may then be imported first, wherever providers.py imports this one.
-"""
+The field types and settings every kind shares (batch size, timeouts, URLs, SendingSettings)
+live in provider_fields.py."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import msgspec
 from msgspec import Meta
 
-from api_service.schemas.common import Input, Name
-from shared.channels.accounts import (
-    DEFAULT_BATCH_DELAY_MS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_RETRIES,
-)
+import api_service.schemas.provider_fields as _providers
+from api_service.schemas.common import Name
 from shared.channels.whatsapp_cloud import (
     API_VERSION_RE,
     DEFAULT_API_VERSION,
@@ -53,7 +44,7 @@ WhatsappConcurrency = Annotated[int, Meta(ge=1, le=MAX_CONCURRENCY, description=
     "requests in flight at once for this phone number, per sender process"))]
 
 
-class WhatsappProviderCreate(Input, tag_field="kind", tag=KIND, kw_only=True):
+class WhatsappProviderCreate(_providers.SendingSettings, tag_field="kind", tag=KIND, kw_only=True):
     """WhatsApp template messages through Meta's WhatsApp Business Cloud API: one HTTPS request per
     message, `concurrency` at once, with the access token of the business phone number's account."""
 
@@ -68,15 +59,9 @@ class WhatsappProviderCreate(Input, tag_field="kind", tag=KIND, kw_only=True):
     allow_insecure_auth: _providers.InsecureHttp = False
     concurrency: WhatsappConcurrency = DEFAULT_CONCURRENCY
     timeout_s: _providers.TimeoutS = 30.0
-    batch_size: _providers.BatchSize = DEFAULT_BATCH_SIZE
-    batch_delay_ms: _providers.BatchDelayMs = DEFAULT_BATCH_DELAY_MS
-    max_retries: _providers.MaxRetries = DEFAULT_MAX_RETRIES
-    rate_limits: _providers.RateLimits = None
-    on_unknown: _providers.OnUnknown = "mark_unknown"
-    weight: _providers.Weight = 1
 
 
-class WhatsappProvider(msgspec.Struct, tag_field="kind", tag=KIND, kw_only=True):
+class WhatsappProvider(_providers.SendingShown, tag_field="kind", tag=KIND, kw_only=True):
     id: uuid.UUID
     name: str
     channel: str
@@ -89,14 +74,6 @@ class WhatsappProvider(msgspec.Struct, tag_field="kind", tag=KIND, kw_only=True)
     allow_insecure_auth: bool
     concurrency: int
     timeout_s: float
-    batch_size: int
-    batch_delay_ms: int
-    max_retries: int
-    created_at: datetime
-    updated_at: datetime
-    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
-    on_unknown: str = "mark_unknown"
-    weight: int = 1
 
 
 _COLUMNS = ("name", "channel", "batch_size", "batch_delay_ms", "max_retries")
@@ -137,6 +114,3 @@ def whatsapp_response(common: dict[str, Any], config: dict[str, Any]) -> Whatsap
     )
 
 
-# Last, and as a module, for the cycle with providers.py (see the module's docstring): when providers.py
-# is imported first, it is still half-run here, and its names are looked up only later.
-import api_service.schemas.provider_fields as _providers  # noqa: E402

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime
 from email.utils import parseaddr
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -35,6 +34,8 @@ from api_service.schemas.provider_fields import (
     OnUnknown,
     RateLimits,
     Secret,
+    SendingSettings,
+    SendingShown,
     TimeoutS,
     Weight,
     check_rate_limits,
@@ -50,9 +51,6 @@ from api_service.schemas.provider_whatsapp import (
     WhatsappProviderCreate,
 )
 from shared.channels.accounts import (
-    DEFAULT_BATCH_DELAY_MS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_RETRIES,
     ProviderRow,
 )
 from shared.channels.twilio import DEFAULT_BASE_URL as TWILIO_BASE_URL
@@ -90,7 +88,7 @@ MessagingServiceSid = _sid("MG", "a Twilio Messaging Service (its sender pool; R
 PhoneNumber = Annotated[str, Meta(pattern=r"^\+[1-9][0-9]{1,14}$", description="a phone number in E.164: +14155550100")]
 
 
-class SmtpProviderCreate(Input, tag_field="kind", tag="smtp", kw_only=True):
+class SmtpProviderCreate(SendingSettings, tag_field="kind", tag="smtp", kw_only=True):
     """An SMTP server: one connection per batch job, STARTTLS (default) or implicit TLS, login if a username is set."""
 
     name: Name
@@ -106,15 +104,9 @@ class SmtpProviderCreate(Input, tag_field="kind", tag="smtp", kw_only=True):
     from_email: Address
     allow_insecure_auth: InsecureAuth = False
     receipt_secret: ReceiptSecret | None = None
-    batch_size: BatchSize = DEFAULT_BATCH_SIZE
-    batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
-    max_retries: MaxRetries = DEFAULT_MAX_RETRIES
-    rate_limits: RateLimits = None
-    on_unknown: OnUnknown = "mark_unknown"
-    weight: Weight = 1
 
 
-class TwilioProviderCreate(Input, tag_field="kind", tag="twilio", kw_only=True):
+class TwilioProviderCreate(SendingSettings, tag_field="kind", tag="twilio", kw_only=True):
     """SMS (and RCS) through Twilio's Messages API: one HTTPS request per message, `concurrency` at once.
     Log in with the auth token, or an API key (api_key_sid and api_key_secret); send from a number
     (from_number) or a Messaging Service (messaging_service_sid), or both."""
@@ -132,30 +124,18 @@ class TwilioProviderCreate(Input, tag_field="kind", tag="twilio", kw_only=True):
     allow_insecure_auth: InsecureHttp = False
     concurrency: Concurrency = TWILIO_CONCURRENCY
     timeout_s: TimeoutS = 30.0
-    batch_size: BatchSize = DEFAULT_BATCH_SIZE
-    batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
-    max_retries: MaxRetries = DEFAULT_MAX_RETRIES
-    rate_limits: RateLimits = None
-    on_unknown: OnUnknown = "mark_unknown"
-    weight: Weight = 1
 
 
 # The null provider stands in for any channel's (dry runs of a multi-channel broadcast, load tests).
 AnyChannel = Literal["email", "sms", "whatsapp", "telegram", "push", "webhook"]
 
 
-class NullProviderCreate(Input, tag_field="kind", tag="null", kw_only=True):
+class NullProviderCreate(SendingSettings, tag_field="kind", tag="null", kw_only=True):
     """Accepts every message and sends nothing: for load tests and dry runs, on any channel."""
 
     name: Name
     channel: AnyChannel = "email"
     from_email: Address | None = None
-    batch_size: BatchSize = DEFAULT_BATCH_SIZE
-    batch_delay_ms: BatchDelayMs = DEFAULT_BATCH_DELAY_MS
-    max_retries: MaxRetries = DEFAULT_MAX_RETRIES
-    rate_limits: RateLimits = None
-    on_unknown: OnUnknown = "mark_unknown"
-    weight: Weight = 1
 
 
 ProviderCreate = (SmtpProviderCreate | TwilioProviderCreate | WhatsappProviderCreate | TelegramProviderCreate
@@ -224,7 +204,7 @@ class ProviderPatch(Input, kw_only=True):
     allow_insecure: InsecureHttp | UnsetType = UNSET
 
 
-class SmtpProvider(msgspec.Struct, tag_field="kind", tag="smtp", kw_only=True):
+class SmtpProvider(SendingShown, tag_field="kind", tag="smtp", kw_only=True):
     id: uuid.UUID
     name: str
     channel: str
@@ -239,17 +219,9 @@ class SmtpProvider(msgspec.Struct, tag_field="kind", tag="smtp", kw_only=True):
     timeout_s: float
     from_email: str
     allow_insecure_auth: bool
-    batch_size: int
-    batch_delay_ms: int
-    max_retries: int
-    created_at: datetime
-    updated_at: datetime
-    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
-    on_unknown: str = "mark_unknown"
-    weight: int = 1
 
 
-class TwilioProvider(msgspec.Struct, tag_field="kind", tag="twilio", kw_only=True):
+class TwilioProvider(SendingShown, tag_field="kind", tag="twilio", kw_only=True):
     id: uuid.UUID
     name: str
     channel: str
@@ -264,29 +236,13 @@ class TwilioProvider(msgspec.Struct, tag_field="kind", tag="twilio", kw_only=Tru
     allow_insecure_auth: bool
     concurrency: int
     timeout_s: float
-    batch_size: int
-    batch_delay_ms: int
-    max_retries: int
-    created_at: datetime
-    updated_at: datetime
-    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
-    on_unknown: str = "mark_unknown"
-    weight: int = 1
 
 
-class NullProvider(msgspec.Struct, tag_field="kind", tag="null", kw_only=True):
+class NullProvider(SendingShown, tag_field="kind", tag="null", kw_only=True):
     id: uuid.UUID
     name: str
     channel: str
     from_email: str | None
-    batch_size: int
-    batch_delay_ms: int
-    max_retries: int
-    created_at: datetime
-    updated_at: datetime
-    rate_limits: list[dict[str, Any]] | None = None  # None: the kind's default
-    on_unknown: str = "mark_unknown"
-    weight: int = 1
 
 
 Provider = (SmtpProvider | TwilioProvider | WhatsappProvider | TelegramProvider | FcmProvider | WebhookProvider
