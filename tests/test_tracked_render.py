@@ -19,9 +19,11 @@ from tests.test_send_e2e import audience
 class FakeCodes:
     """Stands in for a run's signed URLs: shows which contact and link each URL was made for."""
 
-    def fill(self, into: dict, contact_id: int, links: tuple[int, ...], names: tuple[str, ...]) -> None:
-        into.update((name, f"https://t.test/r/{contact_id}-{n}" if n else f"https://t.test/o/{contact_id}")
-                    for n, name in zip(links, names))
+    def maker(self, links: tuple[int, ...], names: tuple[str, ...]):
+        def make(contact_id: int, into: dict) -> None:
+            into.update((name, f"https://t.test/r/{contact_id}-{n}" if n else f"https://t.test/o/{contact_id}")
+                        for n, name in zip(links, names))
+        return make
 
 
 ALL = LinkTracking(opens=True, clicks=True, text_links=True)

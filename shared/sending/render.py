@@ -123,11 +123,8 @@ class LinkTracking:
 
     def __init__(self, *, opens: bool = False, clicks: bool = False, text_links: bool = False) -> None:
         self.opens, self.clicks, self.text_links = opens, clicks, text_links
+        self.any = opens or clicks  # read per message: an attribute, not a property
         self.links = LinkTable()
-
-    @property
-    def any(self) -> bool:
-        return self.opens or self.clicks
 
     def html(self, source: str) -> str:
         return track_html(source, self.links) if self.clicks else source
@@ -277,6 +274,7 @@ class ChannelRenderer:
         # numbers a tracker signs for it, in the variables' order (0: the open pixel).
         self._links: dict[str | None, tuple[tuple[str, str], ...]] = {}
         self._signed: dict[str | None, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+        self._made: dict[str | None, tuple[Tracker, Callable[[int, dict[Any, str]], None]]] = {}  # its maker per variant
         self._variant(None)
         if self.tracking.any:  # every variant now, in order: the link numbers must not depend on who came first
             self.check()
@@ -324,9 +322,10 @@ class ChannelRenderer:
                 variables.update(self._links[key])
                 variables[OPEN_VARIABLE] = UNTRACKED_PIXEL
             else:
-                numbers, names = self._signed[key]
-                if numbers:
-                    tracker.fill(variables, variables["contact_id"], numbers, names)
+                made = self._made.get(key)
+                if made is None or made[0] is not tracker:  # a new run's tracker (this renderer outlives jobs)
+                    made = self._made[key] = (tracker, tracker.maker(*self._signed[key]))
+                made[1](variables["contact_id"], variables)
         return variant.render(variables, budget)
 
     def check(self) -> None:
@@ -339,8 +338,9 @@ class ChannelRenderer:
 class Tracker(Protocol):
     """A run's signed tracking URLs for its recipients (signing.Signer.tracking_links(urls=True))."""
 
-    def fill(self, into: dict[Any, str], contact_id: int, links: tuple[int, ...], names: tuple[Any, ...]) -> None:
-        """`into[names[i]]` = the URL of `links[i]` (0: the open pixel) of the message to `contact_id`."""
+    def maker(self, links: tuple[int, ...], names: tuple[Any, ...]) -> Callable[[int, dict[Any, str]], None]:
+        """A function `make(contact_id, into)` setting `into[names[i]]` to the URL of `links[i]` (0:
+        the open pixel) of the message to `contact_id`."""
         ...
 
 
