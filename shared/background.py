@@ -1,4 +1,5 @@
-"""The run-once background tasks (relay, projector with run completion and the progress feed, scheduler),
+"""The run-once background tasks (relay, projector with run completion and the progress feed, scheduler,
+housekeeping),
 each under a leader lock: any API or sender process may run them, one of each runs at a time, and
 another process takes over within seconds when that one dies. At least one process of the
 deployment must run them (CRIER_RUN_BACKGROUND, true by default everywhere)."""
@@ -12,6 +13,7 @@ import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from shared.audience import contact_versions
 from shared.broadcasts.completion import finish_done_runs
 from shared.broadcasts.counters import CountersView
 from shared.broadcasts.progress import ProgressFeed
@@ -24,6 +26,8 @@ from shared.platform.relay import run_relay
 from shared.platform.settings import Settings
 
 log = get_logger(__name__)
+
+HOUSEKEEPING_INTERVAL_S = 3600.0  # what it drops is days old: once an hour is plenty
 
 
 def async_projections() -> list[tuple[Projection, AfterFold | None]]:
@@ -49,13 +53,30 @@ def start_background_tasks(
             await run_projector(pool, con, async_projections(), poll, committed=feed.committed)
 
     async def scheduler(_: asyncpg.Connection) -> None:
-        await run_scheduler(pool, clock)
+        # Housekeeping rides on the scheduler's lock: a lock of its own would cost every process
+        # another connection competing for it.
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(run_housekeeping(pool), name="housekeeping")
+            await run_scheduler(pool, clock)
 
     return [
         asyncio.create_task(run_as_leader(dsn, "relay", relay), name="relay"),
         asyncio.create_task(run_as_leader(dsn, "projector", projector), name="projector"),
         asyncio.create_task(run_as_leader(dsn, "scheduler", scheduler), name="scheduler"),
     ]
+
+
+async def run_housekeeping(pool: asyncpg.Pool, interval_s: float = HOUSEKEEPING_INTERVAL_S) -> None:
+    """Drop what is kept for a time only (contacts' former data), now and then, until cancelled."""
+    while True:
+        try:
+            async with pool.acquire() as con:
+                dropped = await contact_versions.sweep(con)
+            if dropped:
+                log.info("contact versions past their retention dropped", dropped=dropped)
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.warning("housekeeping failed, will retry", error=str(exc))
+        await asyncio.sleep(interval_s)
 
 
 async def stop_background_tasks(tasks: list[asyncio.Task]) -> None:

@@ -271,16 +271,21 @@ async def test_a_message_with_its_content_made_again_for_its_recipient(settings)
         bob_sms = await api.get(f"{MESSAGES}/{items[(c['bob'], 'sms')]['id']}")
         assert bob_sms["content"] is None and "no address" in bob_sms["content_error"]
 
-        # The recipient's data is the contact's now; the content is the run's, even after an edit
+        assert ann["data_as_sent"] is True
+
+        # The recipient's data is the contact's as the run used it; the content is the run's, even after an edit
         await api.call("PATCH", f"/v1/contacts/{c['ann']}", json={"attributes": {"first_name": "Annie"}})
         await api.post(f"/v1/broadcasts/{first}/reset")
         await api.patch(f"/v1/broadcasts/{first}", {"content": {"subject": "Run two, {{ first_name }}"}})
         await api.post(f"/v1/broadcasts/{first}/send", expect=202)
         await api.wait_for_status(first, ENDED)
         again = await api.get(f"{MESSAGES}/{ann['id']}")
-        assert again["content"]["subject"] == "Hi Annie"  # run 1's content, Ann's data as it is now
+        assert again["content"]["subject"] == "Hi Ann" and again["data_as_sent"] is True  # run 1's content and data
         run_two = (await api.get(MESSAGES, params={"contact_id": c["ann"], "channel": "email"}))["items"][0]
         assert run_two["run"] == 2
+        assert (await api.get(f"{MESSAGES}/{run_two['id']}"))["content"]["subject"] == "Run two, Annie"
+        await api.call("PATCH", f"/v1/contacts/{c['ann']}", json={"attributes": {"first_name": "Anna"}})
+        assert (await api.get(f"{MESSAGES}/{ann['id']}"))["content"]["subject"] == "Hi Ann"
         assert (await api.get(f"{MESSAGES}/{run_two['id']}"))["content"]["subject"] == "Run two, Annie"
 
         # An erased contact's message is kept, its content cannot be made again

@@ -24,6 +24,7 @@ SHIPPED = [
     "028_receipts.sql",
     "029_messages_reads.sql",
     "030_dashboard.sql",
+    "031_contact_versions.sql",
 ]
 
 

@@ -89,9 +89,10 @@ class MessageController(Controller):
              "recipient is stored) as the sender made it: from the template version its run started with, or "
              "the broadcast's own content as it was when the message was recorded (an edit while the run was "
              "paused reached the messages after it), in the recipient's locale variant, with its own "
-             "unsubscribe link. The recipient's data is the contact's as it is now, not as it was at the send: "
-             "an attribute changed since shows changed, and an erased contact's message cannot be made again "
-             "(`content: null`, `content_error` says why). Tracked links are shown as written."))
+             "unsubscribe link, tracked links signed for it. The recipient's data is the contact's as it was when "
+             "the message was recorded (`data_as_sent`; contacts keep their former data 90 days, an older message "
+             "shows the earliest kept since); an erased contact's message cannot be made again (`content: null`, "
+             "`content_error` says why)."))
     async def get_message(self, request: Request, state: State, message_id: FromPath[str]) -> MessageWithContent:
         key = ledger.parse_message_id(message_id)
         if key is None:  # not an id this API gave out: as absent as another tenant's
@@ -103,5 +104,6 @@ class MessageController(Controller):
                 raise problem(404, NOT_FOUND)
             rendered = await message_content.render(con, tenant_id, found, services.settings.public_base_url)
         return msgspec.convert({**_out(found), "content": rendered.content, "content_error": rendered.error,
-                                "template_version": rendered.template_version, "locale": rendered.locale},
+                                "template_version": rendered.template_version, "locale": rendered.locale,
+                                "data_as_sent": rendered.data_as_sent},
                                MessageWithContent)

@@ -51,3 +51,6 @@ class MessageWithContent(LedgerMessage, kw_only=True):
     content_error: str | None  # why `content` is null, or why the send failed to render it
     template_version: int  # the template version it was made from (0: the broadcast's own content)
     locale: str | None  # the content's locale variant the recipient gets (null: the default)
+    # true: rendered with the recipient data the message was made from; false: with later data (the
+    # message is older than the days contact versions are kept), or nothing was rendered
+    data_as_sent: bool

@@ -8,8 +8,13 @@ message was (both times are Postgres's). An edit lands only while the run is pau
 rest of the run (the decider's rule), so this is the content the sender rendered the message from,
 where "as of the run's start" would be wrong for the messages after such an edit.
 
-The recipient's data is the contact's as it is now: a run does not keep its recipients' data, so
-an attribute changed since is shown changed, and an erased contact cannot be rendered at all. The
+The recipient's data is the contact's as it was when the message was recorded: the contact keeps
+its former data for CONTACT_VERSIONS_KEPT_DAYS (migration 031: one row per change of what a message
+renders from, not one per recipient and run), so a message that old or younger renders with the data
+it was made from; an older one with the earliest kept since (`data_as_sent` false). The sender reads
+a batch's contacts just before sending it, so a change in the second between that read and the
+message's record shows already. An erased contact's data is gone with it: its message cannot be
+rendered again. The
 sender is the run's provider for the channel as it is now (the first of a pool). A tracked
 message's links and pixel are signed again under the run's tracking key for that content (the
 latest made by the time of the message) with today's signing key: the codes may differ from the
@@ -23,6 +28,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from shared.audience import contact_versions
 from shared.broadcasts import decider as b
 from shared.broadcasts.ledger import LedgerMessage
 from shared.broadcasts.previews import _render, _renderers
@@ -37,6 +43,8 @@ class Rendered(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None  # why there is no content
     template_version: int = 0  # the template's version it was made from (0: inline content)
     locale: str | None = None  # the content's variant the recipient got (None: the default)
+    # Whether the recipient data is the very data the message was made from (see the module's doc).
+    data_as_sent: bool = False
 
 
 async def render(con: asyncpg.Connection, tenant_id: uuid.UUID, message: LedgerMessage, public_url: str) -> Rendered:
@@ -50,14 +58,14 @@ async def render(con: asyncpg.Connection, tenant_id: uuid.UUID, message: LedgerM
     content, version = await _content(con, tenant_id, state, started)
     if content is None:
         return Rendered(content=None, error=f"template {state.template_id} version {version} is gone")
-    recipient_text = await con.fetchval(
-        f"SELECT ({recipient_json(message.channel, may_lack_address=True)})::text FROM contacts c "
-        "WHERE c.tenant_id = $1 AND c.id = $2",
-        tenant_id, message.contact_id)
-    if recipient_text is None:
+    found = await con.fetchrow(
+        contact_versions.as_recorded_sql(f"({recipient_json(message.channel, may_lack_address=True)})::text AS recipient, "
+                                         f"$3 >= {contact_versions.exact_since_sql()} AS exact"),
+        tenant_id, message.contact_id, message.recorded_at)
+    if found is None:
         return Rendered(content=None, error="the contact was erased: its data is gone, so its message cannot be made again",
                         template_version=version)
-    recipient = decode_recipient(recipient_text)
+    recipient = decode_recipient(found["recipient"])
     tracks = state.tracking
     renderer = _renderers(content, (message.channel,), await _from_email(con, tenant_id, started, message.channel),
                           LinkTracking(opens=tracks.opens, clicks=tracks.clicks, text_links=tracks.text_links))[
@@ -76,7 +84,7 @@ async def render(con: asyncpg.Connection, tenant_id: uuid.UUID, message: LedgerM
         tracker = signer.tracking_links(key, urls=True) if key is not None else None
     rendered, error = _render(renderer, recipient, variables, None, tracker)
     return Rendered(content=msgspec.to_builtins(rendered) if rendered is not None else None, error=error,
-                    template_version=version,
+                    template_version=version, data_as_sent=found["exact"],
                     locale=None if isinstance(renderer, str) else renderer.locale_for(recipient.locale))
 
 

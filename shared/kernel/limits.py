@@ -47,6 +47,10 @@ MAX_SCHEDULE_AHEAD_DAYS = 3653  # ten years
 # croniter looks this many years ahead for a cron's next occurrence; one with none is refused.
 MAX_CRON_GAP_YEARS = 10
 
+# How long a contact's former data is kept (migration 031): a message recorded within this many days
+# shows the recipient data it was made from (GET /v1/messages/{id}); an older one may show later data.
+CONTACT_VERSIONS_KEPT_DAYS = 90
+
 # -- paging ----------------------------------------------------------------------------------------
 MAX_OFFSET = 2**63 - 1  # Postgres's OFFSET is a bigint: a larger one is a 422, not a driver overflow
 
