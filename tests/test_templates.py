@@ -9,7 +9,12 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from shared.content.templates import CompiledContent, TemplateError, compile_template
+from shared.content.templates import (
+    Budget,
+    CompiledContent,
+    TemplateError,
+    compile_template,
+)
 
 RECIPIENT = {
     "first_name": "Ana",
@@ -400,6 +405,12 @@ def test_subject_html_and_text_rendered_together_are_what_liquid_renders(case: t
         assume(False)
     expected = tuple(t._liquid.render(variables) for t in (content.subject, content.html, content.text))
     assert content.render(variables) == expected
+    # The same with the strings that need no escaping given apart (as tracked URLs are), on either path
+    given = tuple(k for k, v in variables.items() if type(v) is str and not any(c in v for c in "&<>'\""))
+    values = tuple(variables[k] for k in given)
+    rest = {k: v for k, v in variables.items() if k not in given}
+    assert content.render_given(dict(rest), given, values) == expected
+    assert content.render_given(dict(rest), given, values, Budget()) == expected
 
 
 # --- Telegram MarkdownV2: values escaped, the author's markup not ---------------------------------

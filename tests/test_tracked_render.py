@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 
 from shared.kernel.content import Content, PushPart, SmsPart, TelegramPart
-from shared.platform.signing import PURPOSE_CLICK, PURPOSE_OPEN, read_tracking
+from shared.platform.signing import PURPOSE_CLICK, PURPOSE_OPEN, Signer, read_tracking
 from shared.sending.render import ChannelRenderer, LinkTracking
 from shared.tracking.links import LinkTable, track_html, track_text
 from tests.smtp_peer import SmtpPeer
@@ -19,10 +19,11 @@ from tests.test_send_e2e import audience
 class FakeCodes:
     """Stands in for a run's signed URLs: shows which contact and link each URL was made for."""
 
-    def maker(self, links: tuple[int, ...], names: tuple[str, ...]):
-        def make(contact_id: int, into: dict) -> None:
-            into.update((name, f"https://t.test/r/{contact_id}-{n}" if n else f"https://t.test/o/{contact_id}")
-                        for n, name in zip(links, names))
+    html_safe = True
+
+    def maker(self, links: tuple[int, ...]):
+        def make(contact_id: int) -> tuple[str, ...]:
+            return tuple(f"https://t.test/r/{contact_id}-{n}" if n else f"https://t.test/o/{contact_id}" for n in links)
         return make
 
 
@@ -77,6 +78,20 @@ def test_an_email_gets_its_recipients_links_and_pixel_and_a_preview_the_links_as
     assert '<a href="https://shop.test/?a=1&amp;b=2">Shop</a>' in preview.html
     assert '<img src="data:image/gif;base64,' in preview.html  # nothing fetched, nothing counted
     assert preview.text == "Shop at https://shop.test/?a=1&b=2"
+
+
+def test_signed_urls_go_into_the_message_as_they_are_and_an_odd_public_url_is_escaped_like_any_value():
+    content = Content(subject="Hi {{ name }}", html='<p>{{ name }} <a href="https://shop.test/">Shop</a></p>',
+                      text="{{ name }}: https://shop.test/")
+    renderer = ChannelRenderer(content, "email", tracking=ALL)
+    for base, html_safe in (("https://crier.test", True), ("https://crier.test/x?a=1&b=", False)):
+        tracker = Signer(3, b"k" * 32, base).tracking_links(5, urls=True)
+        assert tracker.html_safe is html_safe
+        sent = renderer.render({"contact_id": 8, "name": "A & B"}, None, tracker=tracker)
+        click, opened = tracker.codes(8, (1, 0))
+        assert sent.subject == "Hi A & B" and sent.text == f"A & B: {click}"
+        assert f'<p>A &amp; B <a href="{click.replace("&", "&amp;")}">Shop</a>' in sent.html
+        assert f'<img src="{opened.replace("&", "&amp;")}"' in sent.html
 
 
 def test_untracked_or_clicks_only_leave_text_and_the_pixel_alone():

@@ -168,73 +168,69 @@ class Signer:
 
 
 class TrackingLinks:
-    """Click and open codes (or URLs) that share their tracking key. `codes` makes all of a
-    message's at once: one HMAC-SHA512 per four links (see the MAC above), from an inner state that
-    has the domain, kid, key and block in it already. About 1.6 µs for an email with three links and
-    its pixel."""
+    """Click and open codes (or URLs) that share their tracking key. `maker` writes out a function
+    making all of a message's at once: one HMAC-SHA512 per four links (see the MAC above), from an
+    inner state that has the domain, kid, key and block in it already. About 1.6 µs for an email
+    with three links and its pixel."""
 
-    __slots__ = ("_click", "_open", "_inner", "_outer", "_makers")
+    __slots__ = ("_click", "_open", "_inner", "_outer", "_makers", "html_safe")
 
     def __init__(self, click_head: str, open_head: str, inner: Any, outer: Any) -> None:
         self._click, self._open, self._inner, self._outer = click_head, open_head, inner, outer
-        self._makers: dict[tuple[tuple[int, ...], tuple[Any, ...]], Any] = {}
+        self._makers: dict[tuple[int, ...], Callable[[int], tuple[str, ...]]] = {}
+        # Whether the URLs hold nothing HTML escapes (the codes never do; the base URL is the
+        # operator's): a render may then write them as they are (CompiledContent.render_given).
+        self.html_safe = not any(c in click_head + open_head for c in "&<>'\"")
 
     def codes(self, contact_id: int, links: Sequence[int]) -> list[str]:
         """The codes (or URLs) of `links` of the message to `contact_id`, in that order; link 0 is
         the open pixel's."""
-        found: dict[int, str] = {}
-        self.fill(found, contact_id, tuple(links), tuple(range(len(links))))
-        return [found[i] for i in range(len(links))]
+        return list(self.maker(tuple(links))(contact_id))
 
-    def fill(self, into: dict[Any, str], contact_id: int, links: tuple[int, ...], names: tuple[Any, ...]) -> None:
-        """`into[names[i]]` = the code (or URL) of `links[i]` of the message to `contact_id`."""
-        self.maker(links, names)(contact_id, into)
-
-    def maker(self, links: tuple[int, ...], names: tuple[Any, ...]) -> Callable[[int, dict[Any, str]], None]:
-        """The function `fill` calls for these links: `make(contact_id, into)` sets `into[names[i]]`
-        to the code (or URL) of `links[i]`, with no list in between (a render's variables take them,
-        a message's links are made by the million). A renderer keeps it per variant."""
-        make = self._makers.get((links, names))
+    def maker(self, links: tuple[int, ...]) -> Callable[[int], tuple[str, ...]]:
+        """`make(contact_id)`: the codes (or URLs) of `links` of the message to `contact_id`, in
+        that order (a message's links are made by the million: a renderer keeps it per variant)."""
+        make = self._makers.get(links)
         if make is None:
-            make = self._maker(links, names)
+            make = self._maker(links)
             if len(self._makers) < 64:  # a run's messages share a handful of link sets (one per variant)
-                self._makers[(links, names)] = make
+                self._makers[links] = make
         return make
 
-    def _maker(self, links: tuple[int, ...], names: tuple[Any, ...]) -> Any:
-        """A function of the contact id setting the codes of `links`, written out for those links (as
-        the templates' fast path is): a loop over them cost 3.1 µs for a pixel and three links, the
-        function written for them 2.2 µs, 1.6 µs with the layout above and CPython's own SHA-512."""
+    def _maker(self, links: tuple[int, ...]) -> Callable[[int], tuple[str, ...]]:
+        """`make` written out for `links` (as the templates' fast path is): a loop over them cost
+        3.1 µs for a pixel and three links, the function written for them 2.2 µs, 1.6 µs with the
+        layout above and CPython's own SHA-512."""
         if not links:  # a variant with nothing tracked in it
-            return lambda contact_id, into: None
+            return lambda contact_id: ()
         if not all(0 <= link <= MAX_TRACKED_LINK for link in links):
             raise ValueError(f"links are numbered 0 to {MAX_TRACKED_LINK}")
         blocks = list(dict.fromkeys(link >> 2 for link in links))
         namespace: dict[str, Any] = {"outer": self._outer, "b2a": binascii.b2a_base64, "URLSAFE": _URLSAFE,
                                      "HC": self._click, "HO": self._open}
-        lines = ["def make(contact_id, into):", "    contact = contact_id.to_bytes(6, 'big')"]
+        lines = ["def make(contact_id):", "    contact = contact_id.to_bytes(6, 'big')"]
         digests = []
         for b, block in enumerate(blocks):
             namespace[f"I{b}"] = inner = self._inner.copy()
             inner.update(block.to_bytes(3, "big"))
             lines.append(f"    i = I{b}.copy(); i.update(contact); o = outer.copy(); o.update(i.digest())")
-            # Each block's 60 bytes of MACs; the last block's whole digest (its 4 spare bytes only
-            # make characters past the last MAC's), which saves a slice.
-            digests.append("o.digest()" if b == len(blocks) - 1 else f"o.digest()[:{_SLOTS * TRACKING_MAC_BYTES}]")
-            if b < len(blocks) - 1:
-                lines.append(f"    d{b} = {digests[-1]}")
-                digests[-1] = f"d{b}"
-        # The contact's 8 characters, then 20 per MAC: each link's code is its head, the contact's,
-        # its number's (made here) and its MAC's.
-        lines += [f"    t = b2a(contact + {' + '.join(digests)}, newline=False).translate(URLSAFE).decode()",
-                  "    c = t[:8]"]
+            if b < len(blocks) - 1:  # each block's 60 bytes of MACs
+                lines.append(f"    d{b} = o.digest()[:{_SLOTS * TRACKING_MAC_BYTES}]")
+                digests.append(f"d{b}")
+            else:  # the last one's whole digest: its 4 spare bytes make characters past the last MAC's
+                digests.append("o.digest()")
+        # The contact's 8 characters, then 20 per MAC (b2a's newline comes after all of them). Each
+        # link's code is its head, the contact's characters, its number's (made here) and its MAC's.
+        lines += [f"    t = b2a(contact + {' + '.join(digests)}).translate(URLSAFE).decode()", "    c = t[:8]"]
+        made = []
         for n, link in enumerate(links):
             at = 8 + (blocks.index(link >> 2) * _SLOTS + (link & 3)) * _TRACKING_MAC_CHARS
-            namespace[f"K{n}"], namespace[f"L{n}"] = names[n], _b64encode(link.to_bytes(3, "big")).decode()
+            namespace[f"L{n}"] = _b64encode(link.to_bytes(3, "big")).decode()
             head, mac = "HC" if link else "HO", f"t[{at}:{at + _TRACKING_MAC_CHARS}]"
-            lines.append(f"    into[K{n}] = f'{{{head}}}{{c}}{{L{n}}}{{{mac}}}'")  # one string, made at once
+            made.append(f"f'{{{head}}}{{c}}{{L{n}}}{{{mac}}}'")  # one string, made at once
+        lines.append(f"    return ({', '.join(made)},)")
         exec("\n".join(lines), namespace)  # noqa: S102 - our own source, of numbers only
-        return namespace["make"]
+        return namespace["make"]  # type: ignore[no-any-return]
 
     def click(self, contact_id: int, link: int) -> str:
         """The code of link `link` (1 and up) in the message to `contact_id`."""

@@ -155,6 +155,12 @@ class _Email:
         subject, html, text = self.compiled.render(variables, budget)
         return EmailContent(subject=subject, html=html, text=text, from_email=self.from_email, reply_to=self.reply_to)
 
+    def render_given(self, variables: dict[str, Any], names: tuple[str, ...], urls: tuple[str, ...],
+                     budget: Budget | None) -> Rendered:
+        """render() with the tracked URLs (nothing in them to escape) as the variables `names`."""
+        subject, html, text = self.compiled.render_given(variables, names, urls, budget)
+        return EmailContent(subject=subject, html=html, text=text, from_email=self.from_email, reply_to=self.reply_to)
+
 
 def _plain(source: str | None, field: str) -> Template | None:
     return compile_template(source, html=False, field=field) if source else None
@@ -274,7 +280,8 @@ class ChannelRenderer:
         # numbers a tracker signs for it, in the variables' order (0: the open pixel).
         self._links: dict[str | None, tuple[tuple[str, str], ...]] = {}
         self._signed: dict[str | None, tuple[tuple[int, ...], tuple[str, ...]]] = {}
-        self._made: dict[str | None, tuple[Tracker, Callable[[int, dict[Any, str]], None]]] = {}  # its maker per variant
+        # Per variant, the tracker last used, its maker of the variant's URLs, and their variables' names.
+        self._made: dict[str | None, tuple[Tracker, Callable[[int], tuple[str, ...]], tuple[str, ...]]] = {}
         self._variant(None)
         if self.tracking.any:  # every variant now, in order: the link numbers must not depend on who came first
             self.check()
@@ -324,8 +331,12 @@ class ChannelRenderer:
             else:
                 made = self._made.get(key)
                 if made is None or made[0] is not tracker:  # a new run's tracker (this renderer outlives jobs)
-                    made = self._made[key] = (tracker, tracker.maker(*self._signed[key]))
-                made[1](variables["contact_id"], variables)
+                    numbers, names = self._signed[key]
+                    made = self._made[key] = (tracker, tracker.maker(numbers), names)
+                urls = made[1](variables["contact_id"])
+                if tracker.html_safe and type(variant) is _Email:
+                    return variant.render_given(variables, made[2], urls, budget)
+                variables.update(zip(made[2], urls))
         return variant.render(variables, budget)
 
     def check(self) -> None:
@@ -338,9 +349,11 @@ class ChannelRenderer:
 class Tracker(Protocol):
     """A run's signed tracking URLs for its recipients (signing.Signer.tracking_links(urls=True))."""
 
-    def maker(self, links: tuple[int, ...], names: tuple[Any, ...]) -> Callable[[int, dict[Any, str]], None]:
-        """A function `make(contact_id, into)` setting `into[names[i]]` to the URL of `links[i]` (0:
-        the open pixel) of the message to `contact_id`."""
+    html_safe: bool  # its URLs hold no character HTML escapes
+
+    def maker(self, links: tuple[int, ...]) -> Callable[[int], tuple[str, ...]]:
+        """A function of a contact id: the URLs of `links` (0: the open pixel) in the message to
+        that contact, in that order."""
         ...
 
 
