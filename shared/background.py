@@ -6,6 +6,8 @@ deployment must run them (CRIER_RUN_BACKGROUND, true by default everywhere)."""
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -24,10 +26,12 @@ from shared.platform.logging import get_logger
 from shared.platform.projections import AfterFold, Projection, run_projector
 from shared.platform.relay import run_relay
 from shared.platform.settings import Settings
+from shared.tracking import early_receipts
+from shared.tracking.early_receipts import EARLY_RECEIPTS_EVERY_S
 
 log = get_logger(__name__)
 
-HOUSEKEEPING_INTERVAL_S = 3600.0  # what it drops is days old: once an hour is plenty
+SWEEP_EVERY_S = 3600.0  # what the sweep drops is days old: once an hour is plenty
 
 
 def async_projections() -> list[tuple[Projection, AfterFold | None]]:
@@ -66,17 +70,25 @@ def start_background_tasks(
     ]
 
 
-async def run_housekeeping(pool: asyncpg.Pool, interval_s: float = HOUSEKEEPING_INTERVAL_S) -> None:
-    """Drop what is kept for a time only (contacts' former data), now and then, until cancelled."""
+async def run_housekeeping(
+    pool: asyncpg.Pool, *, every_s: float = EARLY_RECEIPTS_EVERY_S, sweep_every_s: float = SWEEP_EVERY_S,
+) -> None:
+    """Until cancelled: apply held receipts again every `every_s`, and drop what is kept for a time
+    only (contacts' former data) every `sweep_every_s`."""
+    swept_at = -math.inf
     while True:
         try:
             async with pool.acquire() as con:
-                dropped = await contact_versions.sweep(con)
-            if dropped:
-                log.info("contact versions past their retention dropped", dropped=dropped)
+                retried = await early_receipts.apply_again(con)
+                if retried.applied or retried.expired:
+                    log.info("held receipts applied again", applied=retried.applied, expired=retried.expired)
+                if time.monotonic() - swept_at >= sweep_every_s:
+                    if dropped := await contact_versions.sweep(con):
+                        log.info("contact versions past their retention dropped", dropped=dropped)
+                    swept_at = time.monotonic()
         except (asyncpg.PostgresError, OSError) as exc:
             log.warning("housekeeping failed, will retry", error=str(exc))
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(every_s)
 
 
 async def stop_background_tasks(tasks: list[asyncio.Task]) -> None:

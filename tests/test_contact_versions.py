@@ -86,7 +86,7 @@ async def test_a_message_shows_the_data_it_was_made_from_until_the_retention_dro
                               "WHERE broadcast_id = $1", uuid.UUID(shown[0]["broadcast_id"]))
             await con.execute("UPDATE contact_versions SET valid_until = valid_until - interval '100 days' "
                               "WHERE contact->'attributes'->>'first_name' = 'Ann'")
-            sweeping = asyncio.create_task(run_housekeeping(pool, interval_s=0.05))
+            sweeping = asyncio.create_task(run_housekeeping(pool, every_s=0.05, sweep_every_s=0.05))
             try:
                 for _ in range(200):
                     if len(await versions(con)) == 1:

@@ -25,6 +25,7 @@ SHIPPED = [
     "029_messages_reads.sql",
     "030_dashboard.sql",
     "031_contact_versions.sql",
+    "032_early_receipts.sql",
 ]
 
 

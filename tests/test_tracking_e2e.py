@@ -147,7 +147,7 @@ async def test_a_tracked_broadcast_to_1000_shows_exactly_its_opens_clicks_and_re
             board = await api.get("/v1/dashboard")
 
     # Then every figure is what was done
-    assert applied == [{"received": 10, "applied": 10}] * 5 and replayed == {"received": 10, "applied": 0}
+    assert applied == [{"received": 10, "applied": 10, "held": 0}] * 5 and replayed == {"received": 10, "applied": 0, "held": 0}
     engagement = {
         "delivered": 50, "read": 0,
         "opened": 300, "opens": 340,  # people: each message once, every load

@@ -299,7 +299,7 @@ async def take_receipts(request: Request, state: State, provider_id: FromPath[st
         found = _email(request, caller, row, body, now)
     async with state.services.pool.acquire() as con:
         applied = await receipts.apply_receipts(con, row.tenant_id, row.channel, found)
-    return ReceiptsTaken(received=applied.received, applied=applied.moved)
+    return ReceiptsTaken(received=applied.received, applied=applied.moved, held=applied.held)
 
 
 @get(PATH, media_type=MediaType.TEXT, tags=["receipts"], operation_class=_PublicOperation,

@@ -76,3 +76,6 @@ EmailReceipts = EmailReceipt | Annotated[list[EmailReceipt], Meta(max_length=MAX
 class ReceiptsTaken(msgspec.Struct, kw_only=True):
     received: Annotated[int, Meta(description="statuses in the request that the ledger takes")]
     applied: Annotated[int, Meta(description="messages of the provider's tenant that they moved on")]
+    held: Annotated[int, Meta(description=(
+        "statuses that named no message yet (its outcome not written yet): held, and applied within seconds "
+        "of its message being written; dropped after 10 minutes"))] = 0

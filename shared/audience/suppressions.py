@@ -145,20 +145,21 @@ async def unknown_contacts(con: asyncpg.Connection, tenant_id: uuid.UUID, contac
 async def unsubscribe(
     con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: uuid.UUID, contact_id: int, channel: str,
     address_sql: str | None,
-) -> bool:
+) -> bool | None:
     """A recipient asked to stop: suppress the contact and its address on the channel (`address_sql`,
     the channel's ADDRESS_SQL over a contact row `c`, or None when it has none), reason `unsubscribed`.
-    False, and nothing written, when the contact is gone (nothing is known to suppress). Idempotent."""
+    Whether that made the suppression (False: it was there already); None, and nothing written, when
+    the contact is gone (nothing is known to suppress). Idempotent."""
     row = await con.fetchrow(
         f"SELECT {address_sql or 'NULL::text'} AS address FROM contacts c WHERE c.id = $1 AND c.tenant_id = $2",
         contact_id, tenant_id,
     )
     if row is None:
-        return False
+        return None
     address = row["address"] if isinstance(row["address"], str) and row["address"].strip() else None
-    await suppress(con, tenant_id, contact_id=contact_id, address=address, channel=channel,
-                   reason="unsubscribed", broadcast_id=broadcast_id)
-    return True
+    _, created = await suppress(con, tenant_id, contact_id=contact_id, address=address, channel=channel,
+                                reason="unsubscribed", broadcast_id=broadcast_id)
+    return created
 
 
 async def get_suppression(con: asyncpg.Connection, tenant_id: uuid.UUID, suppression_id: int) -> Suppression | None:

@@ -31,7 +31,7 @@ import msgspec
 from shared.audience import contact_versions
 from shared.broadcasts import decider as b
 from shared.broadcasts.ledger import LedgerMessage
-from shared.broadcasts.previews import _render, _renderers
+from shared.broadcasts.previews import render_message, renderers_for
 from shared.kernel.content import Content
 from shared.platform import codec, eventstore, signing
 from shared.sending.jobs import decode_recipient, recipient_json
@@ -67,7 +67,7 @@ async def render(con: asyncpg.Connection, tenant_id: uuid.UUID, message: LedgerM
                         template_version=version)
     recipient = decode_recipient(found["recipient"])
     tracks = state.tracking
-    renderer = _renderers(content, (message.channel,), await _from_email(con, tenant_id, started, message.channel),
+    renderer = renderers_for(content, (message.channel,), await _from_email(con, tenant_id, started, message.channel),
                           LinkTracking(opens=tracks.opens, clicks=tracks.clicks, text_links=tracks.text_links))[
         message.channel]
     variables = recipient.variables()
@@ -82,7 +82,7 @@ async def render(con: asyncpg.Connection, tenant_id: uuid.UUID, message: LedgerM
                ORDER BY version DESC LIMIT 1""",
             message.broadcast_id, message.run, message.channel, version_at)
         tracker = signer.tracking_links(key, urls=True) if key is not None else None
-    rendered, error = _render(renderer, recipient, variables, None, tracker)
+    rendered, error = render_message(renderer, recipient, variables, None, tracker)
     return Rendered(content=msgspec.to_builtins(rendered) if rendered is not None else None, error=error,
                     template_version=version, data_as_sent=found["exact"],
                     locale=None if isinstance(renderer, str) else renderer.locale_for(recipient.locale))

@@ -79,7 +79,7 @@ async def content_now(con: asyncpg.Connection, row: view.BroadcastRow) -> Conten
     return msgspec.convert(stored, Content)
 
 
-def _renderers(
+def renderers_for(
     content: Content, channels: tuple[str, ...], from_email: dict[str, str], tracking: LinkTracking | None = None,
 ) -> dict[str, ChannelRenderer | str]:
     """A renderer per channel, or why there is none (the content has nothing for it, or does not compile)."""
@@ -97,10 +97,13 @@ def _renderers(
     return out
 
 
-def _render(
+def render_message(
     renderer: ChannelRenderer | str, recipient: Recipient, variables: dict[str, Any], preview: Budget | None,
     tracker: Tracker | None = None,
 ) -> tuple[RenderedContent | None, str | None]:
+    """One recipient's message on the renderer's channel within a message's limits (charged to
+    `preview`, if any), or why there is none: what a preview, a test send and GET /v1/messages/{id}
+    show."""
     if isinstance(renderer, str):
         return None, renderer
     if preview is not None and preview.used_up:
@@ -126,7 +129,7 @@ def _resolve(
         if signer is not None:  # the recipient's own link, as the send signs it
             variables["unsubscribe_url"] = signer.unsubscribe_links(row.tenant_id, row.id, channel).url(
                 recipient.contact_id)
-        rendered, error = _render(renderers[channel], recipient, variables, preview)
+        rendered, error = render_message(renderers[channel], recipient, variables, preview)
         messages.append(ChannelMessage(channel=channel, address=addresses[channel] or "",
                                        content=msgspec.to_builtins(rendered) if rendered is not None else {},
                                        error=error))
@@ -192,7 +195,7 @@ async def preview(
         except audience.MissingSegment as exc:
             raise Invalid(exc.field, f"no segment {exc.segment_id}") from exc
         signer = await signing.load_signer(con, public_url)
-        renderers = _renderers(await content_now(con, row), row.channels, await _from_emails(con, row))
+        renderers = renderers_for(await content_now(con, row), row.channels, await _from_emails(con, row))
     # Each message within a message's limits, and all of them within two messages' worth, so that
     # a heavy template stops the preview within a fraction of a second; the messages past it say why.
     budget = preview_budget()
@@ -234,7 +237,7 @@ async def test_send(
             actor.tenant_id, contact_ids,
         )
         from_emails = {c: p.config["from_email"] for c, p in providers.items() if p.config.get("from_email")}
-        renderers = _renderers(await content_now(con, row), row.channels, from_emails)
+        renderers = renderers_for(await content_now(con, row), row.channels, from_emails)
     found_ids = {r["id"] for r in contacts}
     for i, cid in enumerate(contact_ids):
         if cid not in found_ids:

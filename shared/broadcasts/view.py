@@ -14,7 +14,7 @@ import msgspec
 from shared.broadcasts import decider as b
 from shared.broadcasts.status import ACTIVE, Status, sql_list
 from shared.kernel.audience import Audience, of_list
-from shared.platform import codec
+from shared.platform import codec, db
 from shared.platform.eventstore import RecordedEvent
 
 
@@ -238,13 +238,6 @@ SORTS = {
 DEFAULT_SORT = "-created_at"
 
 
-def contains(search: str) -> str:
-    """A LIKE pattern (ESCAPE '\\') matching lower(x) that holds `search` in any case, its own % _
-    and \\ taken literally."""
-    escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
 async def page(
     con: asyncpg.Connection, tenant_id: uuid.UUID, status: str | None, limit: int, offset: int, *,
     search: str | None = None, sort: str = DEFAULT_SORT,
@@ -258,7 +251,7 @@ async def page(
         args.append(status)
         where.append(f"status = ${len(args)}")
     if search is not None:
-        args.append(contains(search))
+        args.append(db.contains_pattern(search))
         where.append(f"lower(name) LIKE ${len(args)} ESCAPE '\\'")
     condition = " AND ".join(where)
     total = await con.fetchval(f"SELECT count(*) FROM broadcasts WHERE {condition}", *args)

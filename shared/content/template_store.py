@@ -16,6 +16,7 @@ from msgspec import UNSET, UnsetType
 
 from shared.kernel.content import CHANNELS, Content
 from shared.kernel.errors import Conflict
+from shared.platform import db
 
 # The statuses of a broadcast that may still render its template (shared.broadcasts.status: every
 # one but the finished ones). Spelled out, since shared.content sits below shared.broadcasts.
@@ -83,12 +84,6 @@ def _json(content: Content) -> str:
     return msgspec.json.encode(content).decode()
 
 
-def _like(search: str) -> str:
-    """`search` as a LIKE pattern matching it anywhere, its own % _ and \\ taken literally."""
-    escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
 async def create(
     con: asyncpg.Connection, tenant_id: uuid.UUID, name: str, content: Content, *, is_template: bool = True,
     idempotency_key: str | None = None,
@@ -153,7 +148,7 @@ async def list_templates(
     holds `search` (case-insensitively), with that `is_template` (either when None)."""
     where = """tenant_id = $1 AND deleted_at IS NULL AND ($2::text IS NULL OR lower(name) LIKE $2 ESCAPE '\\')
                AND ($3::boolean IS NULL OR is_template = $3)"""
-    args = (tenant_id, None if search is None else _like(search), is_template)
+    args = (tenant_id, None if search is None else db.contains_pattern(search), is_template)
     total = await con.fetchval(f"SELECT count(*) FROM templates WHERE {where}", *args)
     rows = await con.fetch(
         f"""SELECT id, name, is_template, version, {_CHANNELS}, created_at, updated_at FROM templates

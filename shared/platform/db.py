@@ -46,6 +46,13 @@ _CONNECTION_ERRORS = (
 )
 
 
+def contains_pattern(search: str) -> str:
+    """A LIKE pattern (ESCAPE '\\', Postgres's default) matching lower(x) that holds `search` in any
+    case, its own % _ and \\ taken literally."""
+    escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True if `exc` says Postgres could not be reached, not that a statement was wrong."""
     return isinstance(exc, _CONNECTION_ERRORS)

@@ -16,10 +16,11 @@ moved, the suppressions, and last the counters (a broadcast's counter row is wha
 requests contend for, so it is held the shortest). What a row's receipts do is decided in Python
 (receipt_statuses.fold), in the order they came.
 
-A receipt that matches no row changes nothing and is not kept: a message of another system on the
-same account, another tenant's, or one whose outcome the sender has not written yet (a provider
-that reports within the same second as its API answered, before the batch's outcomes are
-written; Twilio's and Meta's `delivered` come later than that).
+A receipt that matches no row changes nothing then, and is held (migration 032) if it may be
+one of ours: a message whose outcome the sender has not written yet (a provider that reports
+within moments of its API's answer) is found when the housekeeping applies it again
+(shared/tracking/early_receipts.py). An email id Crier did not set is not held; a Twilio SID or
+a wamid of another system on the same account is, until it expires.
 """
 from __future__ import annotations
 
@@ -49,10 +50,14 @@ EMAIL_ID_DOMAIN = "@crier"
 _ATTEMPTS = 3  # a deadlock (with an erasure, say) is retried
 
 
+MAX_EARLY_RECEIPTS = 10_000  # held per tenant (migration 032); past it, a receipt that names nothing is dropped
+
+
 class Applied(msgspec.Struct, frozen=True, kw_only=True):
     received: int  # receipts in the request that say something (statuses the ledger takes)
     matched: int  # ledger rows they name, of this tenant, that were handed over
     moved: int  # of those, rows whose status or times changed
+    held: int = 0  # receipts that named no row yet, held to be applied again
 
 
 class LedgerKey(msgspec.Struct, frozen=True):
@@ -125,16 +130,33 @@ async def apply_receipts(
 ) -> Applied:
     """Apply one request's receipts (in the order they came) to the tenant's messages on `channel`,
     in one transaction: the ledger, the engagement counters, and the suppressions of hard bounces
-    and complaints. Applying the same receipts again changes nothing."""
+    and complaints; those that name no message yet are held (see the module). Applying the same
+    receipts again changes nothing."""
+    applied, _ = await _in_transaction(con, tenant_id, channel, receipts, hold=True)
+    return applied
+
+
+async def apply_held(
+    con: asyncpg.Connection, tenant_id: uuid.UUID, channel: str, receipts: Sequence[Receipt]
+) -> set[str]:
+    """Apply held receipts again as apply_receipts does, holding nothing: the provider message ids
+    that named a message this time."""
+    _, found = await _in_transaction(con, tenant_id, channel, receipts, hold=False)
+    return found
+
+
+async def _in_transaction(
+    con: asyncpg.Connection, tenant_id: uuid.UUID, channel: str, receipts: Sequence[Receipt], *, hold: bool
+) -> tuple[Applied, set[str]]:
     if not receipts:
-        return Applied(received=0, matched=0, moved=0)
+        return Applied(received=0, matched=0, moved=0), set()
     by_id: dict[str, list[Receipt]] = defaultdict(list)
     for receipt in receipts:
         by_id[receipt.provider_message_id].append(receipt)
     for attempt in range(_ATTEMPTS):
         try:
             async with con.transaction():
-                return await _apply(con, tenant_id, channel, by_id, len(receipts))
+                return await _apply(con, tenant_id, channel, by_id, len(receipts), hold)
         except asyncpg.DeadlockDetectedError:
             if attempt == _ATTEMPTS - 1:
                 raise
@@ -155,9 +177,11 @@ async def _rows(
 
 
 async def _apply(
-    con: asyncpg.Connection, tenant_id: uuid.UUID, channel: str, by_id: dict[str, list[Receipt]], received: int
-) -> Applied:
+    con: asyncpg.Connection, tenant_id: uuid.UUID, channel: str, by_id: dict[str, list[Receipt]], received: int,
+    hold: bool,
+) -> tuple[Applied, set[str]]:
     rows = await _rows(con, tenant_id, channel, list(by_id))
+    found = {row["provider_message_id"] for row in rows}
     moved: list[tuple[asyncpg.Record, Moved]] = []
     for row in rows:
         state = LedgerState(status=row["status"], delivered_at=row["delivered_at"], read_at=row["read_at"],
@@ -171,7 +195,34 @@ async def _apply(
         if suppressed := _suppressions(moved):
             await suppressions.add_suppressions(con, tenant_id, suppressed)
         await con.execute(_COUNT, *_columns(_counts(moved)))
-    return Applied(received=received, matched=len(rows), moved=len(moved))
+    held = 0
+    if hold and (early := [r for i, rs in by_id.items() if i not in found and _may_be_ours(channel, i) for r in rs]):
+        held = await con.fetchval(_HOLD, tenant_id, channel, early, MAX_EARLY_RECEIPTS)  # jsonb: msgspec encodes
+    return Applied(received=received, matched=len(rows), moved=len(moved), held=held), found
+
+
+# Up to the tenant's room: all of them or none (a request's receipts are applied together). One
+# held already (a replay of the request) is not held twice.
+_HOLD = """
+WITH room AS (SELECT $4 - count(*) AS left FROM early_receipts WHERE tenant_id = $1),
+held AS (
+    INSERT INTO early_receipts (tenant_id, channel, receipt)
+    SELECT $1, $2, u.r FROM unnest($3::jsonb[]) WITH ORDINALITY AS u(r, ord), room
+    WHERE room.left >= cardinality($3::jsonb[])
+      AND NOT EXISTS (SELECT FROM early_receipts e WHERE e.tenant_id = $1 AND e.channel = $2 AND e.receipt = u.r)
+    ORDER BY ord
+    RETURNING 1
+)
+SELECT count(*) FROM held"""
+
+
+def _may_be_ours(channel: str, provider_message_id: str) -> bool:
+    """Whether a row may yet carry this id: on an indexed channel any id (a SID is given out by the
+    provider), on email only a Message-ID Crier set for that channel."""
+    if channel in INDEXED_CHANNELS:
+        return True
+    key = email_ledger_key(provider_message_id)
+    return key is not None and key.channel == channel
 
 
 def _columns(rows: list[tuple]) -> list[list]:

@@ -40,20 +40,10 @@ async def unsubscribe(
     con: asyncpg.Connection, tenant_id: uuid.UUID, broadcast_id: uuid.UUID, contact_id: int, channel: str,
     address_sql: str | None,
 ) -> int | None:
-    """Suppress the contact and its address on the channel (`address_sql`: the channel's ADDRESS_SQL
-    over a contact row `c`, or None), as shared.audience.suppressions.unsubscribe does, and count a
-    first unsubscribe (see the module). The run it counted for, else None (not the first, no such
-    message, or the contact is gone: then nothing is written)."""
+    """Suppress the contact and its address on the channel (shared.audience.suppressions.unsubscribe)
+    and count a first unsubscribe (see the module). The run it counted for, else None (not the
+    first, no such message, or the contact is gone: then nothing is written)."""
     async with con.transaction():
-        row = await con.fetchrow(
-            f"SELECT {address_sql or 'NULL::text'} AS address FROM contacts c WHERE c.id = $1 AND c.tenant_id = $2",
-            contact_id, tenant_id,
-        )
-        if row is None:
-            return None
-        address = row["address"] if isinstance(row["address"], str) and row["address"].strip() else None
-        _, created = await suppressions.suppress(con, tenant_id, contact_id=contact_id, address=address,
-                                                 channel=channel, reason="unsubscribed", broadcast_id=broadcast_id)
-        if not created:
+        if not await suppressions.unsubscribe(con, tenant_id, broadcast_id, contact_id, channel, address_sql):
             return None
         return await con.fetchval(_COUNT, broadcast_id, contact_id, channel, tenant_id)
