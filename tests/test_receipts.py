@@ -46,7 +46,7 @@ from shared.tracking.receipt_signatures import (
     twilio_verified,
 )
 from shared.tracking.receipt_statuses import LedgerState, Receipt, fold
-from shared.tracking.receipts import email_ledger_key
+from shared.tracking.receipts import apply_receipts, email_ledger_key
 from tests.api_helpers import assert_problem
 from tests.smtp_peer import SmtpPeer
 from tests.stack import Api, api_for, sender_in_process
@@ -526,6 +526,45 @@ async def test_a_receipt_that_comes_before_its_message_is_written_is_held_and_ap
     assert (retried.applied, retried.expired, left) == (0, 1, 0)
     assert await counters_match_the_ledger(settings, broadcast_id) == {"delivered": 1, "read": 0, "bounced": 0,
                                                                        "complained": 0}
+
+
+async def test_a_tenants_pile_of_held_receipts_holds_up_neither_another_tenant_nor_its_own_newest(settings):
+    # The housekeeping's passes are run by hand here, one at a time
+    settings = msgspec.structs.replace(settings, run_background=False)
+    config = {"kind": "twilio", "name": "t", "account_sid": "AC" + "0" * 32, "auth_token": AUTH_TOKEN,
+              "from_number": "+15005550006"}
+    async with two_tenants(settings) as (one, two, post):
+        ones, twos = (await one.post("/v1/providers", config))["id"], (await two.post("/v1/providers", config))["id"]
+        # Given tenant two holding 500 receipts that will never name a message, tenant one 300, and then
+        # one receipt each of tenant one and two whose messages are written afterwards
+        con = await db.connect(settings.database_url)
+        try:
+            tenant_of = {p: await con.fetchval("SELECT tenant_id FROM providers WHERE id = $1", uuid.UUID(p))
+                         for p in (ones, twos)}
+            for provider_id, n in ((twos, 500), (ones, 300)):
+                await apply_receipts(con, tenant_of[provider_id], "sms", [
+                    Receipt(provider_message_id=f"SMnever{provider_id[:4]}{i:05d}", status="delivered",
+                            at=datetime.now(timezone.utc)) for i in range(n)])
+            for api, provider_id, sid in ((one, ones, "SM" + "d" * 32), (two, twos, "SM" + "e" * 32)):
+                assert (await post.twilio(provider_id, {"MessageSid": sid, "MessageStatus": "delivered"})).json() == {
+                    "received": 1, "applied": 0, "held": 1}
+            written = {sid: await a_sent_message(settings, api, provider_id, "sms", sid)
+                       for api, provider_id, sid in ((one, ones, "SM" + "d" * 32), (two, twos, "SM" + "e" * 32))}
+            # When a pass runs: it takes 200 of each tenant's, the untried first, newest first
+            first = await early_receipts.apply_again(con)
+            tried = await con.fetchval("SELECT count(*) FROM early_receipts WHERE tried_at IS NOT NULL")
+            # and the next ones the untried, then the least recently tried
+            second = await early_receipts.apply_again(con)
+            third = await early_receipts.apply_again(con)
+            untried = await con.fetchval("SELECT count(*) FROM early_receipts WHERE tried_at IS NULL")
+            held = await con.fetchval("SELECT count(*) FROM early_receipts")
+        finally:
+            await con.close()
+        statuses = {sid: (await ledger(settings, b))[sid]["status"] for sid, b in written.items()}
+    # Then both newest are applied on the first pass, whatever the piles; the never-matching ones stay
+    # held till they expire, each tried in turn
+    assert (first.applied, second.applied, third.applied, tried, untried, held) == (2, 0, 0, 398, 0, 800)
+    assert statuses == {"SM" + "d" * 32: "delivered", "SM" + "e" * 32: "delivered"}
 
 
 async def test_an_email_receipt_for_a_message_id_crier_did_not_set_is_not_held(settings):

@@ -586,7 +586,9 @@ def _markdown_text(value: Any) -> str:
     return escape_markdown_v2(_text(value, False))
 
 
-def _compile_together(templates: tuple[_FastTemplate, ...], given: tuple[str, ...] = ()) -> Callable[..., tuple[str, ...]]:
+def _compile_together(
+    templates: tuple[_FastTemplate, ...], given: tuple[str, ...] = (),
+) -> Callable[..., tuple[str, ...]]:
     """One Python function rendering fast templates together: each variable they use is looked up
     and turned into text once, escaped once for the HTML (or MarkdownV2) ones that use it, and each
     template is one join.

@@ -170,8 +170,8 @@ class Signer:
 class TrackingLinks:
     """Click and open codes (or URLs) that share their tracking key. `maker` writes out a function
     making all of a message's at once: one HMAC-SHA512 per four links (see the MAC above), from an
-    inner state that has the domain, kid, key and block in it already. About 1.6 µs for an email
-    with three links and its pixel."""
+    inner state that has the domain, kid, key and block in it already. About 2 µs for an email with
+    three links and its pixel."""
 
     __slots__ = ("_click", "_open", "_inner", "_outer", "_makers", "html_safe")
 
@@ -198,9 +198,10 @@ class TrackingLinks:
         return make
 
     def _maker(self, links: tuple[int, ...]) -> Callable[[int], tuple[str, ...]]:
-        """`make` written out for `links` (as the templates' fast path is): a loop over them cost
-        3.1 µs for a pixel and three links, the function written for them 2.2 µs, 1.6 µs with the
-        layout above and CPython's own SHA-512."""
+        """`make` written out for `links` (as the templates' fast path is): for a pixel and three
+        links a loop over them cost 3.1 µs and the function written for them 2.2 µs; the layout
+        above and CPython's own SHA-512 states took a fifth off that (2.6 -> 2.1 µs, measured side
+        by side)."""
         if not links:  # a variant with nothing tracked in it
             return lambda contact_id: ()
         if not all(0 <= link <= MAX_TRACKED_LINK for link in links):

@@ -1,7 +1,8 @@
 """Receipts held because they named no message yet (migration 032), applied again: each time the
-housekeeping ticks (EARLY_RECEIPTS_EVERY_S), the oldest held ones, per tenant and channel in the
-order they came, as the receipts endpoint applies them (shared/tracking/receipts.py). Those that
-now name a message are done; those older than EARLY_RECEIPT_TTL_S are dropped."""
+housekeeping ticks (EARLY_RECEIPTS_EVERY_S), up to PER_TENANT of each tenant's held receipts (see
+_TAKE for which), per tenant and channel as the receipts endpoint applies them
+(shared/tracking/receipts.py). Those that now name a message are done; those older than
+EARLY_RECEIPT_TTL_S are dropped."""
 from __future__ import annotations
 
 import uuid
@@ -17,7 +18,8 @@ EARLY_RECEIPTS_EVERY_S = 2.0
 # Long past any sender's moment between a provider's answer and its ledger row, short enough that
 # another system's receipts on a shared account do not pile up.
 EARLY_RECEIPT_TTL_S = 600
-_BATCH = 1000  # held receipts applied per tick: a bound on one transaction
+PER_TENANT = 200  # held receipts of one tenant tried per pass: its share
+TENANTS_PER_PASS = 50  # with PER_TENANT, at most 10,000 receipts in a pass's transaction
 
 
 class Retried(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,23 +28,35 @@ class Retried(msgspec.Struct, frozen=True, kw_only=True):
 
 
 async def apply_again(con: asyncpg.Connection) -> Retried:
-    """One pass over the oldest held receipts, in one transaction (SKIP LOCKED: two passes at once
-    take different ones)."""
+    """One pass, in one transaction (SKIP LOCKED: two passes at once take different receipts)."""
     async with con.transaction():
         expired = int((await con.execute(
             f"DELETE FROM early_receipts WHERE received_at < now() - interval '{EARLY_RECEIPT_TTL_S} seconds'")
         ).split()[-1])
-        rows = await con.fetch(
-            "SELECT id, tenant_id, channel, receipt::text AS receipt FROM early_receipts ORDER BY id LIMIT $1 "
-            "FOR UPDATE SKIP LOCKED", _BATCH)
+        rows = await con.fetch(_TAKE, PER_TENANT)
         groups: dict[tuple[uuid.UUID, str], list[tuple[int, Receipt]]] = defaultdict(list)
         for row in rows:
             groups[(row["tenant_id"], row["channel"])].append(
                 (row["id"], msgspec.json.decode(row["receipt"], type=Receipt)))
-        done: list[int] = []
+        done: set[int] = set()
         for (tenant_id, channel), held in groups.items():
             found = await receipts.apply_held(con, tenant_id, channel, [r for _, r in held])
-            done += [i for i, r in held if r.provider_message_id in found]
+            done.update(i for i, r in held if r.provider_message_id in found)
         if done:
-            await con.execute("DELETE FROM early_receipts WHERE id = ANY($1::bigint[])", done)
+            await con.execute("DELETE FROM early_receipts WHERE id = ANY($1::bigint[])", list(done))
+        if tried := [row["id"] for row in rows if row["id"] not in done]:
+            await con.execute("UPDATE early_receipts SET tried_at = now() WHERE id = ANY($1::bigint[])", tried)
     return Retried(applied=len(done), expired=expired)
+
+
+# Each tenant's share: the untried first, newest first (a receipt just held is the likeliest to
+# find its message: it is being written), then the least recently tried; of TENANTS_PER_PASS
+# tenants drawn at random when more hold receipts (a bound on a pass). Applied in the order they
+# came (a message's receipts are folded in that order).
+_TAKE = f"""
+SELECT e.id, e.tenant_id, e.channel, e.receipt::text AS receipt
+FROM (SELECT tenant_id FROM (SELECT DISTINCT tenant_id FROM early_receipts) d
+      ORDER BY random() LIMIT {TENANTS_PER_PASS}) t,
+LATERAL (SELECT x.id, x.tenant_id, x.channel, x.receipt FROM early_receipts x WHERE x.tenant_id = t.tenant_id
+         ORDER BY x.tried_at NULLS FIRST, x.id DESC LIMIT $1 FOR UPDATE SKIP LOCKED) e
+ORDER BY e.id"""
