@@ -239,10 +239,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.peer._connections.add(self.connection)
             self.peer._connections_made += 1
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):  # the client went away mid-answer (a killed sender)
+            pass
+
     def finish(self) -> None:
         with self.peer._lock:
             self.peer._connections.discard(self.connection)
-        super().finish()
+        try:
+            super().finish()
+        except (BrokenPipeError, ConnectionResetError):  # the same: nothing left to flush to
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
