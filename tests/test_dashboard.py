@@ -137,6 +137,7 @@ async def test_the_windows_broadcasts_summed_per_channel_and_one_by_one_each_ten
         latest_only = await t.one.get("/v1/dashboard", params={"limit": 1})
         no_token = await t.anyone.get("/v1/dashboard")
         shown = {b["id"]: (await t.one.get(f"/v1/broadcasts/{b['id']}"))["counters"] for b in (news, both)}
+        both_stats = await t.one.get(f"/v1/broadcasts/{both['id']}/stats")
 
     # Then tenant one's holds its two sent broadcasts, the latest first, each with its counters
     assert board["broadcasts"] == 2 and board["limit"] == 100
@@ -157,6 +158,9 @@ async def test_the_windows_broadcasts_summed_per_channel_and_one_by_one_each_ten
                               "clicked": 2, "clicks": 3}
     assert {f: sum(c[f] for c in board["channels"]) for f in CHANNEL_FIGURES} == {
         f: board["totals"][f] for f in CHANNEL_FIGURES}
+    # and the two-channel broadcast's own stats split its sends and clicks by channel
+    assert [(c["channel"], c["sent"], c["failed"], c["opened"], c["clicked"], c["clicks"])
+            for c in both_stats["channels"]] == [("email", 4, 0, 1, 0, 0), ("sms", 3, 0, 0, 2, 3)]
     # The window as applied: now, and 30 days before
     to = datetime.fromisoformat(board["to"])
     assert datetime.fromisoformat(board["from"]) == to - timedelta(days=30)

@@ -147,7 +147,8 @@ async def test_a_tracked_broadcast_to_1000_shows_exactly_its_opens_clicks_and_re
             board = await api.get("/v1/dashboard")
 
     # Then every figure is what was done
-    assert applied == [{"received": 10, "applied": 10, "held": 0}] * 5 and replayed == {"received": 10, "applied": 0, "held": 0}
+    assert applied == [{"received": 10, "applied": 10, "held": 0}] * 5
+    assert replayed == {"received": 10, "applied": 0, "held": 0}
     engagement = {
         "delivered": 50, "read": 0,
         "opened": 300, "opens": 340,  # people: each message once, every load
@@ -164,7 +165,8 @@ async def test_a_tracked_broadcast_to_1000_shows_exactly_its_opens_clicks_and_re
                 "dropped": 0, "skipped": 0, **engagement}
     assert counters == expected
 
-    assert stats["channels"] == [{"channel": "email", **engagement}]
+    assert stats["channels"] == [{"channel": "email", "sent": RECIPIENTS, "failed": 0, "unknown": 0, "suppressed": 0,
+                                  **engagement}]
     per_link = {URLS[n - 1]: {"clicked": len({p for p, m in clicks if m == n}),
                               "clicks": sum(1 for _, m in clicks if m == n)} for n in range(1, len(URLS) + 1)}
     assert {link["url"]: {"clicked": link["clicked"], "clicks": link["clicks"]} for link in stats["links"]} == per_link

@@ -343,7 +343,8 @@ async def test_the_stats_show_each_channel_each_link_and_the_timeline(settings):
         await sent.http.get(f"/o/{sent.links.open(ann)}")
         await sent.http.get(f"/o/{sent.links.open(cid)}", headers={"user-agent": "Mozilla/5.0"})
         stats = await sent.api.get(f"/v1/broadcasts/{sent.broadcast_id}/stats")
-        assert stats["channels"] == [{"channel": "email", "delivered": 0, "read": 0, "opened": 1, "opens": 1,
+        assert stats["channels"] == [{"channel": "email", "sent": 3, "failed": 0, "unknown": 0, "suppressed": 0,
+                                      "delivered": 0, "read": 0, "opened": 1, "opens": 1,
                                       "proxy_opened": 1, "proxy_opens": 1, "clicked": 2, "clicks": 4, "bounced": 0,
                                       "complained": 0, "unsubscribed": 0}]
         assert stats["links"] == [{"url": URLS[1], "clicked": 2, "clicks": 3}, {"url": URLS[2], "clicked": 1, "clicks": 1},

@@ -22,8 +22,8 @@ class StatsController(Controller):
     path = "/v1/broadcasts"
     tags = ["broadcasts"]
 
-    @get("/{broadcast_id:uuid}/stats", summary="A broadcast's opens, clicks and receipts per channel, per link "
-                                               "and over time")
+    @get("/{broadcast_id:uuid}/stats", summary="A broadcast's sends, opens, clicks and receipts per channel, "
+                                               "per link and over time")
     async def stats(self, request: Request[Principal, object, object], state: State, broadcast_id: FromPath[uuid.UUID],
                     bucket: BucketFilter = None) -> Stats:
         tenant_id = request.user.tenant_id

@@ -3,7 +3,8 @@ over time. Read on demand (GET /v1/broadcasts/{id}/stats), never by the progress
 
 What each part reads, all by a primary key's broadcast_id prefix, so its cost follows the size of
 the broadcast's own rows, never the table's:
-- per channel: `engagement_counters` (a row per run and channel);
+- per channel: the sends' outcomes from `batches` (a row per 500 or so recipients, its counts
+  written at its completion), the engagement from `engagement_counters` (a row per run and channel);
 - per link: `tracked_links` of the broadcast's tracking keys, and `link_clicks` (a row per message
   and link clicked). A URL in several runs or content versions is one link: `clicked` counts the
   contacts who clicked it, `clicks` every time. The MAX_LINKS most clicked;
@@ -42,6 +43,16 @@ class ChannelStats(msgspec.Struct, kw_only=True):
     unsubscribed: int
 
 
+class ChannelFigures(ChannelStats, kw_only=True):
+    """A channel's engagement, and its sends' outcomes over the broadcast's runs (by their batch's
+    completion, as the timeline counts them)."""
+
+    sent: int
+    failed: int
+    unknown: int  # handed over by a sender that died before the provider's answer
+    suppressed: int  # left out after the snapshot: suppressed before their batch went
+
+
 class LinkStats(msgspec.Struct, kw_only=True):
     url: str
     clicked: int  # contacts who clicked it
@@ -57,15 +68,24 @@ class Bucket(msgspec.Struct, kw_only=True):
 
 
 class Stats(msgspec.Struct, kw_only=True):
-    channels: list[ChannelStats]
+    channels: list[ChannelFigures]
     links: list[LinkStats]
     bucket: str
     timeline: list[Bucket]  # oldest first
 
 
+SEND_FIGURES = ("sent", "failed", "unknown", "suppressed")
+# A batch written before channels were (migration 021) was an email one.
 _CHANNELS = f"""
-SELECT channel, {", ".join(f"sum({f})::bigint AS {f}" for f in CHANNEL_FIGURES)}
-FROM engagement_counters WHERE broadcast_id = $1 GROUP BY channel ORDER BY channel"""
+WITH sends AS (
+    SELECT coalesce(channel, 'email') AS channel, {", ".join(f"sum({f})::bigint AS {f}" for f in SEND_FIGURES)}
+    FROM batches WHERE broadcast_id = $1 GROUP BY 1
+), engaged AS (
+    SELECT channel, {", ".join(f"sum({f})::bigint AS {f}" for f in CHANNEL_FIGURES)}
+    FROM engagement_counters WHERE broadcast_id = $1 GROUP BY channel
+)
+SELECT channel, {", ".join(f"coalesce({f}, 0) AS {f}" for f in SEND_FIGURES + CHANNEL_FIGURES)}
+FROM sends FULL JOIN engaged USING (channel) ORDER BY channel"""
 
 _LINKS = """
 SELECT l.url, count(DISTINCT c.contact_id) AS clicked, coalesce(sum(c.clicks), 0)::bigint AS clicks
@@ -101,7 +121,7 @@ async def broadcast_stats(con: asyncpg.Connection, tenant_id: uuid.UUID, broadca
         links = await con.fetch(_LINKS, broadcast_id, tenant_id, MAX_LINKS)
         timeline = await con.fetch(_TIMELINE, broadcast_id, bucket, MAX_BUCKETS[bucket])
     return Stats(
-        channels=[ChannelStats(**dict(r)) for r in channels],
+        channels=[ChannelFigures(**dict(r)) for r in channels],
         links=[LinkStats(**dict(r)) for r in links],
         bucket=bucket,
         timeline=[Bucket(**dict(r)) for r in reversed(timeline)],
