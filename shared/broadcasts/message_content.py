@@ -14,8 +14,9 @@ renders from, not one per recipient and run), so a message that old or younger r
 it was made from; an older one with the earliest kept since (`data_as_sent` false). The sender reads
 a batch's contacts just before sending it, so a change in the second between that read and the
 message's record shows already. An erased contact's data is gone with it: its message cannot be
-rendered again. The
-sender is the run's provider for the channel as it is now (the first of a pool). A tracked
+rendered again.
+
+The sender is the run's provider for the channel as it is now (the first of a pool). A tracked
 message's links and pixel are signed again under the run's tracking key for that content (the
 latest made by the time of the message) with today's signing key: the codes may differ from the
 ones sent (another kid), and go to the same places.
@@ -67,9 +68,9 @@ async def render(con: asyncpg.Connection, tenant_id: uuid.UUID, message: LedgerM
                         template_version=version)
     recipient = decode_recipient(found["recipient"])
     tracks = state.tracking
-    renderer = renderers_for(content, (message.channel,), await _from_email(con, tenant_id, started, message.channel),
-                          LinkTracking(opens=tracks.opens, clicks=tracks.clicks, text_links=tracks.text_links))[
-        message.channel]
+    from_email = await _from_email(con, tenant_id, started, message.channel)
+    tracking = LinkTracking(opens=tracks.opens, clicks=tracks.clicks, text_links=tracks.text_links)
+    renderer = renderers_for(content, (message.channel,), from_email, tracking)[message.channel]
     variables = recipient.variables()
     signer = await signing.load_signer(con, public_url)
     if not isinstance(renderer, str) and renderer.uses_unsubscribe_url:

@@ -48,8 +48,6 @@ VERIFIED_BY: dict[str, str] = {"twilio": "auth_token", "whatsapp_cloud": "app_se
 INDEXED_CHANNELS = ("sms", "whatsapp")
 EMAIL_ID_DOMAIN = "@crier"
 _ATTEMPTS = 3  # a deadlock (with an erasure, say) is retried
-
-
 MAX_EARLY_RECEIPTS = 10_000  # held per tenant (migration 032); past it, a receipt that names nothing is dropped
 
 
